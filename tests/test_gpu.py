@@ -1,0 +1,52 @@
+"""CUDA paths (run on a GPU machine; skipped elsewhere): bf16 autocast step and Sinkhorn on GPU."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from swav.engine import SwAVEngine
+from swav.loss import SwAVLoss
+from swav.model import build_model
+from swav.optim import build_optimizer, build_scheduler
+from swav.sinkhorn import sinkhorn
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+def test_sinkhorn_on_gpu_with_bf16_scores_matches_cpu_float64():
+    torch.manual_seed(0)
+    scores = torch.nn.functional.normalize(torch.randn(512, 128), dim=1) @ \
+        torch.nn.functional.normalize(torch.randn(300, 128), dim=1).t()
+    low = scores.bfloat16()
+    gpu = sinkhorn(low.cuda(), epsilon=0.01, iterations=3)
+    assert gpu.dtype == torch.float32 and torch.isfinite(gpu).all()
+    torch.testing.assert_close(gpu.cpu().double(), sinkhorn(low.double(), 0.01, 3), atol=1e-5, rtol=1e-4)
+
+
+def test_bf16_autocast_step_trains_and_keeps_float32_master_weights():
+    torch.manual_seed(1)
+    device = torch.device("cuda")
+    model = build_model("resnet18", cifar_stem=True, hidden_dim=256, out_dim=64,
+                        n_prototypes=100).to(device)
+    optimizer = build_optimizer(model, "lars", lr=0.5, weight_decay=1e-6)
+    scheduler = build_scheduler(optimizer, total_steps=10)
+    loss_fn = SwAVLoss(n_crops=4, crops_for_assign=[0, 1], epsilon=0.03)
+    engine = SwAVEngine(model, loss_fn, optimizer, scheduler, device=device, batch_size=32,
+                        queue_length=64, epoch_queue_starts=0, amp=True)
+    engine._maybe_start_queue(0)
+    seen = {}
+
+    def record_dtype(module, inputs, output) -> None:  # a hook returning a value replaces output
+        seen.setdefault("dtype", output.dtype)
+
+    hook = model.prototypes.heads[0].register_forward_hook(record_dtype)
+    before = model.backbone.conv1.weight.detach().clone()
+    crops = [torch.randn(64, 3, 32, 32), torch.randn(64, 3, 16, 16)]
+    losses = [float(engine.step(crops)[0]) for _ in range(4)]
+    hook.remove()
+    assert seen["dtype"] == torch.bfloat16
+    assert all(torch.isfinite(torch.tensor(losses)))
+    assert model.backbone.conv1.weight.dtype == torch.float32
+    assert (model.backbone.conv1.weight.detach() - before).abs().max() > 0
+    assert engine.queue.full  # 4 pushes of 32 rows filled the 64-row queue, then it is scored
