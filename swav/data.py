@@ -1,15 +1,41 @@
-"""Image data sets for SwAV: in-memory arrays and the embedded default (scikit-learn digits)."""
+"""Image sources for SwAV: the embedded default, torchvision data sets, ImageFolder and Parquet.
+
+Every source yields ``(PIL RGB image, label or None)`` and is split into a training set and a
+held-out set (its own test split, or a seeded ``holdout_fraction`` of the images).  Workers take
+contiguous, equal-sized shards (:func:`shard`), so a Parquet worker reads only the row groups of
+its own rows.  An image that cannot be decoded becomes ``None`` in :class:`Transformed` and is
+dropped (and counted) by :func:`collate_skipping_corrupt`, so it never ends a long run.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import io
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, Subset
 
-__all__ = ["ArrayImageDataset", "load_digits_arrays"]
+from swav.multicrop import multicrop_collate
+
+__all__ = [
+    "ArrayImageDataset",
+    "Batch",
+    "ParquetImageDataset",
+    "SourceSplits",
+    "Transformed",
+    "collate_skipping_corrupt",
+    "load_digits_arrays",
+    "open_source",
+    "shard",
+]
+
+log = logging.getLogger(__name__)
+SOURCES = ("digits", "cifar10", "cifar100", "stl10", "imagefolder", "parquet")
 
 
 def load_digits_arrays() -> tuple[np.ndarray, np.ndarray]:
@@ -49,11 +75,8 @@ class ArrayImageDataset(Dataset):
     def __len__(self) -> int:
         return len(self.images)
 
-    def image(self, index: int) -> Image.Image:
-        return Image.fromarray(self.images[index]).convert("RGB")
-
     def __getitem__(self, index: int):
-        img = self.image(index)
+        img = Image.fromarray(self.images[index]).convert("RGB")
         sample = self.transform(img) if self.transform is not None else img
         label = None if self.labels is None else int(self.labels[index])
         return sample, label
@@ -67,3 +90,237 @@ class ArrayImageDataset(Dataset):
                                                 align_corners=False)
         labels = None if self.labels is None else torch.from_numpy(self.labels)
         return x.contiguous(), labels
+
+
+class ParquetImageDataset(Dataset):
+    """Images stored as encoded bytes in Parquet (a file or a directory of ``*.parquet``).
+
+    ``image_column`` holds bytes (or a struct with a ``bytes`` field, as Hugging Face writes);
+    ``label_column`` (optional) integer labels.  Construction reads only the metadata; a dataset
+    restricted to some rows (``rows``) reads just the row groups that contain them, on first use.
+    """
+
+    def __init__(
+        self,
+        path: str | Path,
+        image_column: str = "image",
+        label_column: str | None = "label",
+        rows: Sequence[int] | None = None,
+    ) -> None:
+        import pyarrow.parquet as pq
+
+        root = Path(path).expanduser()
+        self.files = sorted(root.glob("**/*.parquet")) if root.is_dir() else [root]
+        if not root.exists() or not self.files:
+            raise ValueError(f"path: no .parquet files under {str(root)!r}")
+        self.image_column, self.label_column = image_column, label_column
+        self._groups: list[tuple[int, int, int]] = []  # (file index, row group, first global row)
+        total = 0
+        for f, file in enumerate(self.files):
+            meta = pq.ParquetFile(file)
+            names = meta.schema_arrow.names
+            if image_column not in names:
+                raise ValueError(f"image_column: {image_column!r} not in {file.name} ({names})")
+            if label_column is not None and label_column not in names:
+                raise ValueError(f"label_column: {label_column!r} not in {file.name} ({names})")
+            for g in range(meta.num_row_groups):
+                self._groups.append((f, g, total))
+                total += meta.metadata.row_group(g).num_rows
+        self.total_rows = total
+        self.rows = np.arange(total) if rows is None else np.asarray(rows, dtype=np.int64)
+        self._cache: dict[int, tuple[object, int | None]] | None = None
+
+    def restrict(self, rows: Sequence[int]) -> ParquetImageDataset:
+        """The same source limited to ``rows`` (global row numbers)."""
+        out = ParquetImageDataset.__new__(ParquetImageDataset)
+        out.__dict__.update(self.__dict__)
+        out.rows = self.rows[np.asarray(rows, dtype=np.int64)]
+        out._cache = None
+        return out
+
+    def load(self) -> None:
+        """Read the image bytes (and labels) of this dataset's rows: only their row groups."""
+        import pyarrow.parquet as pq
+
+        wanted = set(int(r) for r in self.rows)
+        starts = [g[2] for g in self._groups] + [self.total_rows]
+        columns = [self.image_column] + ([self.label_column] if self.label_column else [])
+        cache: dict[int, tuple[object, int | None]] = {}
+        handles: dict[int, object] = {}
+        for i, (f, g, first) in enumerate(self._groups):
+            mine = [r for r in range(first, starts[i + 1]) if r in wanted]
+            if not mine:
+                continue
+            handle = handles.setdefault(f, pq.ParquetFile(self.files[f]))
+            table = handle.read_row_group(g, columns=columns)  # type: ignore[attr-defined]
+            images = table.column(self.image_column).to_pylist()
+            labels = table.column(self.label_column).to_pylist() if self.label_column else None
+            for r in mine:
+                cache[r] = (images[r - first], None if labels is None else labels[r - first])
+        self._cache = cache
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, index: int):
+        if self._cache is None:
+            self.load()
+        raw, label = self._cache[int(self.rows[index])]  # type: ignore[index]
+        if isinstance(raw, dict):
+            raw = raw.get("bytes")
+        img = Image.open(io.BytesIO(raw))  # type: ignore[arg-type]
+        img.load()
+        return img.convert("RGB"), None if label is None else int(label)
+
+    def labels(self) -> np.ndarray | None:
+        """Labels of all rows, read from the label column alone (for splitting/evaluation)."""
+        if self.label_column is None:
+            return None
+        import pyarrow.parquet as pq
+
+        values = [pq.read_table(f, columns=[self.label_column]).column(0).to_numpy()
+                  for f in self.files]
+        return np.concatenate(values)[self.rows]
+
+
+class Transformed(Dataset):
+    """``(transform(image), label)`` of a source; ``None`` for an image that fails to decode."""
+
+    def __init__(self, base: Dataset, transform: Callable) -> None:
+        self.base, self.transform = base, transform
+
+    def __len__(self) -> int:
+        return len(self.base)  # type: ignore[arg-type]
+
+    def __getitem__(self, index: int):
+        try:
+            image, label = self.base[index]
+            return self.transform(image), label
+        except (OSError, ValueError, SyntaxError) as err:  # PIL's decode errors
+            log.warning("skipping corrupt image %d: %s", index, err)
+            return None
+
+
+@dataclass
+class Batch:
+    """A collated training batch: crop groups, labels (or None) and the corrupt images dropped."""
+
+    crops: list[torch.Tensor] | torch.Tensor
+    labels: torch.Tensor | None
+    corrupt: int
+
+
+def collate_skipping_corrupt(samples: list, multicrop: bool = True) -> Batch:
+    """Drop undecodable samples; refill the batch by repeating good ones so its size stays fixed.
+
+    Every worker then runs the same number of equally sized steps (collectives stay in step).
+    """
+    good = [s for s in samples if s is not None]
+    corrupt = len(samples) - len(good)
+    if not good:
+        raise RuntimeError(f"all {len(samples)} images of a batch failed to decode")
+    good += [good[i % len(good)] for i in range(corrupt)]
+    if multicrop:
+        crops, labels = multicrop_collate(good)
+        return Batch(crops, labels, corrupt)
+    images = torch.stack([s[0] for s in good])
+    labels = [s[1] for s in good]
+    label_tensor = None if any(lb is None for lb in labels) else torch.tensor(labels)
+    return Batch(images, label_tensor, corrupt)
+
+
+def collate_eval(samples: list) -> Batch:
+    return collate_skipping_corrupt(samples, multicrop=False)
+
+
+# -- sources and splits ----------------------------------------------------------------------
+
+@dataclass
+class SourceSplits:
+    """Raw (untransformed) training and held-out sets of a source."""
+
+    train: Dataset
+    heldout: Dataset | None
+    n_classes: int | None
+
+
+def _holdout_split(n: int, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    order = np.random.default_rng(seed).permutation(n)
+    n_held = max(1, int(round(n * fraction)))
+    return np.sort(order[n_held:]), np.sort(order[:n_held])
+
+
+def _subset(dataset: Dataset, rows: np.ndarray) -> Dataset:
+    if isinstance(dataset, ParquetImageDataset):
+        return dataset.restrict(rows)
+    return Subset(dataset, rows.tolist())
+
+
+def open_source(
+    source: str,
+    path: str | None = None,
+    download: bool = False,
+    image_column: str = "image",
+    label_column: str | None = "label",
+    holdout_fraction: float = 0.2,
+    seed: int = 0,
+    limit: int | None = None,
+) -> SourceSplits:
+    """Open a source by name and split it into training and held-out sets (no transforms yet)."""
+    import torchvision.datasets as tvd
+
+    root = None if path is None else str(Path(path).expanduser())
+    if source in ("cifar10", "cifar100", "stl10") and root is None:
+        raise ValueError(f"path: required for source {source!r} (its download/cache folder)")
+    if source == "cifar10" or source == "cifar100":
+        cls = tvd.CIFAR10 if source == "cifar10" else tvd.CIFAR100
+        train = cls(root, train=True, download=download)
+        held: Dataset | None = cls(root, train=False, download=download)
+        splits = SourceSplits(train, held, 10 if source == "cifar10" else 100)
+    elif source == "stl10":
+        # SSL on the 100k unlabelled + 5k labelled images; kNN on test. Labels of the
+        # unlabelled part are -1, so they are mapped to None.
+        train = _NoNegativeLabels(tvd.STL10(root, split="train+unlabeled", download=download))
+        splits = SourceSplits(train, tvd.STL10(root, split="test", download=download), 10)
+    else:
+        if source == "digits":
+            images, labels = load_digits_arrays()
+            full: Dataset = ArrayImageDataset(images, labels)
+            all_labels: np.ndarray | None = labels
+        elif source == "imagefolder":
+            full = tvd.ImageFolder(root)  # Stanford Dogs: Images/<breed>/*.jpg
+            all_labels = np.asarray(full.targets)
+        elif source == "parquet":
+            full = ParquetImageDataset(root, image_column, label_column)
+            all_labels = full.labels()
+        else:
+            raise ValueError(f"source: unknown source {source!r}, expected one of {SOURCES}")
+        train_rows, held_rows = _holdout_split(len(full), holdout_fraction, seed)  # type: ignore
+        n_classes = None if all_labels is None else int(all_labels.max()) + 1
+        splits = SourceSplits(_subset(full, train_rows), _subset(full, held_rows), n_classes)
+    if limit is not None and limit < len(splits.train):  # type: ignore[arg-type]
+        splits.train = _subset(splits.train, np.arange(limit))
+    return splits
+
+
+class _NoNegativeLabels(Dataset):
+    def __init__(self, base: Dataset) -> None:
+        self.base = base
+
+    def __len__(self) -> int:
+        return len(self.base)  # type: ignore[arg-type]
+
+    def __getitem__(self, index: int):
+        image, label = self.base[index]
+        return image, (None if label is None or label < 0 else int(label))
+
+
+def shard(dataset: Dataset, rank: int, world_size: int) -> Dataset:
+    """This worker's contiguous block of ``len // world_size`` items (equal on every worker)."""
+    n = len(dataset) // world_size  # type: ignore[arg-type]
+    if n == 0:
+        raise ValueError(f"data: {len(dataset)} images cannot be split over {world_size} workers")
+    rows = np.arange(rank * n, (rank + 1) * n)
+    if isinstance(dataset, Subset) and not isinstance(dataset.dataset, ParquetImageDataset):
+        return Subset(dataset.dataset, [dataset.indices[i] for i in rows])
+    return _subset(dataset, rows)

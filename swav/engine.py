@@ -26,6 +26,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from swav.data import Batch
 from swav.loss import SwAVLoss
 from swav.model import SwAVModel
 from swav.queue import FeatureQueue, per_worker_length
@@ -59,6 +60,7 @@ class EpochStats:
     used_prototypes: int
     code_entropy: float  # nats, of the hard assignments' distribution over prototypes
     queue_in_use: bool
+    corrupt_images: int = 0  # undecodable images dropped (and replaced) by the collate
 
     def as_dict(self) -> dict[str, float | int | bool]:
         return asdict(self)
@@ -180,16 +182,19 @@ class SwAVEngine:
         epoch: int,
         on_step: Callable[[int, float], None] | None = None,
     ) -> EpochStats:
-        """Train over ``loader`` (batches of ``(crop_groups, labels)`` or ``crop_groups``)."""
+        """Train over ``loader``: :class:`swav.data.Batch`, ``(crop_groups, labels)`` or groups."""
         self.model.train()
         self._maybe_start_queue(epoch)
         k = self.net.prototypes.sizes[0]
         counts = torch.zeros(k, dtype=torch.float64)
-        loss_sum, steps, images = 0.0, 0, 0
+        loss_sum, steps, images, corrupt = 0.0, 0, 0, 0
         lr = self.optimizer.param_groups[0]["lr"]
         start = time.perf_counter()
         for batch in loader:
-            crops = batch[0] if isinstance(batch, tuple) else batch
+            if isinstance(batch, Batch):
+                crops, corrupt = batch.crops, corrupt + batch.corrupt
+            else:
+                crops = batch[0] if isinstance(batch, tuple) else batch
             lr = self.optimizer.param_groups[0]["lr"]
             loss, codes = self.step(crops)
             assigned = codes[0].argmax(dim=1).cpu()
@@ -201,7 +206,7 @@ class SwAVEngine:
                 on_step(self.iteration, float(loss))
         seconds = time.perf_counter() - start
         totals = _sum_over_workers(
-            torch.tensor([loss_sum, steps, images], dtype=torch.float64), self.device)
+            torch.tensor([loss_sum, steps, images, corrupt], dtype=torch.float64), self.device)
         counts = _sum_over_workers(counts, self.device)
         return EpochStats(
             epoch=epoch,
@@ -213,6 +218,7 @@ class SwAVEngine:
             used_prototypes=int((counts > 0).sum()),
             code_entropy=_entropy(counts),
             queue_in_use=self.queue is not None and self.queue.full,
+            corrupt_images=int(totals[3]),
         )
 
     # -- checkpointing -----------------------------------------------------------------------

@@ -1,0 +1,100 @@
+"""``swav-ray``: the command line.
+
+    swav-ray train [CONFIG] [section.key=value ...]
+
+CONFIG is a YAML file or the name of one in ``experiments/`` (default: ``experiments/default.yaml``,
+the embedded digits run).  The configuration is validated before Ray starts.  With
+``RAY_ADDRESS`` set (as under ``ray job submit``) the command joins that cluster; otherwise it
+starts a local Ray instance sized for the run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from collections.abc import Sequence
+
+from orchestration.config import ConfigError, ExperimentConfig, load_config
+
+__all__ = ["connect_ray", "main"]
+
+
+def connect_ray(cfg: ExperimentConfig) -> bool:
+    """Join the cluster named by RAY_ADDRESS, or start a local one. True when we started it."""
+    import ray
+
+    if ray.is_initialized():
+        return False
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init(log_to_driver=True)
+        return True
+    sc = cfg.scaling
+    needed = sc.num_workers * sc.cpus_per_worker
+    ray.init(address="local", num_cpus=max(os.cpu_count() or 1, int(needed + 0.999)),
+             num_gpus=None if sc.use_gpu else 0, include_dashboard=True, log_to_driver=True)
+    return True
+
+
+def _print_summary(outcome) -> None:
+    uri = outcome.tracking_uri
+    m = outcome.metrics
+    shown = {k: m[k] for k in ("epoch", "loss", "knn_top1", "used_prototypes") if k in m}
+    print(f"\nrun {outcome.run_name} finished: {shown}")
+    print(f"MLflow run id: {outcome.run_id}")
+    print(f"checkpoint: {outcome.checkpoint_path}")
+    print(f"view it: mlflow ui --backend-store-uri {uri}" if not uri.startswith("http")
+          else f"view it: {uri}")
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    cfg = load_config(args.config, args.overrides)  # fails here, before Ray, on bad input
+    from orchestration.tracking import check_reachable, resolve_tracking_uri
+
+    check_reachable(resolve_tracking_uri(cfg.tracking.tracking_uri))
+    import ray
+
+    from orchestration.train import run_training
+
+    started = connect_ray(cfg)
+    try:
+        outcome = run_training(cfg)
+    finally:
+        if started:
+            ray.shutdown()
+    _print_summary(outcome)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="swav-ray", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    train = sub.add_parser("train", help="train SwAV on a Ray cluster (local if none is given)")
+    train.add_argument("config", nargs="?", default=None,
+                       help="experiment YAML or a name in experiments/ (default: default)")
+    train.add_argument("overrides", nargs="*", help="dotted overrides, e.g. optim.lr=0.3")
+    train.set_defaults(func=cmd_train)
+    return parser
+
+
+def _split_config_and_overrides(args: argparse.Namespace) -> None:
+    """``swav-ray train optim.epochs=2``: a first positional with '=' is an override."""
+    if args.config is not None and "=" in args.config:
+        args.overrides = [args.config, *args.overrides]
+        args.config = None
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    args = build_parser().parse_args(argv)
+    _split_config_and_overrides(args)
+    try:
+        return args.func(args)
+    except ConfigError as err:
+        print(f"swav-ray: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

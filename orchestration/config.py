@@ -1,0 +1,354 @@
+"""The experiment configuration: one typed tree with every default in one place.
+
+An experiment is a YAML file (``experiments/*.yaml``) whose sections mirror the dataclasses
+below; anything it leaves out takes the default written here.  Command-line overrides are dotted
+``section.key=value`` pairs whose values are parsed as YAML (``optim.lr=0.3``,
+``model.n_prototypes=[100,30]``).  Loading checks every key and type, then :func:`validate` builds
+the pure components of :mod:`swav` once, so that a bad value fails with a message that names its
+key before Ray starts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Union
+
+import yaml
+
+__all__ = [
+    "ConfigError",
+    "CropConfig",
+    "DataConfig",
+    "EvalConfig",
+    "ExperimentConfig",
+    "ModelConfig",
+    "OptimConfig",
+    "ScalingConfig",
+    "SwAVConfig",
+    "TrackingConfig",
+    "load_config",
+    "parse_overrides",
+    "validate",
+]
+
+EXPERIMENTS_DIR = Path(__file__).resolve().parents[1] / "experiments"
+DATA_SOURCES = ("digits", "cifar10", "cifar100", "stl10", "imagefolder", "parquet")
+
+
+class ConfigError(ValueError):
+    """A configuration problem; the message starts with the dotted key."""
+
+
+@dataclass
+class ModelConfig:
+    backbone: str = "resnet50"  # convnet | resnet18/34/50/101/152 | wide_resnet50_2
+    cifar_stem: bool = False  # 3x3/1 first conv, no max-pool: for 32px images
+    width: int = 32  # convnet only
+    depth: int = 3  # convnet only
+    hidden_dim: int = 2048  # projector hidden layer (0: a single linear layer)
+    out_dim: int = 128  # embedding dimension
+    n_prototypes: Union[int, list[int]] = 3000  # K, or one K per prototype head
+    channels_last: bool = True  # GPU only: +60% images/s for ResNet-50 (BENCHMARKS.md)
+
+
+@dataclass
+class CropConfig:
+    nmb_crops: list[int] = field(default_factory=lambda: [2, 6])
+    size_crops: list[int] = field(default_factory=lambda: [224, 96])
+    min_scale_crops: list[float] = field(default_factory=lambda: [0.14, 0.05])
+    max_scale_crops: list[float] = field(default_factory=lambda: [1.0, 0.14])
+    crops_for_assign: list[int] = field(default_factory=lambda: [0, 1])
+    color_strength: float = 1.0
+    blur_prob: float = 0.5
+    mean: list[float] = field(default_factory=lambda: [0.485, 0.456, 0.406])
+    std: list[float] = field(default_factory=lambda: [0.228, 0.224, 0.225])
+
+
+@dataclass
+class SwAVConfig:
+    temperature: float = 0.1
+    epsilon: float = 0.05
+    sinkhorn_iterations: int = 3
+    freeze_prototypes_iters: int = 313  # official: the first epoch of ImageNet at batch 4096
+    queue_length: int = 0  # global; 0: no queue
+    epoch_queue_starts: int = 15
+
+
+@dataclass
+class OptimConfig:
+    name: str = "lars"  # sgd | lars | adamw
+    lr: float = 4.8  # base learning rate (after warmup)
+    final_lr: float = 0.0048
+    start_warmup: float = 0.0
+    warmup_epochs: int = 10
+    weight_decay: float = 1e-6
+    momentum: float = 0.9
+    epochs: int = 100
+    batch_size: int = 64  # images per worker per step
+
+
+@dataclass
+class DataConfig:
+    source: str = "digits"  # digits | cifar10 | cifar100 | stl10 | imagefolder | parquet
+    path: Union[str, None] = None  # root folder / file; not needed for digits
+    download: bool = False  # torchvision sources only
+    image_column: str = "image"  # parquet
+    label_column: Union[str, None] = "label"  # parquet; None: unlabelled
+    holdout_fraction: float = 0.2  # held-out share when the source has no test split
+    limit: Union[int, None] = None  # use only the first N training images
+    max_corrupt_fraction: float = 0.01  # undecodable images are skipped up to this share
+    loader_workers: int = 2  # DataLoader processes per Ray worker
+    eval_size: Union[int, None] = None  # evaluation image size (default: first crop size)
+
+
+@dataclass
+class ScalingConfig:
+    num_workers: int = 2
+    use_gpu: bool = False
+    cpus_per_worker: float = 1.0
+    max_failures: int = 2  # worker failures survived (restart from the last checkpoint)
+    storage_path: str = "~/swav-ray/runs"  # local dir, shared FS or s3://... URI
+    run_name: Union[str, None] = None  # same name + storage_path: resume that run
+    seed: int = 0
+
+
+@dataclass
+class TrackingConfig:
+    tracking_uri: Union[str, None] = None  # default: $MLFLOW_TRACKING_URI or sqlite:///<cwd>/mlflow.db
+    experiment_name: str = "swav-ray"
+    log_model: bool = True
+
+
+@dataclass
+class EvalConfig:
+    knn_k: int = 200
+    knn_temperature: float = 0.07
+    knn_every: int = 1  # epochs between kNN evaluations (0: only at the end)
+
+
+@dataclass
+class ExperimentConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    crops: CropConfig = field(default_factory=CropConfig)
+    swav: SwAVConfig = field(default_factory=SwAVConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    scaling: ScalingConfig = field(default_factory=ScalingConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    # Test-only switch: worker rank 1 dies once at the start of this epoch (fault tolerance tests).
+    fail_at_epoch: Union[int, None] = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def flat(self) -> dict[str, Any]:
+        """``{"section.key": value}`` for every leaf (MLflow params)."""
+        out: dict[str, Any] = {}
+        for key, value in self.to_dict().items():
+            if isinstance(value, dict):
+                out.update({f"{key}.{k}": v for k, v in value.items()})
+            else:
+                out[key] = value
+        return out
+
+
+# -- loading ----------------------------------------------------------------------------------
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check ``value`` against the annotation ``tp``; ints are accepted for floats."""
+    origin = typing.get_origin(tp)
+    if origin in (Union, types.UnionType):
+        for option in typing.get_args(tp):
+            try:
+                return _coerce(value, option, key)
+            except ConfigError:
+                continue
+        raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}")
+    if tp is type(None):
+        if value is None:
+            return None
+        raise ConfigError(f"{key}: expected None, got {value!r}")
+    if origin is list:
+        (item,) = typing.get_args(tp)
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list of {_type_name(item)}, got {value!r}")
+        return [_coerce(v, item, key) for v in value]
+    if tp is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if tp is int and isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if tp in (str, bool) and isinstance(value, tp):
+        return value
+    raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}")
+
+
+def _build(cls: type, data: dict[str, Any], prefix: str) -> Any:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ConfigError(
+            f"{prefix}{unknown[0]}: unknown key (known: {', '.join(sorted(names))})"
+        )
+    kwargs = {}
+    for name, value in data.items():
+        tp = hints[name]
+        if dataclasses.is_dataclass(tp):
+            kwargs[name] = _build(tp, value, f"{prefix}{name}.")
+        else:
+            kwargs[name] = _coerce(value, tp, f"{prefix}{name}")
+    return cls(**kwargs)
+
+
+def parse_overrides(pairs: list[str]) -> dict[str, Any]:
+    """``["optim.lr=0.3", "model.n_prototypes=[10,20]"]`` -> nested dict (values parsed as YAML)."""
+    nested: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, raw = pair.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"{pair}: overrides are dotted key=value pairs, e.g. optim.lr=0.3")
+        try:
+            value = yaml.safe_load(raw) if raw != "" else None
+        except yaml.YAMLError as err:
+            raise ConfigError(f"{key}: cannot parse {raw!r}: {err}") from None
+        node = nested
+        parts = key.split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"{key}: {part} is not a section")
+        node[parts[-1]] = value
+    return nested
+
+
+def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def resolve_path(config: str | os.PathLike | None) -> Path:
+    """A config argument as a file: a path, or a name in ``experiments/`` (``default``)."""
+    if config is None:
+        return EXPERIMENTS_DIR / "default.yaml"
+    path = Path(config)
+    if not path.exists() and not path.suffix:
+        candidate = EXPERIMENTS_DIR / f"{config}.yaml"
+        if candidate.exists():
+            return candidate
+    if not path.exists():
+        raise ConfigError(f"config: no such experiment file {str(path)!r}")
+    return path
+
+
+def load_config(
+    config: str | os.PathLike | None = None, overrides: list[str] | None = None
+) -> ExperimentConfig:
+    """Load an experiment file (default: ``experiments/default.yaml``), apply overrides, validate."""
+    path = resolve_path(config)
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"config: {path} is not valid YAML: {err}") from None
+    data = _merge(data, parse_overrides(overrides or []))
+    cfg = _build(ExperimentConfig, data, "")
+    validate(cfg)
+    return cfg
+
+
+def from_dict(data: dict[str, Any]) -> ExperimentConfig:
+    """Rebuild a config from :meth:`ExperimentConfig.to_dict` (e.g. inside a Ray worker)."""
+    return _build(ExperimentConfig, data, "")
+
+
+# -- validation -------------------------------------------------------------------------------
+
+def _check(condition: bool, key: str, message: str) -> None:
+    if not condition:
+        raise ConfigError(f"{key}: {message}")
+
+
+def _section_errors(section: str, build: typing.Callable[[], Any]) -> None:
+    """Run a component constructor; its ValueError (which starts with the field) gets the section."""
+    try:
+        build()
+    except ValueError as err:
+        raise ConfigError(f"{section}.{err}") from None
+
+
+def validate(cfg: ExperimentConfig) -> None:
+    """Fail fast on a bad value, naming its key. Builds the pure SwAV components once."""
+    import torch
+
+    from swav.loss import SwAVLoss
+    from swav.model import build_model
+    from swav.multicrop import MultiCropTransform
+    from swav.optim import build_optimizer
+    from swav.queue import per_worker_length
+
+    c, m, s, o, d, sc, e = cfg.crops, cfg.model, cfg.swav, cfg.optim, cfg.data, cfg.scaling, cfg.eval
+    _section_errors("crops", lambda: MultiCropTransform(
+        c.nmb_crops, c.size_crops, c.min_scale_crops, c.max_scale_crops, mean=c.mean, std=c.std,
+        color_strength=c.color_strength, blur_prob=c.blur_prob))
+    try:
+        SwAVLoss(sum(c.nmb_crops), c.crops_for_assign, s.temperature, s.epsilon,
+                 s.sinkhorn_iterations)
+    except ValueError as err:
+        section = "crops" if str(err).startswith(("crops_for_assign", "nmb_crops")) else "swav"
+        raise ConfigError(f"{section}.{err}") from None
+    _section_errors("model", lambda: build_model(**model_kwargs(m)))
+    _section_errors("optim", lambda: build_optimizer(
+        torch.nn.Linear(1, 1), o.name, o.lr, o.weight_decay, o.momentum))
+    _section_errors("swav", lambda: per_worker_length(s.queue_length, o.batch_size, sc.num_workers))
+    _check(s.freeze_prototypes_iters >= 0, "swav.freeze_prototypes_iters", "must be >= 0")
+    _check(s.epoch_queue_starts >= 0, "swav.epoch_queue_starts", "must be >= 0")
+    _check(o.final_lr >= 0, "optim.final_lr", f"must be >= 0, got {o.final_lr}")
+    _check(o.start_warmup >= 0, "optim.start_warmup", f"must be >= 0, got {o.start_warmup}")
+    _check(o.epochs >= 1, "optim.epochs", f"must be >= 1, got {o.epochs}")
+    _check(0 <= o.warmup_epochs <= o.epochs, "optim.warmup_epochs",
+           f"must be in [0, optim.epochs={o.epochs}], got {o.warmup_epochs}")
+    _check(o.batch_size >= 1, "optim.batch_size", f"must be >= 1, got {o.batch_size}")
+    _check(d.source in DATA_SOURCES, "data.source",
+           f"unknown source {d.source!r}, expected one of {', '.join(DATA_SOURCES)}")
+    if d.source in ("imagefolder", "parquet"):
+        _check(d.path is not None, "data.path", f"required for source {d.source!r}")
+    if d.path is not None and "://" not in d.path and not (d.download and d.source in _TV):
+        _check(Path(d.path).expanduser().exists(), "data.path", f"{d.path!r} does not exist")
+    _check(0 < d.holdout_fraction < 1, "data.holdout_fraction",
+           f"must be in (0, 1), got {d.holdout_fraction}")
+    _check(d.limit is None or d.limit >= 1, "data.limit", f"must be >= 1, got {d.limit}")
+    _check(0 <= d.max_corrupt_fraction <= 1, "data.max_corrupt_fraction",
+           f"must be in [0, 1], got {d.max_corrupt_fraction}")
+    _check(d.loader_workers >= 0, "data.loader_workers", f"must be >= 0, got {d.loader_workers}")
+    _check(d.eval_size is None or d.eval_size >= 1, "data.eval_size", "must be >= 1")
+    _check(sc.num_workers >= 1, "scaling.num_workers", f"must be >= 1, got {sc.num_workers}")
+    _check(sc.cpus_per_worker > 0, "scaling.cpus_per_worker", "must be > 0")
+    _check(sc.max_failures >= 0, "scaling.max_failures", f"must be >= 0, got {sc.max_failures}")
+    _check(e.knn_k >= 1, "eval.knn_k", f"must be >= 1, got {e.knn_k}")
+    _check(e.knn_temperature > 0, "eval.knn_temperature", "must be > 0")
+    _check(e.knn_every >= 0, "eval.knn_every", f"must be >= 0, got {e.knn_every}")
+
+
+
+def model_kwargs(m: ModelConfig) -> dict[str, Any]:
+    """The ``model`` section as :func:`swav.model.build_model` arguments."""
+    return {k: v for k, v in dataclasses.asdict(m).items() if k != "channels_last"}
+
+
+_TV = ("cifar10", "cifar100", "stl10")

@@ -1,0 +1,173 @@
+"""MLflow tracking: one run per training run, owned by the driver.
+
+The driver creates the run (nested under a parent when Tune passes one), logs the config as
+params and the environment as tags, and writes the run id next to the Ray run's checkpoints.  A
+retry or a later ``swav-ray train`` with the same ``scaling.run_name`` finds that id and continues
+the same MLflow run, never a duplicate.  Per-epoch metrics come from
+:class:`EpochMetricsLogger`, a Ray Train callback that runs after each report *once the
+checkpoint is persisted*: an epoch that is re-run after a failure was never reported, so every
+epoch is logged exactly once.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import subprocess
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import mlflow
+from mlflow.entities import Metric, Param, RunStatus
+from mlflow.tracking import MlflowClient
+from ray.train import UserCallback
+
+from orchestration.config import ConfigError, ExperimentConfig
+
+__all__ = ["EpochMetricsLogger", "TrackedRun", "resolve_tracking_uri"]
+
+RUN_ID_FILE = "mlflow_run_id"
+# Epoch statistics -> MLflow metric names.
+METRIC_NAMES = {
+    "loss": "loss",
+    "lr": "lr",
+    "images_per_s": "images_per_s",
+    "seconds": "epoch_time_s",
+    "used_prototypes": "prototypes_used",
+    "code_entropy": "code_entropy",
+    "knn_top1": "knn_top1",
+    "corrupt_images": "corrupt_images",
+}
+
+
+def resolve_tracking_uri(configured: str | None) -> str:
+    """Config value, else ``$MLFLOW_TRACKING_URI``, else ``sqlite:///<cwd>/mlflow.db`` (absolute:
+    Ray workers run in other directories)."""
+    uri = configured or os.environ.get("MLFLOW_TRACKING_URI") or "sqlite:///mlflow.db"
+    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+        uri = "sqlite:///" + str(Path(uri[len("sqlite:///"):]).expanduser().resolve())
+    elif "://" not in uri:  # a bare path: MLflow's file store is refused by MLflow 3
+        raise ConfigError(f"tracking.tracking_uri: {uri!r} is not a URI; use sqlite:///... or http://...")
+    return uri
+
+
+def check_reachable(uri: str, timeout: float = 5.0) -> None:
+    """Fail fast (one line) when an HTTP tracking server does not answer."""
+    if not uri.startswith(("http://", "https://")):
+        return
+    try:
+        with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout):
+            pass
+    except (urllib.error.URLError, OSError) as err:
+        reason = getattr(err, "reason", err)
+        raise ConfigError(f"tracking.tracking_uri: MLflow server {uri} is unreachable ({reason})") from None
+
+
+def _git_commit() -> str:
+    try:
+        return subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parent,
+            capture_output=True, text=True, timeout=5, check=True,
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def environment_tags(cfg: ExperimentConfig) -> dict[str, str]:
+    import ray
+    import torch
+
+    return {
+        "git_commit": _git_commit(),
+        "ray_version": ray.__version__,
+        "torch_version": torch.__version__,
+        "python_version": platform.python_version(),
+        "world_size": str(cfg.scaling.num_workers),
+        "device": "cuda" if cfg.scaling.use_gpu else "cpu",
+        "data_source": cfg.data.source,
+        "backbone": cfg.model.backbone,
+    }
+
+
+class TrackedRun:
+    """The MLflow run of one training run (created, or resumed from ``run_dir``)."""
+
+    def __init__(self, uri: str, run_id: str, resumed: bool) -> None:
+        self.uri, self.run_id, self.resumed = uri, run_id, resumed
+        self.client = MlflowClient(uri)
+
+    @classmethod
+    def start(
+        cls,
+        cfg: ExperimentConfig,
+        run_dir: Path | None,
+        run_name: str,
+        parent_run_id: str | None = None,
+        extra_tags: dict[str, str] | None = None,
+    ) -> TrackedRun:
+        uri = resolve_tracking_uri(cfg.tracking.tracking_uri)
+        check_reachable(uri)
+        client = MlflowClient(uri)
+        id_file = None if run_dir is None else run_dir / RUN_ID_FILE
+        if id_file is not None and id_file.exists():
+            run_id = id_file.read_text().strip()
+            client.update_run(run_id, status=RunStatus.to_string(RunStatus.RUNNING))
+            client.set_tag(run_id, "resumed", "true")
+            return cls(uri, run_id, resumed=True)
+        experiment = client.get_experiment_by_name(cfg.tracking.experiment_name)
+        experiment_id = (experiment.experiment_id if experiment is not None
+                         else client.create_experiment(cfg.tracking.experiment_name))
+        tags = {"mlflow.runName": run_name, **environment_tags(cfg), **(extra_tags or {})}
+        if parent_run_id:
+            tags["mlflow.parentRunId"] = parent_run_id
+        run = client.create_run(experiment_id, tags=tags, run_name=run_name)
+        run_id = run.info.run_id
+        params = [Param(k, str(v)[:6000]) for k, v in cfg.flat().items()]
+        for start in range(0, len(params), 100):
+            client.log_batch(run_id, params=params[start:start + 100])
+        if id_file is not None:
+            id_file.parent.mkdir(parents=True, exist_ok=True)
+            id_file.write_text(run_id)
+        return cls(uri, run_id, resumed=False)
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        now = int(time.time() * 1000)
+        batch = [Metric(k, float(v), now, step) for k, v in metrics.items()]
+        if batch:
+            self.client.log_batch(self.run_id, metrics=batch)
+
+    def log_model(self, model: Any) -> None:
+        """The trained model with MLflow's PyTorch flavour: ``mlflow.pytorch.load_model(
+        "runs:/<id>/model")`` gives back the :class:`swav.model.SwAVModel`."""
+        mlflow.set_tracking_uri(self.uri)
+        with mlflow.start_run(run_id=self.run_id):
+            mlflow.pytorch.log_model(model, name="model", serialization_format="pickle",
+                                     pip_requirements=[])
+
+    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
+        self.client.log_artifact(self.run_id, str(path), artifact_path)
+
+    def end(self, status: str = "FINISHED") -> None:
+        self.client.set_terminated(self.run_id, status=status)
+
+
+def epoch_metrics(report: dict[str, Any]) -> dict[str, float]:
+    return {METRIC_NAMES[k]: float(v) for k, v in report.items()
+            if k in METRIC_NAMES and v is not None}
+
+
+class EpochMetricsLogger(UserCallback):
+    """Ray Train callback (runs in the Train controller): logs rank 0's report of each epoch."""
+
+    def __init__(self, uri: str, run_id: str) -> None:
+        self.uri, self.run_id = uri, run_id
+
+    def after_report(self, run_context, metrics: list[dict[str, Any]], checkpoint) -> None:
+        if not metrics:
+            return
+        report = metrics[0]
+        run = TrackedRun(self.uri, self.run_id, resumed=False)
+        run.log_metrics(epoch_metrics(report), step=int(report["epoch"]))

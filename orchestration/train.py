@@ -1,0 +1,328 @@
+"""Distributed SwAV training with Ray Train (V2) and MLflow tracking.
+
+Driver (:func:`run_training`): creates or resumes the MLflow run, then fits a ``TorchTrainer``
+whose workers run :func:`train_loop_per_worker`: DDP over gloo (CPU) or NCCL (GPU), each worker on
+its own contiguous shard, Sinkhorn codes gathered across workers.  Every epoch each worker calls
+``ray.train.report``; rank 0 attaches a checkpoint (engine state: model, optimiser, schedule,
+queue, iteration; the epoch; every rank's RNG state), written to a temporary file and renamed.  A
+worker that dies is replaced (``FailureConfig.max_failures``) and the group resumes from the last
+checkpoint; a new ``swav-ray train`` with the same ``scaling.run_name`` and ``storage_path`` resumes
+too.  The final model goes to MLflow with the PyTorch flavour.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import ray
+import ray.train
+import ray.train.torch
+import torch
+import torch.distributed as dist
+from ray.train import CheckpointConfig, FailureConfig, RunConfig
+from torch.utils.data import DataLoader
+
+from orchestration.config import ConfigError, ExperimentConfig, from_dict, model_kwargs
+from orchestration.tracking import EpochMetricsLogger, TrackedRun
+from swav.data import Transformed, collate_eval, collate_skipping_corrupt, open_source, shard
+from swav.engine import SwAVEngine, convert_sync_batchnorm
+from swav.evaluation import extract_features, knn_predict
+from swav.loss import SwAVLoss
+from swav.model import SwAVModel, build_model
+from swav.multicrop import MultiCropTransform
+from swav.optim import build_optimizer, build_scheduler
+
+__all__ = ["TrainOutcome", "check_cluster_resources", "run_training", "train_loop_per_worker"]
+
+log = logging.getLogger(__name__)
+STATE_FILE = "state.pt"
+FAILURE_MARKER = "injected_failure"
+
+
+# -- worker side ------------------------------------------------------------------------------
+
+def eval_transform(cfg: ExperimentConfig):
+    import torchvision.transforms as T
+
+    size = cfg.data.eval_size or cfg.crops.size_crops[0]
+    return T.Compose([T.Resize(size), T.CenterCrop(size), T.ToTensor(),
+                      T.Normalize(cfg.crops.mean, cfg.crops.std)])
+
+
+def _loaders(cfg: ExperimentConfig, rank: int, world: int, seed: int):
+    d = cfg.data
+    splits = open_source(d.source, d.path, d.download, d.image_column, d.label_column,
+                         d.holdout_fraction, cfg.scaling.seed, d.limit)
+    c = cfg.crops
+    crops = MultiCropTransform(c.nmb_crops, c.size_crops, c.min_scale_crops, c.max_scale_crops,
+                               mean=c.mean, std=c.std, color_strength=c.color_strength,
+                               blur_prob=c.blur_prob)
+    own = shard(splits.train, rank, world)
+    if hasattr(own, "load"):
+        own.load()  # Parquet: read this worker's row groups once, before DataLoader workers fork
+    if len(own) < cfg.optim.batch_size:
+        raise ConfigError(f"optim.batch_size: {cfg.optim.batch_size} exceeds the {len(own)} "
+                          f"images of each worker's shard")
+    common = dict(num_workers=d.loader_workers, persistent_workers=d.loader_workers > 0)
+    train = DataLoader(Transformed(own, crops), batch_size=cfg.optim.batch_size, shuffle=True,
+                       drop_last=True, collate_fn=collate_skipping_corrupt,
+                       generator=torch.Generator().manual_seed(seed), **common)
+    evaluation = None
+    if splits.heldout is not None and splits.n_classes is not None:
+        plain = eval_transform(cfg)
+        held = shard(splits.heldout, rank, world)
+        if hasattr(held, "load"):
+            held.load()
+        kw = dict(batch_size=256, collate_fn=collate_eval, num_workers=0)
+        evaluation = (DataLoader(Transformed(own, plain), **kw),
+                      DataLoader(Transformed(held, plain), **kw), splits.n_classes)
+    return train, evaluation
+
+
+def _gather_cat(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return t
+    t = t.to(device)
+    parts = [torch.empty_like(t) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, t)
+    return torch.cat(parts).cpu()
+
+
+def distributed_knn(model: SwAVModel, evaluation, cfg: ExperimentConfig,
+                    device: torch.device) -> float | None:
+    """kNN top-1 on the held-out split: each worker embeds its own shards, the training-shard
+    features are all-gathered into one bank, and the correct counts are summed."""
+    bank_loader, query_loader, n_classes = evaluation
+    bank, bank_labels = extract_features(model.backbone, bank_loader, device)
+    queries, query_labels = extract_features(model.backbone, query_loader, device)
+    if bank_labels is None or query_labels is None:
+        return None
+    bank, bank_labels = _gather_cat(bank, device), _gather_cat(bank_labels, device)
+    scores = knn_predict(bank, bank_labels, queries, n_classes, cfg.eval.knn_k,
+                         cfg.eval.knn_temperature)
+    counts = torch.tensor([(scores.argmax(1) == query_labels).sum().item(), len(query_labels)],
+                          dtype=torch.float64)
+    if dist.is_available() and dist.is_initialized():
+        counts = counts.to(device)
+        dist.all_reduce(counts)
+    return float(counts[0] / counts[1])
+
+
+def _rng_state() -> dict[str, Any]:
+    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(),
+            "python": random.getstate(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if state.get("cuda") and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _all_rng_states() -> list[dict[str, Any]]:
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        states: list[Any] = [None] * dist.get_world_size()
+        dist.all_gather_object(states, _rng_state())
+        return states
+    return [_rng_state()]
+
+
+def _save_checkpoint(directory: Path, engine: SwAVEngine, epoch: int, rng: list, cfg: dict) -> None:
+    tmp = directory / (STATE_FILE + ".tmp")
+    torch.save({"engine": engine.state_dict(), "epoch": epoch, "rng": rng, "config": cfg}, tmp)
+    os.replace(tmp, directory / STATE_FILE)  # atomic: a reader sees the old file or the new one
+
+
+def _maybe_fail(cfg: ExperimentConfig, epoch: int, rank: int, run_dir: str | None) -> None:
+    """Test-only: rank 1 (or 0 alone) dies hard once at ``fail_at_epoch``."""
+    if cfg.fail_at_epoch != epoch or run_dir is None:
+        return
+    marker = Path(run_dir) / FAILURE_MARKER
+    if rank == min(1, cfg.scaling.num_workers - 1) and not marker.exists():
+        marker.parent.mkdir(parents=True, exist_ok=True)
+        marker.write_text(f"rank {rank} killed at epoch {epoch}\n")
+        os._exit(17)
+
+
+def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any] | None:
+    cfg = from_dict(config["cfg"])
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = ray.train.torch.get_device()
+    seed = cfg.scaling.seed
+    random.seed(seed + rank)
+    np.random.seed(seed + rank)
+    torch.manual_seed(seed)  # same initial weights everywhere (DDP broadcasts rank 0's anyway)
+    train_loader, evaluation = _loaders(cfg, rank, world, seed + rank)
+    steps_per_epoch = len(train_loader)
+
+    model = build_model(**model_kwargs(cfg.model))
+    channels_last = cfg.model.channels_last and device.type == "cuda"
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    model = ray.train.torch.prepare_model(convert_sync_batchnorm(model, device))
+    o, s = cfg.optim, cfg.swav
+    optimizer = build_optimizer(model, o.name, o.lr, o.weight_decay, o.momentum)
+    scheduler = build_scheduler(optimizer, total_steps=o.epochs * steps_per_epoch,
+                                warmup_steps=o.warmup_epochs * steps_per_epoch,
+                                final_lr_ratio=o.final_lr / o.lr,
+                                start_lr_ratio=o.start_warmup / o.lr)
+    loss_fn = SwAVLoss(sum(cfg.crops.nmb_crops), cfg.crops.crops_for_assign, s.temperature,
+                       s.epsilon, s.sinkhorn_iterations, gather=True)
+    engine = SwAVEngine(model, loss_fn, optimizer, scheduler, device=device,
+                        batch_size=o.batch_size, queue_length=s.queue_length,
+                        epoch_queue_starts=s.epoch_queue_starts,
+                        freeze_prototypes_iters=s.freeze_prototypes_iters,
+                        amp=True, channels_last=channels_last)
+
+    start_epoch = 0
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as directory:
+            state = torch.load(Path(directory) / STATE_FILE, map_location="cpu", weights_only=False)
+        engine.load_state_dict(state["engine"])
+        start_epoch = state["epoch"] + 1
+        _set_rng_state(state["rng"][rank])
+        if rank == 0:
+            log.warning("resumed from the checkpoint of epoch %d", state["epoch"])
+
+    images_seen = corrupt_seen = 0
+    for epoch in range(start_epoch, o.epochs):
+        _maybe_fail(cfg, epoch, rank, config.get("run_dir"))
+        # The shuffling order is a function of (seed, rank, epoch): identical after a resume.
+        train_loader.generator.manual_seed((seed + rank) * 100_003 + epoch)
+        stats = engine.train_epoch(train_loader, epoch, on_step=_progress(rank, epoch, steps_per_epoch))
+        images_seen += stats.images
+        corrupt_seen += stats.corrupt_images
+        if corrupt_seen > cfg.data.max_corrupt_fraction * images_seen:
+            raise RuntimeError(
+                f"data: {corrupt_seen} of {images_seen} images failed to decode, more than "
+                f"data.max_corrupt_fraction={cfg.data.max_corrupt_fraction}")
+        metrics: dict[str, Any] = stats.as_dict()
+        last = epoch == o.epochs - 1
+        every = cfg.eval.knn_every
+        if evaluation is not None and (last or (every > 0 and (epoch + 1) % every == 0)):
+            metrics["knn_top1"] = distributed_knn(engine.net, evaluation, cfg, device)
+        rng = _all_rng_states()
+        with tempfile.TemporaryDirectory() as tmp:
+            ckpt = None
+            if rank == 0:
+                _save_checkpoint(Path(tmp), engine, epoch, rng, config["cfg"])
+                ckpt = ray.train.Checkpoint.from_directory(tmp)
+            ray.train.report(metrics, checkpoint=ckpt)
+    return {"epochs": o.epochs}
+
+
+def _progress(rank: int, epoch: int, total: int):
+    """A coarse progress line on rank 0 (Ray forwards worker output to the driver)."""
+    if rank != 0:
+        return None
+    marks = {max(1, round(total * f)) for f in (0.25, 0.5, 0.75, 1.0)}
+    start = time.perf_counter()
+    first = [None]
+
+    def on_step(iteration: int, loss: float) -> None:
+        first[0] = first[0] if first[0] is not None else iteration
+        done = iteration - first[0] + 1
+        if done in marks:
+            # sys.stdout.write, not print: Ray Train patches print() and would show it twice.
+            sys.stdout.write(f"epoch {epoch} [{done}/{total}] loss {loss:.4f} "
+                             f"{time.perf_counter() - start:.1f}s\n")
+            sys.stdout.flush()
+
+    return on_step
+
+
+# -- driver side ------------------------------------------------------------------------------
+
+@dataclass
+class TrainOutcome:
+    run_id: str
+    tracking_uri: str
+    metrics: dict[str, Any]
+    checkpoint_path: str | None
+    run_name: str
+
+
+def check_cluster_resources(cfg: ExperimentConfig) -> None:
+    """More workers/GPUs than the cluster has: a clear error instead of a hang."""
+    total = ray.cluster_resources()
+    sc = cfg.scaling
+    need_cpu = sc.num_workers * sc.cpus_per_worker
+    if need_cpu > total.get("CPU", 0):
+        raise ConfigError(
+            f"scaling.num_workers: {sc.num_workers} workers x {sc.cpus_per_worker:g} CPU need "
+            f"{need_cpu:g} CPUs, the Ray cluster has {total.get('CPU', 0):g}")
+    if sc.use_gpu and sc.num_workers > total.get("GPU", 0):
+        raise ConfigError(
+            f"scaling.use_gpu: {sc.num_workers} workers need {sc.num_workers} GPUs, the Ray "
+            f"cluster has {total.get('GPU', 0):g}")
+
+
+def storage_root(cfg: ExperimentConfig) -> str:
+    path = cfg.scaling.storage_path
+    return path if "://" in path else str(Path(path).expanduser().resolve())
+
+
+def run_training(
+    cfg: ExperimentConfig,
+    parent_run_id: str | None = None,
+    callbacks: list | None = None,
+    run_name: str | None = None,
+) -> TrainOutcome:
+    """Train ``cfg`` on the connected Ray cluster; returns the MLflow run id and final metrics.
+
+    ``parent_run_id`` nests the MLflow run (a Tune trial); ``callbacks`` are extra Ray Train
+    callbacks (Tune's ``TuneReportCallback``).
+    """
+    check_cluster_resources(cfg)
+    name = run_name or cfg.scaling.run_name or time.strftime("swav-%Y%m%d-%H%M%S")
+    root = storage_root(cfg)
+    run_dir = None if "://" in root else Path(root) / name
+    tracked = TrackedRun.start(cfg, run_dir, name, parent_run_id)
+    sc = cfg.scaling
+    resources = {"CPU": sc.cpus_per_worker, **({"GPU": 1} if sc.use_gpu else {})}
+    trainer = ray.train.torch.TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"cfg": cfg.to_dict(), "run_dir": None if run_dir is None else str(run_dir)},
+        scaling_config=ray.train.ScalingConfig(num_workers=sc.num_workers, use_gpu=sc.use_gpu,
+                                               resources_per_worker=resources),
+        run_config=RunConfig(
+            name=name, storage_path=root,
+            failure_config=FailureConfig(max_failures=sc.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=2),
+            callbacks=[EpochMetricsLogger(tracked.uri, tracked.run_id), *(callbacks or [])],
+        ),
+    )
+    try:
+        result = trainer.fit()
+        if result.checkpoint is None:
+            raise RuntimeError("training ended without a checkpoint")
+        with result.checkpoint.as_directory() as directory:
+            state_path = Path(directory) / STATE_FILE
+            state = torch.load(state_path, map_location="cpu", weights_only=False)
+            if cfg.tracking.log_model:
+                model = build_model(**model_kwargs(cfg.model))
+                model.load_state_dict(state["engine"]["model"])
+                tracked.log_model(model.eval())
+                tracked.log_artifact(state_path, "checkpoints")
+        tracked.client.set_tag(tracked.run_id, "ray_checkpoint", result.checkpoint.path)
+    except BaseException:
+        tracked.end("FAILED")
+        raise
+    tracked.end("FINISHED")
+    metrics = dict(result.metrics or {})
+    return TrainOutcome(tracked.run_id, tracked.uri, metrics, result.checkpoint.path, name)
+

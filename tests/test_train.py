@@ -1,0 +1,159 @@
+"""Ray Train + MLflow on a real local Ray instance (CPU, gloo): tracking, gathered Sinkhorn inside
+a 2-worker run, surviving a killed worker, resume equality and bad input."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import mlflow
+import pytest
+import ray.train
+import ray.train.torch
+import torch
+from mlflow.tracking import MlflowClient
+
+from orchestration.config import ConfigError, load_config
+from orchestration.train import FAILURE_MARKER, STATE_FILE, run_training
+from swav.model import SwAVModel
+from swav.sinkhorn import sinkhorn
+
+TINY = [
+    "data.limit=256", "optim.epochs=4", "optim.batch_size=32", "model.width=8",
+    "model.hidden_dim=32", "model.out_dim=16", "model.n_prototypes=20",
+    "swav.freeze_prototypes_iters=2", "eval.knn_k=10", "optim.warmup_epochs=1",
+]
+
+
+def tiny(tmp: Path, *extra: str):
+    return load_config(None, [*TINY, f"scaling.storage_path={tmp / 'runs'}",
+                              f"tracking.tracking_uri=sqlite:///{tmp / 'mlflow.db'}", *extra])
+
+
+def final_weights(outcome) -> dict[str, torch.Tensor]:
+    state = torch.load(Path(outcome.checkpoint_path) / STATE_FILE, weights_only=False)
+    return state["engine"]["model"]
+
+
+@pytest.fixture(scope="module")
+def straight(ray_local, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("straight")
+    cfg = tiny(tmp, "scaling.run_name=straight")
+    return tmp, cfg, run_training(cfg)
+
+
+def test_two_worker_run_is_tracked_as_one_mlflow_run_with_a_loadable_model(straight):
+    tmp, cfg, outcome = straight
+    client = MlflowClient(outcome.tracking_uri)
+    experiment = client.get_experiment_by_name("swav-ray")
+    runs = client.search_runs([experiment.experiment_id])
+    assert [r.info.run_id for r in runs] == [outcome.run_id]
+    run = runs[0]
+    assert run.info.status == "FINISHED"
+    assert run.data.params["optim.epochs"] == "4" and run.data.params["model.n_prototypes"] == "20"
+    assert run.data.tags["world_size"] == "2" and run.data.tags["device"] == "cpu"
+    for metric in ("loss", "lr", "images_per_s", "epoch_time_s", "prototypes_used",
+                   "code_entropy", "knn_top1"):
+        steps = [m.step for m in client.get_metric_history(outcome.run_id, metric)]
+        assert steps == [0, 1, 2, 3], metric
+    # 2 workers x 128 images/shard, batch 32: 256 images per epoch, in 8 global steps.
+    images = client.get_metric_history(outcome.run_id, "prototypes_used")
+    assert all(1 <= m.value <= 20 for m in images)
+    losses = [m.value for m in client.get_metric_history(outcome.run_id, "loss")]
+    assert losses[-1] < losses[0]
+    knn = client.get_metric_history(outcome.run_id, "knn_top1")[-1].value
+    assert 0.3 < knn <= 1.0  # 10 classes: chance is 0.1
+
+    mlflow.set_tracking_uri(outcome.tracking_uri)
+    model = mlflow.pytorch.load_model(f"runs:/{outcome.run_id}/model")
+    assert isinstance(model, SwAVModel)
+    weights = final_weights(outcome)
+    for name, value in model.state_dict().items():
+        torch.testing.assert_close(value, weights[name], rtol=0, atol=0)
+    artifacts = [a.path for a in client.list_artifacts(outcome.run_id, "checkpoints")]
+    assert artifacts == ["checkpoints/state.pt"]
+
+
+def test_a_killed_worker_is_replaced_and_training_resumes_from_the_last_checkpoint(
+    straight, tmp_path
+):
+    _, _, uninterrupted = straight
+    cfg = tiny(tmp_path, "scaling.run_name=flaky", "fail_at_epoch=2")
+    outcome = run_training(cfg)
+    assert (tmp_path / "runs" / "flaky" / FAILURE_MARKER).exists()  # the worker really died
+    client = MlflowClient(outcome.tracking_uri)
+    runs = client.search_runs([client.get_experiment_by_name("swav-ray").experiment_id])
+    assert len(runs) == 1 and runs[0].info.status == "FINISHED"
+    # Every epoch logged exactly once: a restart from epoch 0 would log epochs 0 and 1 twice.
+    assert [m.step for m in client.get_metric_history(outcome.run_id, "loss")] == [0, 1, 2, 3]
+    # Resumed from the epoch-1 checkpoint with its RNG state: the same weights as no failure.
+    resumed, straight_weights = final_weights(outcome), final_weights(uninterrupted)
+    for name in straight_weights:
+        torch.testing.assert_close(resumed[name], straight_weights[name], rtol=0, atol=0, msg=name)
+
+
+def _codes_loop(config):
+    """Worker: scores of its half of a fixed batch -> gathered Sinkhorn codes (gloo)."""
+    ctx = ray.train.get_context()
+    scores = torch.load(config["scores"])
+    half = scores.chunk(ctx.get_world_size())[ctx.get_world_rank()]
+    codes = sinkhorn(half, epsilon=0.05, iterations=3, gather=True)
+    torch.save(codes, Path(config["out"]) / f"codes{ctx.get_world_rank()}.pt")
+    ray.train.report({"rows": half.shape[0]})
+
+
+def test_gathered_codes_inside_a_two_worker_ray_run_equal_single_process_codes(ray_local, tmp_path):
+    torch.manual_seed(0)
+    scores = torch.nn.functional.normalize(torch.randn(2 * 40, 16), dim=1) @ \
+        torch.nn.functional.normalize(torch.randn(25, 16), dim=1).t()
+    torch.save(scores, tmp_path / "scores.pt")
+    # Workers cannot import this test module: ship the loop function by value.
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    trainer = ray.train.torch.TorchTrainer(
+        _codes_loop, train_loop_config={"scores": str(tmp_path / "scores.pt"), "out": str(tmp_path)},
+        scaling_config=ray.train.ScalingConfig(num_workers=2),
+        run_config=ray.train.RunConfig(storage_path=str(tmp_path / "runs"), name="codes"),
+    )
+    trainer.fit()
+    gathered = torch.cat([torch.load(tmp_path / f"codes{r}.pt") for r in range(2)])
+    torch.testing.assert_close(gathered, sinkhorn(scores, 0.05, 3), atol=1e-6, rtol=1e-5)
+
+
+def test_more_workers_than_the_cluster_has_fail_before_any_run_is_created(ray_local, tmp_path):
+    cfg = tiny(tmp_path, "scaling.num_workers=8")
+    with pytest.raises(ConfigError, match=r"^scaling.num_workers: 8 workers x 1 CPU need 8 CPUs"):
+        run_training(cfg)
+    assert not (tmp_path / "mlflow.db").exists()
+    cfg = tiny(tmp_path, "scaling.use_gpu=true")
+    with pytest.raises(ConfigError, match="^scaling.use_gpu"):
+        run_training(cfg)
+    assert not (tmp_path / "mlflow.db").exists()
+
+
+def _cli(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI")}
+    return subprocess.run([sys.executable, "-m", "orchestration.cli", "train", *args],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=120, env=env)
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["optim.lrr=0.1"], "swav-ray: error: optim.lrr: unknown key"),
+        (["optim.epochs=two"], "swav-ray: error: optim.epochs: expected int, got 'two'"),
+        (["data.source=parquet", "data.path=/no/such/dir"],
+         "swav-ray: error: data.path: '/no/such/dir' does not exist"),
+        (["swav.epsilon=0"], "swav-ray: error: swav.epsilon: must be > 0"),
+        (["tracking.tracking_uri=http://127.0.0.1:9"],
+         "swav-ray: error: tracking.tracking_uri: MLflow server http://127.0.0.1:9 is unreachable"),
+        (["no-such-experiment.yaml"], "swav-ray: error: config: no such experiment file"),
+    ],
+)
+def test_bad_input_is_one_clear_line_and_leaves_nothing_behind(tmp_path, args, message):
+    result = _cli(tmp_path, *args)
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(message), result.stderr
+    assert list(tmp_path.iterdir()) == []  # no mlflow.db, no mlruns/, no Ray run directory
