@@ -22,7 +22,7 @@ __all__ = ["connect_ray", "main"]
 
 
 def connect_ray(cfg: ExperimentConfig) -> bool:
-    """Join the cluster named by RAY_ADDRESS, or start a local one. True when we started it."""
+    """Join the cluster named by RAY_ADDRESS, or start a local one. True when this call did."""
     import ray
 
     if ray.is_initialized():
@@ -57,11 +57,20 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     from orchestration.train import run_training
 
-    started = connect_ray(cfg)
+    connected = connect_ray(cfg)
     try:
         outcome = run_training(cfg)
+    except ConfigError:
+        raise
+    except Exception as err:  # the run failed after it started: say what is kept
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        print(f"swav-ray: error: training failed: {first}\n"
+              f"  the MLflow run is marked FAILED; its checkpoints are kept under "
+              f"{cfg.scaling.storage_path}; run again with the same scaling.run_name to resume",
+              file=sys.stderr)
+        return 1
     finally:
-        if started:
+        if connected:
             ray.shutdown()
     _print_summary(outcome)
     return 0

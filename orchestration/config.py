@@ -65,6 +65,7 @@ class CropConfig:
     crops_for_assign: list[int] = field(default_factory=lambda: [0, 1])
     color_strength: float = 1.0
     blur_prob: float = 0.5
+    flip_prob: float = 0.5  # 0 for data where a mirror image is another thing (digits, text)
     mean: list[float] = field(default_factory=lambda: [0.485, 0.456, 0.406])
     std: list[float] = field(default_factory=lambda: [0.228, 0.224, 0.225])
 
@@ -85,7 +86,7 @@ class OptimConfig:
     lr: float = 4.8  # base learning rate (after warmup)
     final_lr: float = 0.0048
     start_warmup: float = 0.0
-    warmup_epochs: int = 10
+    warmup_epochs: float = 10.0
     weight_decay: float = 1e-6
     momentum: float = 0.9
     epochs: int = 100
@@ -305,7 +306,7 @@ def validate(cfg: ExperimentConfig) -> None:
     c, m, s, o, d, sc, e = cfg.crops, cfg.model, cfg.swav, cfg.optim, cfg.data, cfg.scaling, cfg.eval
     _section_errors("crops", lambda: MultiCropTransform(
         c.nmb_crops, c.size_crops, c.min_scale_crops, c.max_scale_crops, mean=c.mean, std=c.std,
-        color_strength=c.color_strength, blur_prob=c.blur_prob))
+        color_strength=c.color_strength, blur_prob=c.blur_prob, flip_prob=c.flip_prob))
     try:
         SwAVLoss(sum(c.nmb_crops), c.crops_for_assign, s.temperature, s.epsilon,
                  s.sinkhorn_iterations)
@@ -315,6 +316,8 @@ def validate(cfg: ExperimentConfig) -> None:
     _section_errors("model", lambda: build_model(**model_kwargs(m)))
     _section_errors("optim", lambda: build_optimizer(
         torch.nn.Linear(1, 1), o.name, o.lr, o.weight_decay, o.momentum))
+    _check(sc.num_workers >= 1, "scaling.num_workers", f"must be >= 1, got {sc.num_workers}")
+    _check(o.batch_size >= 1, "optim.batch_size", f"must be >= 1, got {o.batch_size}")
     _section_errors("swav", lambda: per_worker_length(s.queue_length, o.batch_size, sc.num_workers))
     _check(s.freeze_prototypes_iters >= 0, "swav.freeze_prototypes_iters", "must be >= 0")
     _check(s.epoch_queue_starts >= 0, "swav.epoch_queue_starts", "must be >= 0")
@@ -323,7 +326,6 @@ def validate(cfg: ExperimentConfig) -> None:
     _check(o.epochs >= 1, "optim.epochs", f"must be >= 1, got {o.epochs}")
     _check(0 <= o.warmup_epochs <= o.epochs, "optim.warmup_epochs",
            f"must be in [0, optim.epochs={o.epochs}], got {o.warmup_epochs}")
-    _check(o.batch_size >= 1, "optim.batch_size", f"must be >= 1, got {o.batch_size}")
     _check(d.source in DATA_SOURCES, "data.source",
            f"unknown source {d.source!r}, expected one of {', '.join(DATA_SOURCES)}")
     if d.source in ("imagefolder", "parquet"):
@@ -337,7 +339,6 @@ def validate(cfg: ExperimentConfig) -> None:
            f"must be in [0, 1], got {d.max_corrupt_fraction}")
     _check(d.loader_workers >= 0, "data.loader_workers", f"must be >= 0, got {d.loader_workers}")
     _check(d.eval_size is None or d.eval_size >= 1, "data.eval_size", "must be >= 1")
-    _check(sc.num_workers >= 1, "scaling.num_workers", f"must be >= 1, got {sc.num_workers}")
     _check(sc.cpus_per_worker > 0, "scaling.cpus_per_worker", "must be > 0")
     _check(sc.max_failures >= 0, "scaling.max_failures", f"must be >= 0, got {sc.max_failures}")
     _check(e.knn_k >= 1, "eval.knn_k", f"must be >= 1, got {e.knn_k}")

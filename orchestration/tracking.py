@@ -39,6 +39,7 @@ METRIC_NAMES = {
     "used_prototypes": "prototypes_used",
     "code_entropy": "code_entropy",
     "knn_top1": "knn_top1",
+    "knn_top1_init": "knn_top1_random_init",
     "corrupt_images": "corrupt_images",
 }
 

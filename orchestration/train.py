@@ -65,7 +65,7 @@ def _loaders(cfg: ExperimentConfig, rank: int, world: int, seed: int):
     c = cfg.crops
     crops = MultiCropTransform(c.nmb_crops, c.size_crops, c.min_scale_crops, c.max_scale_crops,
                                mean=c.mean, std=c.std, color_strength=c.color_strength,
-                               blur_prob=c.blur_prob)
+                               blur_prob=c.blur_prob, flip_prob=c.flip_prob)
     own = shard(splits.train, rank, world)
     if hasattr(own, "load"):
         own.load()  # Parquet: read this worker's row groups once, before DataLoader workers fork
@@ -176,7 +176,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any] | None:
     o, s = cfg.optim, cfg.swav
     optimizer = build_optimizer(model, o.name, o.lr, o.weight_decay, o.momentum)
     scheduler = build_scheduler(optimizer, total_steps=o.epochs * steps_per_epoch,
-                                warmup_steps=o.warmup_epochs * steps_per_epoch,
+                                warmup_steps=round(o.warmup_epochs * steps_per_epoch),
                                 final_lr_ratio=o.final_lr / o.lr,
                                 start_lr_ratio=o.start_warmup / o.lr)
     loss_fn = SwAVLoss(sum(cfg.crops.nmb_crops), cfg.crops.crops_for_assign, s.temperature,
@@ -198,6 +198,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any] | None:
         if rank == 0:
             log.warning("resumed from the checkpoint of epoch %d", state["epoch"])
 
+    # The same encoder before training: the baseline every kNN figure is compared with.
+    init_knn = None
+    if start_epoch == 0 and evaluation is not None:
+        init_knn = distributed_knn(engine.net, evaluation, cfg, device)
     images_seen = corrupt_seen = 0
     for epoch in range(start_epoch, o.epochs):
         _maybe_fail(cfg, epoch, rank, config.get("run_dir"))
@@ -211,6 +215,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any] | None:
                 f"data: {corrupt_seen} of {images_seen} images failed to decode, more than "
                 f"data.max_corrupt_fraction={cfg.data.max_corrupt_fraction}")
         metrics: dict[str, Any] = stats.as_dict()
+        if epoch == 0 and init_knn is not None:
+            metrics["knn_top1_init"] = init_knn
         last = epoch == o.epochs - 1
         every = cfg.eval.knn_every
         if evaluation is not None and (last or (every > 0 and (epoch + 1) % every == 0)):
@@ -292,6 +298,8 @@ def run_training(
     root = storage_root(cfg)
     run_dir = None if "://" in root else Path(root) / name
     tracked = TrackedRun.start(cfg, run_dir, name, parent_run_id)
+    print(f"swav-ray: run {name} ({'resumed' if tracked.resumed else 'new'}), MLflow run "
+          f"{tracked.run_id}, checkpoints under {root}/{name}", flush=True)
     sc = cfg.scaling
     resources = {"CPU": sc.cpus_per_worker, **({"GPU": 1} if sc.use_gpu else {})}
     trainer = ray.train.torch.TorchTrainer(

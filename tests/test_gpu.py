@@ -50,3 +50,22 @@ def test_bf16_autocast_step_trains_and_keeps_float32_master_weights():
     assert model.backbone.conv1.weight.dtype == torch.float32
     assert (model.backbone.conv1.weight.detach() - before).abs().max() > 0
     assert engine.queue.full  # 4 pushes of 32 rows filled the 64-row queue, then it is scored
+
+
+def test_channels_last_step_matches_the_default_layout():
+    """Same weights, same batch: one step in channels-last gives the same loss (fp32, no autocast)."""
+    torch.manual_seed(2)
+    crops = [torch.randn(32, 3, 32, 32), torch.randn(32, 3, 16, 16)]
+    losses = []
+    for channels_last in (False, True):
+        torch.manual_seed(3)
+        model = build_model("resnet18", cifar_stem=True, hidden_dim=128, out_dim=32,
+                            n_prototypes=50).cuda()
+        if channels_last:
+            model = model.to(memory_format=torch.channels_last)
+        optimizer = build_optimizer(model, "sgd", lr=0.1)
+        engine = SwAVEngine(model, SwAVLoss(n_crops=4), optimizer,
+                            build_scheduler(optimizer, total_steps=2), device="cuda",
+                            batch_size=16, amp=False, channels_last=channels_last)
+        losses.append(float(engine.step(crops)[0]))
+    assert abs(losses[0] - losses[1]) < 1e-2 * abs(losses[0])

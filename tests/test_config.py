@@ -1,0 +1,96 @@
+"""The typed config tree: YAML + dotted overrides, type checks, validation naming the key."""
+
+from __future__ import annotations
+
+import pytest
+
+from orchestration.config import (
+    EXPERIMENTS_DIR,
+    ConfigError,
+    ExperimentConfig,
+    from_dict,
+    load_config,
+    parse_overrides,
+)
+
+
+def test_default_experiment_is_the_embedded_digits_run():
+    cfg = load_config()
+    assert cfg.data.source == "digits" and cfg.model.backbone == "convnet"
+    assert cfg.scaling.num_workers == 2 and not cfg.scaling.use_gpu
+
+
+def test_overrides_are_parsed_as_yaml_and_typed():
+    cfg = load_config(None, ["optim.lr=0.5", "model.n_prototypes=[30, 10]", "optim.epochs=3",
+                             "data.limit=100", "scaling.run_name=abc"])
+    assert cfg.optim.lr == 0.5 and cfg.model.n_prototypes == [30, 10]
+    assert cfg.optim.epochs == 3 and cfg.data.limit == 100 and cfg.scaling.run_name == "abc"
+    assert parse_overrides(["a.b.c=1", "a.d=x"]) == {"a": {"b": {"c": 1}, "d": "x"}}
+
+
+def test_ints_are_accepted_for_floats_but_not_the_reverse():
+    assert load_config(None, ["optim.lr=1"]).optim.lr == 1.0
+    with pytest.raises(ConfigError, match="^optim.epochs: expected int, got 1.5"):
+        load_config(None, ["optim.epochs=1.5"])
+    with pytest.raises(ConfigError, match="^scaling.use_gpu: expected bool"):
+        load_config(None, ["scaling.use_gpu=1"])
+
+
+def test_round_trip_through_a_dict_and_flat_params():
+    cfg = load_config(None, ["swav.queue_length=128"])
+    assert from_dict(cfg.to_dict()) == cfg
+    flat = cfg.flat()
+    assert flat["swav.queue_length"] == 128 and flat["fail_at_epoch"] is None
+    assert len(flat) == sum(len(v) if isinstance(v, dict) else 1 for v in cfg.to_dict().values())
+
+
+@pytest.mark.parametrize(
+    "override,message",
+    [
+        ("nope.x=1", "nope: unknown key"),
+        ("optim.learning_rate=1", "optim.learning_rate: unknown key"),
+        ("swav.epsilon=0", "swav.epsilon: must be > 0"),
+        ("swav.epsilon=-0.1", "swav.epsilon: must be > 0"),
+        ("crops.crops_for_assign=[0, 7]", "crops.crops_for_assign: [7] out of range"),
+        ("crops.size_crops=[16]", "crops.size_crops: has 1 entries but nmb_crops has 2"),
+        ("crops.min_scale_crops=[0.6, 0.9]", "crops.min_scale_crops"),
+        ("model.n_prototypes=0", "model.n_prototypes: every K must be an int >= 1"),
+        ("model.n_prototypes=[10, 0]", "model.n_prototypes"),
+        ("model.backbone=vgg16", "model.backbone: unknown backbone 'vgg16'"),
+        ("swav.queue_length=-64", "swav.queue_length: must be >= 0"),
+        ("optim.name=adam", "optim.name: unknown optimizer 'adam'"),
+        ("optim.warmup_epochs=50", "optim.warmup_epochs: must be in [0, optim.epochs=32]"),
+        ("data.source=mnist", "data.source: unknown source 'mnist'"),
+        ("data.source=imagefolder", "data.path: required for source 'imagefolder'"),
+        ("scaling.num_workers=0", "scaling.num_workers: must be >= 1"),
+        ("eval.knn_k=0", "eval.knn_k: must be >= 1"),
+    ],
+)
+def test_bad_values_name_their_key(override, message):
+    with pytest.raises(ConfigError) as err:
+        load_config(None, [override])
+    assert str(err.value).startswith(message)
+
+
+def test_shipped_experiment_files_are_valid(tmp_path):
+    names = sorted(p.stem for p in EXPERIMENTS_DIR.glob("*.yaml"))
+    assert {"default", "cifar10_resnet18", "stanford_dogs_resnet50", "imagenet_resnet50"} <= set(names)
+    for name in names:
+        cfg = load_config(name, [f"data.path={tmp_path}"])
+        assert isinstance(cfg, ExperimentConfig)
+    paper = load_config("imagenet_resnet50", [f"data.path={tmp_path}"])
+    assert (paper.crops.nmb_crops, paper.crops.size_crops) == ([2, 6], [224, 96])
+    assert paper.model.n_prototypes == 3000 and paper.optim.name == "lars"
+    assert paper.optim.batch_size * paper.scaling.num_workers == 4096
+    assert paper.swav.queue_length == 3840 and paper.optim.epochs == 800
+
+
+def test_missing_or_broken_files(tmp_path):
+    with pytest.raises(ConfigError, match="^config: no such experiment file"):
+        load_config(tmp_path / "missing.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("optim: [unclosed")
+    with pytest.raises(ConfigError, match="^config: .* is not valid YAML"):
+        load_config(bad)
+    with pytest.raises(ConfigError, match="overrides are dotted key=value"):
+        load_config(None, ["optim.lr"])

@@ -1,0 +1,113 @@
+"""`ray job submit -- swav-ray train ...` against a real `ray start --head` on 127.0.0.1.
+
+The head gets its own --temp-dir and free ports; it is ended by killing exactly the processes
+whose command line holds that temp dir (and their children), never machine-wide.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+BIN = Path(sys.executable).parent
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _pids_holding(text: str) -> list[int]:
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if text in (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode():
+                    pids.append(int(entry.name))
+            except OSError:
+                continue
+    return pids
+
+
+def _children(pid: int) -> list[int]:
+    out = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+                if int(fields[1]) == pid:
+                    out.append(int(entry.name))
+            except (OSError, IndexError, ValueError):
+                continue
+    return out
+
+
+def _kill_tree(pids: list[int]) -> None:
+    seen, stack = set(), list(pids)
+    while stack:
+        pid = stack.pop()
+        if pid not in seen:
+            seen.add(pid)
+            stack.extend(_children(pid))
+    for pid in seen:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+@pytest.fixture()
+def ray_head():
+    temp_dir = tempfile.mkdtemp(prefix="swr-", dir="/tmp")  # short: Ray's socket paths are limited
+    port, dashboard = _free_port(), _free_port()
+    # Token authentication (on by default for new clusters since Ray 2.60): a token of our own,
+    # given to the head and to the job client alike; ~/.ray/auth_token is left alone.
+    env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "RAY_AUTH_MODE": "token",
+           "RAY_AUTH_TOKEN": secrets.token_hex(32)}
+    env.pop("RAY_ADDRESS", None)
+    subprocess.run(
+        [str(BIN / "ray"), "start", "--head", f"--temp-dir={temp_dir}", f"--port={port}",
+         "--node-ip-address=127.0.0.1", "--dashboard-host=127.0.0.1",
+         f"--dashboard-port={dashboard}", "--num-cpus=3", "--num-gpus=0",
+         "--include-dashboard=true", "--disable-usage-stats"],
+        check=True, env=env, capture_output=True, timeout=180,
+    )
+    try:
+        yield f"http://127.0.0.1:{dashboard}", env
+    finally:
+        _kill_tree(_pids_holding(temp_dir))
+
+
+def test_ray_job_submit_runs_swav_ray_train_on_the_cluster(ray_head, tmp_path):
+    address, env = ray_head
+    db = tmp_path / "mlflow.db"
+    command = [
+        str(BIN / "ray"), "job", "submit", "--address", address, "--",
+        "swav-ray", "train", "optim.epochs=2", "data.limit=128", "optim.batch_size=32",
+        "model.width=8", "model.n_prototypes=20", "eval.knn_k=10",
+        f"scaling.storage_path={tmp_path / 'runs'}", f"tracking.tracking_uri=sqlite:///{db}",
+    ]
+    started = time.time()
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output[-3000:]
+    assert "succeeded" in output.lower()
+    match = re.search(r"MLflow run id: ([0-9a-f]{32})", output)
+    assert match, output[-3000:]
+    client = MlflowClient(f"sqlite:///{db}")
+    run = client.get_run(match.group(1))
+    assert run.info.status == "FINISHED"
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "loss")] == [0, 1]
+    assert time.time() - started < 600
