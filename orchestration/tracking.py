@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import mlflow
+import yaml
 from mlflow.entities import Metric, Param, RunStatus
 from mlflow.tracking import MlflowClient
 from ray.train import UserCallback
@@ -30,6 +31,7 @@ from orchestration.config import ConfigError, ExperimentConfig
 __all__ = ["EpochMetricsLogger", "TrackedRun", "resolve_tracking_uri"]
 
 RUN_ID_FILE = "mlflow_run_id"
+CONFIG_ARTIFACT = "config.yaml"
 # Epoch statistics -> MLflow metric names.
 METRIC_NAMES = {
     "loss": "loss",
@@ -104,7 +106,7 @@ class TrackedRun:
     def start(
         cls,
         cfg: ExperimentConfig,
-        run_dir: Path | None,
+        run_dir: str,
         run_name: str,
         parent_run_id: str | None = None,
         extra_tags: dict[str, str] | None = None,
@@ -112,9 +114,8 @@ class TrackedRun:
         uri = resolve_tracking_uri(cfg.tracking.tracking_uri)
         check_reachable(uri)
         client = MlflowClient(uri)
-        id_file = None if run_dir is None else run_dir / RUN_ID_FILE
-        if id_file is not None and id_file.exists():
-            run_id = id_file.read_text().strip()
+        run_id = _read_text(f"{run_dir}/{RUN_ID_FILE}")
+        if run_id:
             client.update_run(run_id, status=RunStatus.to_string(RunStatus.RUNNING))
             client.set_tag(run_id, "resumed", "true")
             return cls(uri, run_id, resumed=True)
@@ -129,9 +130,9 @@ class TrackedRun:
         params = [Param(k, str(v)[:6000]) for k, v in cfg.flat().items()]
         for start in range(0, len(params), 100):
             client.log_batch(run_id, params=params[start:start + 100])
-        if id_file is not None:
-            id_file.parent.mkdir(parents=True, exist_ok=True)
-            id_file.write_text(run_id)
+        # The whole tree, reloadable by `swav-ray evaluate/explain` (params are flat strings).
+        client.log_text(run_id, yaml.safe_dump(cfg.to_dict(), sort_keys=False), CONFIG_ARTIFACT)
+        _write_text(f"{run_dir}/{RUN_ID_FILE}", run_id)
         return cls(uri, run_id, resumed=False)
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
@@ -153,6 +154,30 @@ class TrackedRun:
 
     def end(self, status: str = "FINISHED") -> None:
         self.client.set_terminated(self.run_id, status=status)
+
+
+def _filesystem(path: str):
+    """pyarrow file system and path for a local path or a URI (s3://, gs://, ...), as Ray uses."""
+    import pyarrow.fs as pafs
+
+    return pafs.FileSystem.from_uri(path if "://" in path else str(Path(path).resolve()))
+
+
+def _read_text(path: str) -> str | None:
+    import pyarrow.fs as pafs
+
+    fs, p = _filesystem(path)
+    if fs.get_file_info(p).type != pafs.FileType.File:
+        return None
+    with fs.open_input_stream(p) as f:
+        return f.read().decode().strip() or None
+
+
+def _write_text(path: str, text: str) -> None:
+    fs, p = _filesystem(path)
+    fs.create_dir(p.rsplit("/", 1)[0], recursive=True)
+    with fs.open_output_stream(p) as f:
+        f.write(text.encode())
 
 
 def epoch_metrics(report: dict[str, Any]) -> dict[str, float]:

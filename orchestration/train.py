@@ -147,7 +147,7 @@ def _save_checkpoint(directory: Path, engine: SwAVEngine, epoch: int, rng: list,
 
 def _maybe_fail(cfg: ExperimentConfig, epoch: int, rank: int, run_dir: str | None) -> None:
     """Test-only: rank 1 (or 0 alone) dies hard once at ``fail_at_epoch``."""
-    if cfg.fail_at_epoch != epoch or run_dir is None:
+    if cfg.fail_at_epoch != epoch or run_dir is None or "://" in run_dir:
         return
     marker = Path(run_dir) / FAILURE_MARKER
     if rank == min(1, cfg.scaling.num_workers - 1) and not marker.exists():
@@ -296,15 +296,15 @@ def run_training(
     check_cluster_resources(cfg)
     name = run_name or cfg.scaling.run_name or time.strftime("swav-%Y%m%d-%H%M%S")
     root = storage_root(cfg)
-    run_dir = None if "://" in root else Path(root) / name
+    run_dir = f"{root}/{name}"
     tracked = TrackedRun.start(cfg, run_dir, name, parent_run_id)
     print(f"swav-ray: run {name} ({'resumed' if tracked.resumed else 'new'}), MLflow run "
-          f"{tracked.run_id}, checkpoints under {root}/{name}", flush=True)
+          f"{tracked.run_id}, checkpoints under {run_dir}", flush=True)
     sc = cfg.scaling
     resources = {"CPU": sc.cpus_per_worker, **({"GPU": 1} if sc.use_gpu else {})}
     trainer = ray.train.torch.TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"cfg": cfg.to_dict(), "run_dir": None if run_dir is None else str(run_dir)},
+        train_loop_config={"cfg": cfg.to_dict(), "run_dir": run_dir},
         scaling_config=ray.train.ScalingConfig(num_workers=sc.num_workers, use_gpu=sc.use_gpu,
                                                resources_per_worker=resources),
         run_config=RunConfig(

@@ -282,6 +282,13 @@ def open_source(
         # unlabelled part are -1, so they are mapped to None.
         train = _NoNegativeLabels(tvd.STL10(root, split="train+unlabeled", download=download))
         splits = SourceSplits(train, tvd.STL10(root, split="test", download=download), 10)
+    elif source == "parquet" and _parquet_split_layout(root) is not None:
+        # train.parquet + test.parquet (or train/ + test/): the test part is the held-out set.
+        train_path, test_path = _parquet_split_layout(root)  # type: ignore[misc]
+        train = ParquetImageDataset(train_path, image_column, label_column)
+        labels = train.labels()
+        splits = SourceSplits(train, ParquetImageDataset(test_path, image_column, label_column),
+                              None if labels is None else int(labels.max()) + 1)
     else:
         if source == "digits":
             images, labels = load_digits_arrays()
@@ -301,6 +308,16 @@ def open_source(
     if limit is not None and limit < len(splits.train):  # type: ignore[arg-type]
         splits.train = _subset(splits.train, np.arange(limit))
     return splits
+
+
+def _parquet_split_layout(root: str | None) -> tuple[Path, Path] | None:
+    """``root/train.parquet`` and ``root/test.parquet`` (or ``train/`` and ``test/`` folders)."""
+    if root is None or not Path(root).is_dir():
+        return None
+    for train, test in (("train.parquet", "test.parquet"), ("train", "test")):
+        if (Path(root) / train).exists() and (Path(root) / test).exists():
+            return Path(root) / train, Path(root) / test
+    return None
 
 
 class _NoNegativeLabels(Dataset):

@@ -141,3 +141,14 @@ def test_unknown_source_and_missing_columns_name_the_field(parquet_dir):
     with pytest.raises(ValueError, match="^path"):
         open_source("cifar10")
     assert torch.is_tensor(collate_skipping_corrupt([(torch.zeros(3), 1)], multicrop=False).crops)
+
+
+def test_parquet_train_and_test_files_are_the_training_and_held_out_sets(tmp_path, digits):
+    images, labels = digits
+    for name, rows in (("train", range(0, 50)), ("test", range(50, 70))):
+        table = pa.table({"image": [_jpeg(images[r]) for r in rows],
+                          "label": [int(labels[r]) for r in rows]})
+        pq.write_table(table, tmp_path / f"{name}.parquet")
+    splits = open_source("parquet", str(tmp_path), holdout_fraction=0.5, limit=40)
+    assert len(splits.train) == 40 and len(splits.heldout) == 20  # the file split, not 0.5
+    assert [splits.heldout[i][1] for i in range(3)] == [int(v) for v in labels[50:53]]

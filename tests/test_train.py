@@ -14,9 +14,10 @@ import pytest
 import ray.train
 import ray.train.torch
 import torch
+import yaml
 from mlflow.tracking import MlflowClient
 
-from orchestration.config import ConfigError, load_config
+from orchestration.config import ConfigError, from_dict, load_config
 from orchestration.train import FAILURE_MARKER, STATE_FILE, run_training
 from swav.model import SwAVModel
 from swav.sinkhorn import sinkhorn
@@ -77,6 +78,8 @@ def test_two_worker_run_is_tracked_as_one_mlflow_run_with_a_loadable_model(strai
         torch.testing.assert_close(value, weights[name], rtol=0, atol=0)
     artifacts = [a.path for a in client.list_artifacts(outcome.run_id, "checkpoints")]
     assert artifacts == ["checkpoints/state.pt"]
+    config_file = client.download_artifacts(outcome.run_id, "config.yaml", str(tmp))
+    assert from_dict(yaml.safe_load(Path(config_file).read_text())) == cfg
 
 
 def test_a_killed_worker_is_replaced_and_training_resumes_from_the_last_checkpoint(
@@ -201,3 +204,41 @@ def test_the_embedded_default_experiment_learns(ray_local, tmp_path):
     assert knn >= 0.95
     assert loss[-1] < 0.6 * math.log(100) < loss[0]
     assert used >= 90
+
+
+def _digits_parquet(directory: Path, corrupt_rows: set[int]) -> None:
+    import io
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from PIL import Image
+
+    from swav.data import load_digits_arrays
+
+    images, labels = load_digits_arrays()
+    blobs = []
+    for i in range(160):
+        buf = io.BytesIO()
+        Image.fromarray(images[i]).convert("RGB").save(buf, format="PNG")
+        blobs.append(b"not an image" if i in corrupt_rows else buf.getvalue())
+    table = pa.table({"image": pa.array(blobs, pa.binary()), "label": labels[:160].tolist()})
+    pq.write_table(table, directory / "digits.parquet", row_group_size=40)
+
+
+def test_parquet_run_skips_a_corrupt_image_and_stops_past_the_allowed_share(ray_local, tmp_path):
+    from swav.data import open_source
+
+    data = tmp_path / "data"
+    data.mkdir()
+    _digits_parquet(data, corrupt_rows=set())
+    train_rows = open_source("parquet", str(data), seed=0).train.rows
+    _digits_parquet(data, corrupt_rows={int(train_rows[3])})  # a row every epoch visits
+    common = ["data.source=parquet", f"data.path={data}", "data.limit=null", "optim.epochs=2",
+              "optim.batch_size=16", "scaling.max_failures=0"]
+    outcome = run_training(tiny(tmp_path, *common, "scaling.run_name=tolerant"))
+    client = MlflowClient(outcome.tracking_uri)
+    corrupt = [m.value for m in client.get_metric_history(outcome.run_id, "corrupt_images")]
+    assert corrupt == [1.0, 1.0]  # counted on every epoch, and the run finished
+    with pytest.raises(Exception, match="failed to decode"):
+        run_training(tiny(tmp_path, *common, "scaling.run_name=strict",
+                          "data.max_corrupt_fraction=0.0"))
