@@ -1,6 +1,8 @@
 """``swav-ray``: the command line.
 
     swav-ray train [CONFIG] [section.key=value ...]
+    swav-ray evaluate --run-id ID
+    swav-ray explain --run-id ID [--n N] [--method ce|logit] [--target K]
 
 CONFIG is a YAML file or the name of one in ``experiments/`` (default: ``experiments/default.yaml``,
 the embedded digits run).  The configuration is validated before Ray starts.  With
@@ -76,20 +78,62 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from orchestration.evaluate import evaluate_run
+
+    metrics = evaluate_run(args.run_id, args.tracking_uri, args.device)
+    _print_metrics(args.run_id, metrics)
+    return 0
+
+
+def cmd_explain(args: argparse.Namespace) -> int:
+    from orchestration.evaluate import explain_run
+
+    metrics = explain_run(args.run_id, args.n, args.method, args.target, args.tracking_uri,
+                          args.device)
+    _print_metrics(args.run_id, metrics)
+    return 0
+
+
+def _print_metrics(run_id: str, metrics: dict[str, float]) -> None:
+    width = max(len(k) for k in metrics)
+    for key, value in sorted(metrics.items()):
+        print(f"{key:<{width}}  {value:.4f}")
+    print(f"logged into MLflow run {run_id}")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="swav-ray", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="swav-ray", description="SwAV self-supervised learning on Ray, tracked in MLflow")
     sub = parser.add_subparsers(dest="command", required=True)
     train = sub.add_parser("train", help="train SwAV on a Ray cluster (local if none is given)")
     train.add_argument("config", nargs="?", default=None,
                        help="experiment YAML or a name in experiments/ (default: default)")
     train.add_argument("overrides", nargs="*", help="dotted overrides, e.g. optim.lr=0.3")
     train.set_defaults(func=cmd_train)
+
+    def tracked(name: str, text: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=text)
+        p.add_argument("--run-id", required=True, help="MLflow run of a finished training run")
+        p.add_argument("--tracking-uri", default=None,
+                       help="default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db")
+        p.add_argument("--device", default=None, help="default: cuda when available, else cpu")
+        return p
+
+    evaluate = tracked("evaluate", "kNN / linear / cluster quality of a run's model, logged into it")
+    evaluate.set_defaults(func=cmd_evaluate)
+    explain = tracked("explain", "counterfactual explanations of a run's clusters, logged into it")
+    explain.add_argument("--n", type=int, default=16, help="held-out images to explain")
+    explain.add_argument("--method", choices=("ce", "logit"), default="ce")
+    explain.add_argument("--target", type=int, default=None,
+                         help="target prototype (default: each image's nearest other prototype)")
+    explain.set_defaults(func=cmd_explain)
     return parser
 
 
 def _split_config_and_overrides(args: argparse.Namespace) -> None:
     """``swav-ray train optim.epochs=2``: a first positional with '=' is an override."""
-    if args.config is not None and "=" in args.config:
+    if getattr(args, "config", None) is not None and "=" in args.config:
         args.overrides = [args.config, *args.overrides]
         args.config = None
 

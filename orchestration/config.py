@@ -130,6 +130,11 @@ class EvalConfig:
     knn_k: int = 200
     knn_temperature: float = 0.07
     knn_every: int = 1  # epochs between kNN evaluations (0: only at the end)
+    linear_method: str = "auto"  # auto | sklearn | sgd (linear evaluation on frozen features)
+    max_train_images: Union[int, None] = 20000  # training images used by evaluate (kNN bank, linear)
+    final_evaluation: bool = False  # run `swav-ray evaluate` on the finished run
+    explain_images: int = 0  # run `swav-ray explain` on this many held-out images (0: no)
+    explain_methods: list[str] = field(default_factory=lambda: ["ce"])  # ce | logit
 
 
 @dataclass
@@ -344,6 +349,13 @@ def validate(cfg: ExperimentConfig) -> None:
     _check(e.knn_k >= 1, "eval.knn_k", f"must be >= 1, got {e.knn_k}")
     _check(e.knn_temperature > 0, "eval.knn_temperature", "must be > 0")
     _check(e.knn_every >= 0, "eval.knn_every", f"must be >= 0, got {e.knn_every}")
+    _check(e.linear_method in ("auto", "sklearn", "sgd"), "eval.linear_method",
+           f"expected auto, sklearn or sgd, got {e.linear_method!r}")
+    _check(e.max_train_images is None or e.max_train_images >= 1, "eval.max_train_images",
+           "must be >= 1")
+    _check(e.explain_images >= 0, "eval.explain_images", f"must be >= 0, got {e.explain_images}")
+    bad = [m for m in e.explain_methods if m not in ("ce", "logit")]
+    _check(not bad, "eval.explain_methods", f"unknown method(s) {bad}, expected ce or logit")
 
 
 

@@ -33,7 +33,14 @@ from torch.utils.data import DataLoader
 
 from orchestration.config import ConfigError, ExperimentConfig, from_dict, model_kwargs
 from orchestration.tracking import EpochMetricsLogger, TrackedRun
-from swav.data import Transformed, collate_eval, collate_skipping_corrupt, open_source, shard
+from swav.data import (
+    Transformed,
+    collate_eval,
+    collate_skipping_corrupt,
+    eval_transform,
+    open_source,
+    shard,
+)
 from swav.engine import SwAVEngine, convert_sync_batchnorm
 from swav.evaluation import extract_features, knn_predict
 from swav.loss import SwAVLoss
@@ -50,12 +57,10 @@ FAILURE_MARKER = "injected_failure"
 
 # -- worker side ------------------------------------------------------------------------------
 
-def eval_transform(cfg: ExperimentConfig):
-    import torchvision.transforms as T
-
-    size = cfg.data.eval_size or cfg.crops.size_crops[0]
-    return T.Compose([T.Resize(size), T.CenterCrop(size), T.ToTensor(),
-                      T.Normalize(cfg.crops.mean, cfg.crops.std)])
+def plain_transform(cfg: ExperimentConfig):
+    """The evaluation view of the config's images (no augmentation)."""
+    return eval_transform(cfg.data.eval_size or cfg.crops.size_crops[0], cfg.crops.mean,
+                          cfg.crops.std)
 
 
 def _loaders(cfg: ExperimentConfig, rank: int, world: int, seed: int):
@@ -78,7 +83,7 @@ def _loaders(cfg: ExperimentConfig, rank: int, world: int, seed: int):
                        generator=torch.Generator().manual_seed(seed), **common)
     evaluation = None
     if splits.heldout is not None and splits.n_classes is not None:
-        plain = eval_transform(cfg)
+        plain = plain_transform(cfg)
         held = shard(splits.heldout, rank, world)
         if hasattr(held, "load"):
             held.load()
@@ -332,5 +337,16 @@ def run_training(
         raise
     tracked.end("FINISHED")
     metrics = dict(result.metrics or {})
+    if cfg.eval.final_evaluation or cfg.eval.explain_images:
+        # A Ray task, so that on a cluster it runs where a worker would (a GPU node).
+        task = ray.remote(_after_training).options(
+            num_cpus=sc.cpus_per_worker, num_gpus=1 if sc.use_gpu else 0)
+        metrics.update(ray.get(task.remote(tracked.run_id, tracked.uri, cfg.to_dict())))
     return TrainOutcome(tracked.run_id, tracked.uri, metrics, result.checkpoint.path, name)
+
+
+def _after_training(run_id: str, uri: str, cfg: dict[str, Any]) -> dict[str, float]:
+    from orchestration.evaluate import after_training
+
+    return after_training(run_id, uri, from_dict(cfg))
 

@@ -29,6 +29,7 @@ __all__ = [
     "SourceSplits",
     "Transformed",
     "collate_skipping_corrupt",
+    "eval_transform",
     "load_digits_arrays",
     "open_source",
     "shard",
@@ -231,6 +232,13 @@ def collate_skipping_corrupt(samples: list, multicrop: bool = True) -> Batch:
 
 def collate_eval(samples: list) -> Batch:
     return collate_skipping_corrupt(samples, multicrop=False)
+
+
+def eval_transform(size: int, mean: Sequence[float], std: Sequence[float]) -> Callable:
+    """Evaluation view: resize the short side to ``size``, centre crop, normalise."""
+    import torchvision.transforms as T
+
+    return T.Compose([T.Resize(size), T.CenterCrop(size), T.ToTensor(), T.Normalize(mean, std)])
 
 
 # -- sources and splits ----------------------------------------------------------------------

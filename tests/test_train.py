@@ -3,6 +3,7 @@ a 2-worker run, surviving a killed worker, resume equality and bad input."""
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import subprocess
@@ -26,6 +27,7 @@ TINY = [
     "data.limit=256", "optim.epochs=4", "optim.batch_size=32", "model.width=8",
     "model.hidden_dim=32", "model.out_dim=16", "model.n_prototypes=20",
     "swav.freeze_prototypes_iters=2", "eval.knn_k=10", "optim.warmup_epochs=1",
+    "eval.final_evaluation=false", "eval.explain_images=0",
 ]
 
 
@@ -204,6 +206,17 @@ def test_the_embedded_default_experiment_learns(ray_local, tmp_path):
     assert knn >= 0.95
     assert loss[-1] < 0.6 * math.log(100) < loss[0]
     assert used >= 90
+    # The default asks for the final evaluation and explanations: they are in the same run.
+    final = client.get_run(outcome.run_id).data.metrics
+    assert final["linear_top1"] > final["linear_top1_random_init"]
+    assert final["knn_top1"] == pytest.approx(knn, abs=0.02)  # same protocol, one process
+    assert final["nmi"] > 0.5 and 0 < final["ari"] <= 1
+    for method in ("ce", "logit"):
+        assert 0 <= final[f"{method}_cf_validity"] <= 1 and final[f"{method}_cf_l2"] > 0
+    paths = {a.path for folder in ("clusters", "evaluation", "counterfactuals")
+             for a in client.list_artifacts(outcome.run_id, folder)}
+    assert {"clusters/prototype_members.png", "evaluation/embedding.png",
+            "counterfactuals/ce_panel.png", "counterfactuals/logit_panel.png"} <= paths
 
 
 def _digits_parquet(directory: Path, corrupt_rows: set[int]) -> None:
@@ -242,3 +255,39 @@ def test_parquet_run_skips_a_corrupt_image_and_stops_past_the_allowed_share(ray_
     with pytest.raises(Exception, match="failed to decode"):
         run_training(tiny(tmp_path, *common, "scaling.run_name=strict",
                           "data.max_corrupt_fraction=0.0"))
+
+
+def test_evaluate_and_explain_log_into_the_run_and_reject_bad_input(straight, tmp_path):
+    from orchestration.evaluate import evaluate_run, explain_run
+
+    _, _, outcome = straight
+    metrics = evaluate_run(outcome.run_id, outcome.tracking_uri, "cpu")
+    for key in ("knn_top1", "knn_top5", "linear_top1", "linear_top5", "knn_top1_random_init",
+                "linear_top1_random_init", "nmi", "ari", "purity", "used_prototypes",
+                "assignment_entropy"):
+        assert key in metrics, key
+    assert 0.1 < metrics["linear_top1"] <= 1 and metrics["knn_top5"] >= metrics["knn_top1"]
+    cf = explain_run(outcome.run_id, n=8, method="ce", tracking_uri=outcome.tracking_uri,
+                     device="cpu")
+    assert 0 <= cf["ce_cf_validity"] <= 1 and cf["ce_cf_steps"] >= 1
+    client = MlflowClient(outcome.tracking_uri)
+    logged = client.get_run(outcome.run_id).data.metrics
+    assert logged["linear_top1"] == pytest.approx(metrics["linear_top1"])
+    assert logged["ce_cf_validity"] == pytest.approx(cf["ce_cf_validity"])
+    results = client.download_artifacts(outcome.run_id, "counterfactuals/ce_results.json", str(tmp_path))
+    rows = json.loads(Path(results).read_text())
+    assert len(rows) == 8 and all(r["source"] != r["target"] for r in rows)
+
+    with pytest.raises(ConfigError, match="^run-id: no MLflow run 'deadbeef'"):
+        evaluate_run("deadbeef", outcome.tracking_uri)
+    empty = client.create_run(client.get_experiment_by_name("swav-ray").experiment_id)
+    with pytest.raises(ConfigError, match="has no logged model"):
+        explain_run(empty.info.run_id, tracking_uri=outcome.tracking_uri)
+    client.delete_run(empty.info.run_id)
+    with pytest.raises(ConfigError, match="^target: prototype 99 out of range for K=20"):
+        explain_run(outcome.run_id, n=2, target=99, tracking_uri=outcome.tracking_uri)
+    env = {**os.environ, "MLFLOW_TRACKING_URI": outcome.tracking_uri}
+    result = subprocess.run([sys.executable, "-m", "orchestration.cli", "explain", "--run-id",
+                             "deadbeef"], capture_output=True, text=True, env=env, timeout=120)
+    assert result.returncode == 2
+    assert result.stderr.strip().startswith("swav-ray: error: run-id: no MLflow run 'deadbeef'")

@@ -1,0 +1,211 @@
+"""``swav-ray evaluate`` / ``swav-ray explain``: evaluate a tracked model and log into its run.
+
+Both load the model (``runs:/<id>/model``) and the experiment config (``config.yaml``) from the
+MLflow run, rebuild the data source's training and held-out sets with the evaluation transform,
+and log metrics and figures back into the *same* run:
+
+* evaluate: kNN and linear top-1/top-5 of the trained encoder and of the same architecture at
+  random initialisation (``*_random_init``), cluster quality of the prototype assignments on the
+  held-out set (NMI, ARI, purity, used prototypes, assignment entropy); figures under
+  ``evaluation/`` and ``clusters/``;
+* explain: counterfactuals (``swav.counterfactual``) for held-out images, validity / L1 / L2 /
+  steps as ``<method>_cf_*`` metrics, panels and per-image results under ``counterfactuals/``.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import mlflow
+import torch
+import yaml
+from mlflow.exceptions import MlflowException
+from mlflow.tracking import MlflowClient
+from torch.utils.data import DataLoader, Dataset, Subset
+
+from orchestration.config import ConfigError, ExperimentConfig, from_dict, model_kwargs
+from orchestration.tracking import CONFIG_ARTIFACT, resolve_tracking_uri
+from orchestration.train import plain_transform
+from swav.counterfactual import explain
+from swav.data import Transformed, collate_eval, open_source
+from swav.evaluation import (
+    assign_with_scores,
+    cluster_quality,
+    extract_features,
+    knn_accuracy,
+    linear_eval,
+)
+from swav.model import SwAVModel, build_model
+from swav.viz import counterfactual_panel, embedding_plot, prototype_grid
+
+__all__ = ["TrackedModel", "evaluate_run", "explain_run", "open_tracked_model"]
+
+
+class TrackedModel:
+    """A trained model, its config and the MLflow run they came from."""
+
+    def __init__(self, client: MlflowClient, run_id: str, model: SwAVModel,
+                 cfg: ExperimentConfig) -> None:
+        self.client, self.run_id, self.model, self.cfg = client, run_id, model, cfg
+
+    def log_metrics(self, metrics: dict[str, float]) -> None:
+        for key, value in metrics.items():
+            self.client.log_metric(self.run_id, key, float(value))
+
+    def log_figure(self, figure, path: str) -> None:
+        import matplotlib.pyplot as plt
+
+        self.client.log_figure(self.run_id, figure, path)
+        plt.close(figure)
+
+
+def open_tracked_model(run_id: str, tracking_uri: str | None = None,
+                       device: str | torch.device = "cpu") -> TrackedModel:
+    """Model and config of an MLflow run, with clear errors for a missing run or model."""
+    uri = resolve_tracking_uri(tracking_uri)
+    client = MlflowClient(uri)
+    try:
+        client.get_run(run_id)
+    except MlflowException:
+        raise ConfigError(f"run-id: no MLflow run {run_id!r} in {uri}") from None
+    missing = ConfigError(f"run-id: run {run_id} has no logged model (did its training finish?)")
+    if CONFIG_ARTIFACT not in {a.path for a in client.list_artifacts(run_id)}:
+        raise missing
+    mlflow.set_tracking_uri(uri)
+    try:  # MLflow 3 keeps models as LoggedModels; runs:/<id>/model still resolves to them
+        model = mlflow.pytorch.load_model(f"runs:/{run_id}/model", map_location=torch.device(device))
+    except (MlflowException, OSError):
+        raise missing from None
+    with tempfile.TemporaryDirectory() as tmp:
+        cfg = from_dict(yaml.safe_load(Path(client.download_artifacts(
+            run_id, CONFIG_ARTIFACT, tmp)).read_text()))
+    return TrackedModel(client, run_id, model.to(device).eval(), cfg)
+
+
+def _eval_sets(cfg: ExperimentConfig) -> tuple[Dataset, Dataset, int]:
+    d = cfg.data
+    splits = open_source(d.source, d.path, d.download, d.image_column, d.label_column,
+                         d.holdout_fraction, cfg.scaling.seed, d.limit)
+    if splits.heldout is None or splits.n_classes is None:
+        raise ConfigError(f"data.source: {d.source!r} has no labelled held-out set to evaluate on")
+    plain = plain_transform(cfg)
+    train = Transformed(splits.train, plain)
+    limit = cfg.eval.max_train_images
+    if limit is not None and len(train) > limit:
+        step = len(train) / limit
+        train = Subset(train, [int(i * step) for i in range(limit)])
+    return train, Transformed(splits.heldout, plain), splits.n_classes
+
+
+def _loader(dataset: Dataset) -> DataLoader:
+    return DataLoader(dataset, batch_size=256, collate_fn=collate_eval, num_workers=2)
+
+
+def _features(model: SwAVModel, train: DataLoader, held: DataLoader, device) -> tuple:
+    f_train, y_train = extract_features(model.backbone, train, device)
+    f_held, y_held = extract_features(model.backbone, held, device)
+    return f_train, y_train, f_held, y_held
+
+
+def evaluate_run(run_id: str, tracking_uri: str | None = None,
+                 device: str | None = None) -> dict[str, float]:
+    """Evaluate the run's encoder (and a random-init one) and log the results into the run."""
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    tracked = open_tracked_model(run_id, tracking_uri, device)
+    cfg = tracked.cfg
+    train_set, held_set, n_classes = _eval_sets(cfg)
+    train_loader, held_loader = _loader(train_set), _loader(held_set)
+    e = cfg.eval
+    torch.manual_seed(cfg.scaling.seed)
+    random_model = build_model(**model_kwargs(cfg.model)).to(device).eval()
+    metrics: dict[str, float] = {}
+    for suffix, model in (("", tracked.model), ("_random_init", random_model)):
+        f_train, y_train, f_held, y_held = _features(model, train_loader, held_loader, device)
+        found = {**knn_accuracy(f_train, y_train, f_held, y_held, e.knn_k, e.knn_temperature,
+                                n_classes),
+                 **linear_eval(f_train, y_train, f_held, y_held, method=e.linear_method,
+                               n_classes=n_classes)}
+        metrics.update({k + suffix: v for k, v in found.items()})
+    assignments, scores, labels = assign_with_scores(tracked.model, held_loader, device)
+    quality = cluster_quality(assignments, labels, tracked.model.prototypes.sizes[0])
+    metrics.update(quality)
+    tracked.log_metrics(metrics)
+    # Member grid over (at most) the first 4096 held-out images; rows line up with the
+    # assignments only when none of them is corrupt (the collate refills corrupt rows).
+    shown = [held_set[i] for i in range(min(len(held_set), 4096))]
+    if all(sample is not None for sample in shown):
+        k = len(shown)
+        images = torch.stack([sample[0] for sample in shown])
+        tracked.log_figure(prototype_grid(images, assignments[:k], scores[:k], mean=cfg.crops.mean,
+                                          std=cfg.crops.std), "clusters/prototype_members.png")
+    f_held = extract_features(tracked.model.backbone, held_loader, device)[0]
+    tracked.log_figure(embedding_plot(f_held, assignments, labels), "evaluation/embedding.png")
+    tracked.client.log_text(run_id, json.dumps(metrics, indent=2), "evaluation/metrics.json")
+    return metrics
+
+
+def explain_run(run_id: str, n: int = 16, method: str = "ce", target: int | None = None,
+                tracking_uri: str | None = None, device: str | None = None) -> dict[str, float]:
+    """Counterfactuals for the first ``n`` held-out images, logged into the run."""
+    if n < 1:
+        raise ConfigError(f"n: must be >= 1, got {n}")
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    tracked = open_tracked_model(run_id, tracking_uri, device)
+    cfg = tracked.cfg
+    _, held_set, _ = _eval_sets(cfg)
+    images = torch.stack([sample[0] for sample in _good_samples(held_set, n)]).to(device)
+    try:
+        # Assignment probabilities at the training temperature (the model's own softmax).
+        result = explain(tracked.model, images, target=target, method=method,
+                         mean=cfg.crops.mean, std=cfg.crops.std, temperature=cfg.swav.temperature)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+    summary = result.summary()
+    metrics = {f"{method}_cf_{key}": value for key, value in _cf_metrics(summary).items()}
+    tracked.log_metrics(metrics)
+    tracked.log_figure(counterfactual_panel(
+        result.original.cpu(), result.counterfactual.cpu(), result.source.cpu(),
+        result.target.cpu(), result.prob_source_before.cpu(), result.prob_target_after.cpu(),
+        mean=cfg.crops.mean, std=cfg.crops.std), f"counterfactuals/{method}_panel.png")
+    tracked.client.log_text(run_id, json.dumps(_per_image(result), indent=1),
+                            f"counterfactuals/{method}_results.json")
+    return metrics
+
+
+def _good_samples(dataset: Dataset, limit: int) -> list:
+    """The first ``limit`` decodable samples (corrupt images come back as None)."""
+    out = []
+    for i in range(len(dataset)):  # type: ignore[arg-type]
+        if len(out) == limit:
+            break
+        sample = dataset[i]
+        if sample is not None:
+            out.append(sample)
+    return out
+
+
+def after_training(run_id: str, tracking_uri: str, cfg: ExperimentConfig) -> dict[str, float]:
+    """What ``eval.final_evaluation`` / ``eval.explain_images`` ask for, on a finished run."""
+    metrics: dict[str, float] = {}
+    if cfg.eval.final_evaluation:
+        metrics.update(evaluate_run(run_id, tracking_uri))
+    if cfg.eval.explain_images:
+        for method in cfg.eval.explain_methods:
+            metrics.update(explain_run(run_id, cfg.eval.explain_images, method,
+                                       tracking_uri=tracking_uri))
+    return metrics
+
+
+def _cf_metrics(summary: dict[str, Any]) -> dict[str, float]:
+    names = {"validity": "validity", "l1_mean": "l1", "l2_mean": "l2", "steps_mean": "steps"}
+    return {names[k]: float(v) for k, v in summary.items() if k in names}
+
+
+def _per_image(result) -> list[dict[str, Any]]:
+    fields = ("source", "target", "assigned", "prob_source_before", "prob_target_after", "steps",
+              "valid", "l1", "l2")
+    columns = {f: getattr(result, f).detach().cpu().tolist() for f in fields}
+    return [{f: columns[f][i] for f in fields} for i in range(len(columns["source"]))]

@@ -1,0 +1,245 @@
+"""Counterfactual explanations of cluster assignments on a small SwAV model trained on digits."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, Subset
+
+from swav.counterfactual import (
+    CounterfactualResult,
+    explain,
+    prototype_scores,
+    total_variation,
+)
+from swav.data import ArrayImageDataset, load_digits_arrays
+from swav.engine import SwAVEngine
+from swav.loss import SwAVLoss
+from swav.model import build_model
+from swav.multicrop import MultiCropTransform, multicrop_collate
+from swav.optim import build_optimizer, build_scheduler
+
+K = 30
+MEAN = STD = (0.5, 0.5, 0.5)
+NORM = {"mean": MEAN, "std": STD}
+
+
+def _train_model() -> torch.nn.Module:
+    """tests/test_engine.py's short digits run, shortened: 512 images, 3 epochs (24 steps)."""
+    torch.manual_seed(3)
+    images, labels = load_digits_arrays()
+    transform = MultiCropTransform(
+        nmb_crops=[2, 2], size_crops=[16, 12], min_scale_crops=[0.6, 0.4],
+        max_scale_crops=[1.0, 0.8], mean=MEAN, std=STD, blur_prob=0.0, color_strength=0.5,
+    )
+    data = Subset(ArrayImageDataset(images, labels, transform), range(512))
+    loader = DataLoader(data, batch_size=64, shuffle=True, drop_last=True,
+                        collate_fn=multicrop_collate, generator=torch.Generator().manual_seed(0))
+    epochs = 3
+    model = build_model("convnet", width=16, depth=3, hidden_dim=64, out_dim=32, n_prototypes=K)
+    optimizer = build_optimizer(model, "adamw", lr=2e-3, weight_decay=1e-4)
+    scheduler = build_scheduler(optimizer, total_steps=epochs * len(loader), warmup_steps=2)
+    loss_fn = SwAVLoss(n_crops=4, crops_for_assign=[0, 1], temperature=0.1, epsilon=0.03)
+    engine = SwAVEngine(model, loss_fn, optimizer, scheduler, batch_size=64, amp=False,
+                        freeze_prototypes_iters=len(loader))
+    for epoch in range(epochs):
+        engine.train_epoch(loader, epoch=epoch)
+    model.prototypes.normalize_()
+    model.zero_grad(set_to_none=True)
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def model() -> torch.nn.Module:
+    return _train_model()
+
+
+@pytest.fixture(scope="module")
+def images() -> torch.Tensor:
+    """16 held-out digits (not among the 512 training images), normalised, [16, 3, 16, 16]."""
+    arrays, labels = load_digits_arrays()
+    x, _ = ArrayImageDataset(arrays[1500:1516], labels[1500:1516]).tensors(size=16)
+    return (x - 0.5) / 0.5
+
+
+@pytest.fixture(scope="module")
+def ce(model, images) -> CounterfactualResult:
+    return explain(model, images, **NORM)
+
+
+def _probs(model, x: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return torch.softmax(prototype_scores(model.eval(), x) / 0.1, dim=1)
+
+
+def test_the_trained_model_has_distinct_clusters(model, images):
+    assigned = _probs(model, images).argmax(dim=1)
+    assert assigned.unique().numel() >= 5  # 6 of the 16 held-out digits
+
+
+def test_ce_reaches_the_targets_and_valid_matches_a_recomputed_assignment(model, images, ce):
+    summary = ce.summary()
+    assert summary["validity"] >= 0.9
+    probs = _probs(model, ce.counterfactual)
+    assigned = probs.argmax(dim=1)
+    p_t = probs.gather(1, ce.target[:, None]).squeeze(1)
+    others = probs.scatter(1, ce.target[:, None], 0.0).max(dim=1).values
+    torch.testing.assert_close(ce.assigned, assigned)
+    # Valid: assigned to the target with the default log-odds margin 0.5 over the runner-up.
+    torch.testing.assert_close(ce.valid, (assigned == ce.target) & (p_t.log() - others.log() >= 0.5))
+    torch.testing.assert_close(ce.prob_target_after, p_t)
+    before = _probs(model, images)
+    torch.testing.assert_close(ce.source, before.argmax(dim=1))
+    torch.testing.assert_close(ce.prob_source_before, before.max(dim=1).values)
+    assert (ce.steps[ce.valid] < 300).all() and (ce.steps >= 1).all()
+    assert summary["steps_mean"] == pytest.approx(ce.steps.float().mean().item())
+    assert ce.original is not None and torch.equal(ce.original, images)
+    assert not ce.counterfactual.requires_grad
+
+
+def test_distances_are_in_pixel_space(ce):
+    change = (ce.counterfactual - ce.original) * 0.5  # std 0.5
+    torch.testing.assert_close(ce.l1, change.abs().mean(dim=(1, 2, 3)))
+    torch.testing.assert_close(ce.l2, change.flatten(1).norm(dim=1))
+    assert (ce.l2 > 0).all()
+    assert ce.summary()["l2_mean"] == pytest.approx(ce.l2.mean().item())
+
+
+def test_stopped_images_are_frozen_once_valid(model, images, ce):
+    """A short run (max_steps = S) and the default run (300) give identical counterfactuals for
+    every image that stopped before S: Adam's momentum does not move a frozen image on."""
+    s = int(ce.steps.float().median()) + 1
+    short = explain(model, images, max_steps=s, **NORM)
+    stopped = short.steps < s
+    assert 0 < int(stopped.sum()) < len(images)
+    assert short.valid[stopped].all()
+    torch.testing.assert_close(short.steps[stopped], ce.steps[stopped])
+    assert torch.equal(short.counterfactual[stopped], ce.counterfactual[stopped])
+    # the images still running at S went on changing in the longer run
+    running = ~stopped
+    assert (short.counterfactual[running] != ce.counterfactual[running]).flatten(1).any(1).all()
+
+
+def test_stronger_regularisation_gives_smaller_changes(model, images, ce):
+    none = explain(model, images, lam_l2=0.0, lam_tv=0.0, **NORM)
+    strong = explain(model, images, lam_l2=100.0, lam_tv=3.0, max_steps=100, **NORM)
+    l2 = [r.summary()["l2_mean"] for r in (none, ce, strong)]
+    print(f"\nmean L2 by regularisation none/default/strong: {l2}, validity "
+          f"{[r.summary()['validity'] for r in (none, ce, strong)]}")
+    assert l2[0] > l2[1] > l2[2]
+    assert 0.0 <= strong.summary()["validity"] <= 1.0
+
+
+@pytest.mark.parametrize("method, kwargs", [("ce", {}), ("logit", {"steps": 30})])
+def test_pixels_stay_in_the_valid_range(model, images, method, kwargs):
+    mean, std = (0.4, 0.5, 0.6), (0.2, 0.25, 0.3)
+    m, s = torch.tensor(mean).view(1, 3, 1, 1), torch.tensor(std).view(1, 3, 1, 1)
+    x = (images[:6] * 0.5 + 0.5 - m) / s  # the same digits under another normalisation
+    r = explain(model, x, method=method, mean=mean, std=std, **kwargs)
+    assert (r.counterfactual >= (0 - m) / s - 1e-6).all()
+    assert (r.counterfactual <= (1 - m) / s + 1e-6).all()
+    pixels = r.counterfactual * s + m
+    assert pixels.min() >= -1e-6 and pixels.max() <= 1 + 1e-6
+    assert (pixels.amin(dim=(0, 2, 3)) < 1e-6).all()  # the background sits on the lower bound
+
+
+@pytest.mark.parametrize("method", ["ce", "logit"])
+def test_the_model_is_left_unchanged(model, images, method):
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    assert all(p.grad is None for p in model.parameters())
+    model.train()
+    try:
+        explain(model, images[:4], method=method, **NORM)
+        assert model.training and all(m.training for m in model.modules())
+        assert all(p.requires_grad and p.grad is None for p in model.parameters())
+        for name, value in model.state_dict().items():  # weights and BatchNorm statistics
+            assert torch.equal(value, before[name]), name
+    finally:
+        model.eval()
+
+
+def test_logit_runs_its_fixed_number_of_steps(model, images):
+    r10 = explain(model, images[:8], method="logit", steps=10, **NORM)
+    r20 = explain(model, images[:8], method="logit", steps=20, **NORM)
+    assert (r10.steps == 10).all() and (r20.steps == 20).all()
+    assert r10.steps.dtype == torch.long
+    assert (r20.l2 > r10.l2).all()  # no early stop: it keeps moving
+    torch.testing.assert_close(r20.valid, r20.assigned == r20.target)  # no margin
+
+
+def test_default_targets_are_the_nearest_other_prototype(model, images, ce):
+    weight = F.normalize(model.prototypes.heads[0].weight.detach(), dim=1)
+    expected = []
+    for s in ce.source.tolist():
+        others = [k for k in range(K) if k != s]
+        expected.append(max(others, key=lambda k: float(weight[k] @ weight[s])))
+    assert ce.target.tolist() == expected
+    assert (ce.target != ce.source).all()
+
+
+def test_user_given_targets(model, images):
+    r = explain(model, images[:4], target=7, max_steps=5, **NORM)
+    assert r.target.tolist() == [7] * 4
+    per_image = torch.tensor([0, 3, 5, 29])
+    r = explain(model, images[:4], target=per_image, max_steps=5, **NORM)
+    assert torch.equal(r.target, per_image)
+    r = explain(model, images[:2], target=[1, 2], method="logit", steps=2, **NORM)
+    assert r.target.tolist() == [1, 2]
+
+
+def test_an_image_already_at_its_target_takes_no_step(model, images):
+    source = _probs(model, images[:4]).argmax(dim=1)
+    r = explain(model, images[:4], target=source, margin=0.0, **NORM)
+    assert (r.steps == 0).all() and r.valid.all()
+    assert torch.equal(r.counterfactual, images[:4])
+
+
+def test_total_variation_is_the_mean_neighbour_difference():
+    x = torch.zeros(1, 1, 2, 3)
+    x[0, 0, :, 2] = 1.0  # one vertical edge: 2 of the 4 horizontal pairs, none of 3 vertical
+    torch.testing.assert_close(total_variation(x), torch.tensor([2.0 / 7.0]))
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"target": 57}, f"target: prototype 57 out of range for K={K}"),
+    ({"target": -1}, f"target: prototype -1 out of range for K={K}"),
+    ({"target": torch.tensor([0, 1, 30, 2])}, f"target: prototype 30 out of range for K={K}"),
+    ({"target": torch.tensor([0, 1])}, "target: expected one int or 4 targets"),
+    ({"method": "pgd"}, "method: unknown method 'pgd'"),
+    ({"mean": (0.5,)}, "mean: 1 values for 3 channels"),
+    ({"std": (0.5, 0.5)}, "std: 2 values for 3 channels"),
+    ({"momentum": 0.9}, "method_kwargs: unknown option(s) ['momentum']"),
+    ({"method": "logit", "max_steps": 3}, "method_kwargs: unknown option(s) ['max_steps']"),
+    ({"head": 1}, "head: 1 out of range"),
+])
+def test_invalid_arguments(model, images, kwargs, message):
+    args = {**NORM, **kwargs}
+    model.train()
+    try:
+        with pytest.raises(ValueError) as err:
+            explain(model, images[:4], **args)
+        assert str(err.value).startswith(message)
+        assert model.training  # restored even when the call fails half-way
+    finally:
+        model.eval()
+
+
+@pytest.mark.parametrize("x", [
+    torch.zeros(3, 16, 16),       # not 4-D
+    torch.zeros(2, 1, 16, 16),    # channel count
+    torch.zeros(2, 3, 1, 1),      # too small: the model's pooling rejects it
+])
+def test_images_the_model_cannot_take(model, x):
+    with pytest.raises(ValueError, match="^images: "):
+        explain(model, x, **NORM)
+
+
+def test_ce_against_logit_at_defaults(model, images, ce):
+    """Not a hard check: the figures of the product's method against the tutorial's recipe."""
+    logit = explain(model, images, method="logit", **NORM)
+    for name, r in (("ce", ce), ("logit", logit)):
+        s = r.summary()
+        print(f"\n{name:5s} validity {s['validity']:.3f}  l1_mean {s['l1_mean']:.4f}  "
+              f"l2_mean {s['l2_mean']:.3f}  steps_mean {s['steps_mean']:.1f}")
+    assert (logit.steps == 100).all()
