@@ -161,7 +161,7 @@ def _maybe_fail(cfg: ExperimentConfig, epoch: int, rank: int, run_dir: str | Non
         os._exit(17)
 
 
-def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any] | None:
+def train_loop_per_worker(config: dict[str, Any]) -> None:
     cfg = from_dict(config["cfg"])
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
@@ -212,7 +212,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any] | None:
         _maybe_fail(cfg, epoch, rank, config.get("run_dir"))
         # The shuffling order is a function of (seed, rank, epoch): identical after a resume.
         train_loader.generator.manual_seed((seed + rank) * 100_003 + epoch)
-        stats = engine.train_epoch(train_loader, epoch, on_step=_progress(rank, epoch, steps_per_epoch))
+        progress = _progress(rank, epoch, steps_per_epoch, engine.iteration)
+        stats = engine.train_epoch(train_loader, epoch, on_step=progress)
         images_seen += stats.images
         corrupt_seen += stats.corrupt_images
         if corrupt_seen > cfg.data.max_corrupt_fraction * images_seen:
@@ -233,20 +234,17 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any] | None:
                 _save_checkpoint(Path(tmp), engine, epoch, rng, config["cfg"])
                 ckpt = ray.train.Checkpoint.from_directory(tmp)
             ray.train.report(metrics, checkpoint=ckpt)
-    return {"epochs": o.epochs}
 
 
-def _progress(rank: int, epoch: int, total: int):
+def _progress(rank: int, epoch: int, total: int, first_iteration: int):
     """A coarse progress line on rank 0 (Ray forwards worker output to the driver)."""
     if rank != 0:
         return None
     marks = {max(1, round(total * f)) for f in (0.25, 0.5, 0.75, 1.0)}
     start = time.perf_counter()
-    first = [None]
 
     def on_step(iteration: int, loss: float) -> None:
-        first[0] = first[0] if first[0] is not None else iteration
-        done = iteration - first[0] + 1
+        done = iteration - first_iteration  # the engine counts the step before calling back
         if done in marks:
             # sys.stdout.write, not print: Ray Train patches print() and would show it twice.
             sys.stdout.write(f"epoch {epoch} [{done}/{total}] loss {loss:.4f} "
