@@ -3,7 +3,7 @@
 Trains an experiment single-process with the project's engine (`swav.engine.SwAVEngine`, the loop
 Ray workers run), then on the held-out set: kNN and linear top-1 of the trained encoder and of a
 randomly initialised one, cluster quality, and counterfactual validity / L1 / L2 / steps for the
-`ce` and `logit` methods at their defaults. No Ray or MLflow needed (runs on a bare GPU box).
+`margin`, `ce` and `logit` methods at their defaults. No Ray or MLflow needed (runs on a bare GPU box).
 
     python bench/bench_eval.py default                                       # CPU, digits
     python bench/bench_eval.py cifar10_resnet18 data.source=parquet \
@@ -24,7 +24,7 @@ from torch.utils.data import DataLoader, Subset
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from orchestration.config import load_config, model_kwargs  # noqa: E402
-from swav.counterfactual import explain  # noqa: E402
+from swav.counterfactual import METHODS, explain  # noqa: E402
 from swav.data import (  # noqa: E402
     Transformed,
     collate_eval,
@@ -133,7 +133,7 @@ def main() -> None:
 
     images = torch.stack([held[i][0] for i in range(min(args.cf_images, len(held)))]).to(device)
     cf = {}
-    for method in ("ce", "logit"):
+    for method in METHODS:
         t0 = time.perf_counter()
         result = explain(model, images, method=method, mean=cfg.crops.mean, std=cfg.crops.std,
                          temperature=cfg.swav.temperature)

@@ -134,7 +134,7 @@ class EvalConfig:
     max_train_images: Union[int, None] = 20000  # training images used by evaluate (kNN bank, linear)
     final_evaluation: bool = False  # run `swav-ray evaluate` on the finished run
     explain_images: int = 0  # run `swav-ray explain` on this many held-out images (0: no)
-    explain_methods: list[str] = field(default_factory=lambda: ["ce"])  # ce | logit
+    explain_methods: list[str] = field(default_factory=lambda: ["margin"])  # margin | ce | logit
 
 
 @dataclass
@@ -354,8 +354,9 @@ def validate(cfg: ExperimentConfig) -> None:
     _check(e.max_train_images is None or e.max_train_images >= 1, "eval.max_train_images",
            "must be >= 1")
     _check(e.explain_images >= 0, "eval.explain_images", f"must be >= 0, got {e.explain_images}")
-    bad = [m for m in e.explain_methods if m not in ("ce", "logit")]
-    _check(not bad, "eval.explain_methods", f"unknown method(s) {bad}, expected ce or logit")
+    bad = [m for m in e.explain_methods if m not in ("margin", "ce", "logit")]
+    _check(not bad, "eval.explain_methods",
+           f"unknown method(s) {bad}, expected margin, ce or logit")
 
 
 

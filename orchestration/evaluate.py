@@ -147,7 +147,7 @@ def evaluate_run(run_id: str, tracking_uri: str | None = None,
     return metrics
 
 
-def explain_run(run_id: str, n: int = 16, method: str = "ce", target: int | None = None,
+def explain_run(run_id: str, n: int = 16, method: str = "margin", target: int | None = None,
                 tracking_uri: str | None = None, device: str | None = None) -> dict[str, float]:
     """Counterfactuals for the first ``n`` held-out images, logged into the run."""
     if n < 1:

@@ -243,3 +243,18 @@ def test_ce_against_logit_at_defaults(model, images, ce):
         print(f"\n{name:5s} validity {s['validity']:.3f}  l1_mean {s['l1_mean']:.4f}  "
               f"l2_mean {s['l2_mean']:.3f}  steps_mean {s['steps_mean']:.1f}")
     assert (logit.steps == 100).all()
+
+
+def test_margin_method_reaches_its_targets_with_less_change_than_logit(model, images):
+    """The score-gap hinge: valid (target leads by the score margin) for >= 95% of the images,
+    validity matching a recomputed score gap, and a smaller mean L2 change than `logit`."""
+    margin = explain(model, images, method="margin", **NORM)
+    logit = explain(model, images, method="logit", **NORM)
+    assert margin.summary()["validity"] >= 0.95
+    assert margin.summary()["l2_mean"] < logit.summary()["l2_mean"]
+    with torch.no_grad():
+        scores = prototype_scores(model.eval(), margin.counterfactual)
+    gap = scores.gather(1, margin.target[:, None]).squeeze(1) - \
+        scores.scatter(1, margin.target[:, None], float("-inf")).max(dim=1).values
+    torch.testing.assert_close(margin.valid, gap >= 0.02 - 1e-6)
+    assert (margin.steps[margin.valid] < 300).all()
