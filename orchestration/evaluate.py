@@ -122,8 +122,10 @@ def evaluate_run(run_id: str, tracking_uri: str | None = None,
     torch.manual_seed(cfg.scaling.seed)
     random_model = build_model(**model_kwargs(cfg.model)).to(device).eval()
     metrics: dict[str, float] = {}
+    held_features = None
     for suffix, model in (("", tracked.model), ("_random_init", random_model)):
         f_train, y_train, f_held, y_held = _features(model, train_loader, held_loader, device)
+        held_features = f_held if held_features is None else held_features  # the trained one's
         found = {**knn_accuracy(f_train, y_train, f_held, y_held, e.knn_k, e.knn_temperature,
                                 n_classes),
                  **linear_eval(f_train, y_train, f_held, y_held, method=e.linear_method,
@@ -141,8 +143,8 @@ def evaluate_run(run_id: str, tracking_uri: str | None = None,
         images = torch.stack([sample[0] for sample in shown])
         tracked.log_figure(prototype_grid(images, assignments[:k], scores[:k], mean=cfg.crops.mean,
                                           std=cfg.crops.std), "clusters/prototype_members.png")
-    f_held = extract_features(tracked.model.backbone, held_loader, device)[0]
-    tracked.log_figure(embedding_plot(f_held, assignments, labels), "evaluation/embedding.png")
+    tracked.log_figure(embedding_plot(held_features, assignments, labels),
+                       "evaluation/embedding.png")
     tracked.client.log_text(run_id, json.dumps(metrics, indent=2), "evaluation/metrics.json")
     return metrics
 
