@@ -44,6 +44,7 @@ from swav.model import SwAVModel
 __all__ = [
     "CEOptions",
     "CounterfactualResult",
+    "EarlyStopOptions",
     "LogitOptions",
     "METHODS",
     "MarginOptions",
@@ -61,7 +62,26 @@ METHODS = ("ce", "margin", "logit")
 
 
 @dataclass(frozen=True)
-class CEOptions:
+class EarlyStopOptions:
+    """Settings shared by the early-stopped searches (``ce``, ``margin``) and their checks."""
+
+    lr: float = 0.01
+    max_steps: int = 300
+    margin: float = 0.5
+    lam_l2: float = 20.0
+    lam_tv: float = 1.0
+
+    def __post_init__(self) -> None:
+        _check_positive("lr", self.lr)
+        _check_steps("max_steps", self.max_steps)
+        if not self.margin >= 0.0:
+            raise ValueError(f"margin: must be >= 0, got {self.margin}")
+        _check_non_negative("lam_l2", self.lam_l2)
+        _check_non_negative("lam_tv", self.lam_tv)
+
+
+@dataclass(frozen=True)
+class CEOptions(EarlyStopOptions):
     """Settings of ``method="ce"`` (pass them as keyword arguments of :func:`explain`).
 
     ``lr``: Adam's step on the normalised pixels; ``max_steps``: the most steps per image;
@@ -80,23 +100,9 @@ class CEOptions:
     100``: validity 52%).
     """
 
-    lr: float = 0.01
-    max_steps: int = 300
-    margin: float = 0.5
-    lam_l2: float = 20.0
-    lam_tv: float = 1.0
-
-    def __post_init__(self) -> None:
-        _check_positive("lr", self.lr)
-        _check_steps("max_steps", self.max_steps)
-        if not self.margin >= 0.0:
-            raise ValueError(f"margin: must be >= 0, got {self.margin}")
-        _check_non_negative("lam_l2", self.lam_l2)
-        _check_non_negative("lam_tv", self.lam_tv)
-
 
 @dataclass(frozen=True)
-class MarginOptions:
+class MarginOptions(EarlyStopOptions):
     """Settings of ``method="margin"``: a hinge on the raw score gap, early-stopped.
 
     Loss per image: ``relu(margin + 0.01 - (s_t - max_{k != t} s_k)) + lam_l2 * ||x_cf - x||^2 / D
@@ -108,19 +114,9 @@ class MarginOptions:
     The cross-entropy gradient fades as soon as the target leads, which the hinge does not.
     """
 
-    lr: float = 0.01
-    max_steps: int = 300
     margin: float = 0.02
     lam_l2: float = 0.1
     lam_tv: float = 0.0
-
-    def __post_init__(self) -> None:
-        _check_positive("lr", self.lr)
-        _check_steps("max_steps", self.max_steps)
-        if not self.margin >= 0.0:
-            raise ValueError(f"margin: must be >= 0, got {self.margin}")
-        _check_non_negative("lam_l2", self.lam_l2)
-        _check_non_negative("lam_tv", self.lam_tv)
 
 
 @dataclass(frozen=True)
@@ -158,7 +154,7 @@ def _check_steps(name: str, value: int) -> None:
         raise ValueError(f"{name}: must be an int >= 1, got {value!r}")
 
 
-def _options(method: str, kwargs: dict) -> CEOptions | MarginOptions | LogitOptions:
+def _options(method: str, kwargs: dict) -> EarlyStopOptions | LogitOptions:
     if method not in METHODS:
         raise ValueError(f"method: unknown method {method!r}, expected one of {METHODS}")
     cls = {"ce": CEOptions, "margin": MarginOptions, "logit": LogitOptions}[method]
@@ -389,13 +385,13 @@ def _margin_loss(problem: _Problem, opts: MarginOptions, x_cf: torch.Tensor, log
             + opts.lam_tv * total_variation(xi))
 
 
-def _log_odds_margin(problem: _Problem, opts: CEOptions | MarginOptions) -> float:
+def _log_odds_margin(problem: _Problem, opts: EarlyStopOptions) -> float:
     """The stop/validity margin in log-odds: ``margin`` itself for ``ce``, the score gap over the
     temperature for ``margin``."""
     return opts.margin / problem.temperature if isinstance(opts, MarginOptions) else opts.margin
 
 
-def _run_ce(problem: _Problem, opts: CEOptions | MarginOptions) -> tuple[torch.Tensor, torch.Tensor]:
+def _run_early_stopped(problem: _Problem, opts: EarlyStopOptions) -> tuple[torch.Tensor, torch.Tensor]:
     """Early-stopped search (``ce`` or ``margin`` loss). Returns ``(x_cf, steps)``.
 
     Every iteration scores the still active images; those that reach the margin are frozen
@@ -491,7 +487,7 @@ def explain(
         source = probs_before.argmax(dim=1)
         tgt = _resolve_targets(target, source, model, head)
         problem = _Problem(model, x, tgt, lo, hi, head, temperature)
-        run = _run_logit if method == "logit" else _run_ce
+        run = _run_logit if method == "logit" else _run_early_stopped
         x_cf, steps = run(problem, opts)
         with torch.no_grad():
             probs_after = assignment_probs(prototype_scores(model, x_cf, head), temperature)
