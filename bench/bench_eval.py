@@ -3,7 +3,8 @@
 Trains an experiment single-process with the project's engine (`swav.engine.SwAVEngine`, the loop
 Ray workers run), then on the held-out set: kNN and linear top-1 of the trained encoder and of a
 randomly initialised one, cluster quality, and counterfactual validity / L1 / L2 / steps for the
-`margin`, `ce` and `logit` methods at their defaults. No Ray or MLflow needed (runs on a bare GPU box).
+`ce` and `logit` methods at their defaults (targets: the nearest other prototype that holds a
+held-out image, as `swav-ray explain` picks them). No Ray or MLflow needed (runs on a bare GPU box).
 
     python bench/bench_eval.py default                                       # CPU, digits
     python bench/bench_eval.py cifar10_resnet18 data.source=parquet \
@@ -24,7 +25,7 @@ from torch.utils.data import DataLoader, Subset
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from orchestration.config import load_config, model_kwargs  # noqa: E402
-from swav.counterfactual import METHODS, explain  # noqa: E402
+from swav.counterfactual import METHODS, explain, populated_prototypes  # noqa: E402
 from swav.data import (  # noqa: E402
     Transformed,
     collate_eval,
@@ -132,11 +133,12 @@ def main() -> None:
     quality = cluster_quality(assignments, labels, model.prototypes.sizes[0])
 
     images = torch.stack([held[i][0] for i in range(min(args.cf_images, len(held)))]).to(device)
+    populated = populated_prototypes(assignments, model.prototypes.sizes[0]).to(device)
     cf = {}
     for method in METHODS:
         t0 = time.perf_counter()
         result = explain(model, images, method=method, mean=cfg.crops.mean, std=cfg.crops.std,
-                         temperature=cfg.swav.temperature)
+                         temperature=cfg.swav.temperature, candidates=populated)
         cf[method] = {**{k: round(float(v), 4) for k, v in result.summary().items()},
                       "seconds": round(time.perf_counter() - t0, 1)}
     emit({"config": args.config, "overrides": args.overrides, "device": str(device),

@@ -2,7 +2,7 @@
 
     swav-ray train [CONFIG] [section.key=value ...]
     swav-ray evaluate --run-id ID
-    swav-ray explain --run-id ID [--n N] [--method margin|ce|logit] [--target K]
+    swav-ray explain --run-id ID [--n N] [--method ce|logit] [--target K]
 
 CONFIG is a YAML file or the name of one in ``experiments/`` (default: ``experiments/default.yaml``,
 the embedded digits run).  The configuration is validated before Ray starts.  With
@@ -103,6 +103,8 @@ def _print_metrics(run_id: str, metrics: dict[str, float]) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from swav.counterfactual import METHODS
+
     parser = argparse.ArgumentParser(
         prog="swav-ray", description="SwAV self-supervised learning on Ray, tracked in MLflow")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -124,11 +126,12 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.set_defaults(func=cmd_evaluate)
     explain = tracked("explain", "counterfactual explanations of a run's clusters, logged into it")
     explain.add_argument("--n", type=int, default=16, help="held-out images to explain")
-    explain.add_argument("--method", choices=("margin", "ce", "logit"), default="margin",
-                         help="margin: score-gap hinge (default); ce: cross-entropy; logit: "
-                              "a tutorial's fixed-step recipe")
+    explain.add_argument("--method", choices=METHODS, default="ce",
+                         help="ce: early-stopped cross-entropy (default); logit: a tutorial's "
+                              "fixed-step recipe")
     explain.add_argument("--target", type=int, default=None,
-                         help="target prototype (default: each image's nearest other prototype)")
+                         help="target prototype (default: each image's nearest other prototype "
+                              "among those that hold a held-out image)")
     explain.set_defaults(func=cmd_explain)
     return parser
 

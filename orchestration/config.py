@@ -134,7 +134,7 @@ class EvalConfig:
     max_train_images: Union[int, None] = 20000  # training images used by evaluate (kNN bank, linear)
     final_evaluation: bool = False  # run `swav-ray evaluate` on the finished run
     explain_images: int = 0  # run `swav-ray explain` on this many held-out images (0: no)
-    explain_methods: list[str] = field(default_factory=lambda: ["margin"])  # margin | ce | logit
+    explain_methods: list[str] = field(default_factory=lambda: ["ce"])  # ce | logit
 
 
 @dataclass
@@ -302,6 +302,7 @@ def validate(cfg: ExperimentConfig) -> None:
     """Fail fast on a bad value, naming its key. Builds the pure SwAV components once."""
     import torch
 
+    from swav.counterfactual import METHODS
     from swav.loss import SwAVLoss
     from swav.model import build_model
     from swav.multicrop import MultiCropTransform
@@ -354,9 +355,9 @@ def validate(cfg: ExperimentConfig) -> None:
     _check(e.max_train_images is None or e.max_train_images >= 1, "eval.max_train_images",
            "must be >= 1")
     _check(e.explain_images >= 0, "eval.explain_images", f"must be >= 0, got {e.explain_images}")
-    bad = [m for m in e.explain_methods if m not in ("margin", "ce", "logit")]
+    bad = [m for m in e.explain_methods if m not in METHODS]
     _check(not bad, "eval.explain_methods",
-           f"unknown method(s) {bad}, expected margin, ce or logit")
+           f"unknown method(s) {bad}, expected one of {', '.join(METHODS)}")
 
 
 

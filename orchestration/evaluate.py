@@ -29,7 +29,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from orchestration.config import ConfigError, ExperimentConfig, from_dict, model_kwargs
 from orchestration.tracking import CONFIG_ARTIFACT, resolve_tracking_uri
 from orchestration.train import plain_transform
-from swav.counterfactual import explain
+from swav.counterfactual import explain, populated_prototypes
 from swav.data import Transformed, collate_eval, open_source
 from swav.evaluation import (
     assign_with_scores,
@@ -149,9 +149,14 @@ def evaluate_run(run_id: str, tracking_uri: str | None = None,
     return metrics
 
 
-def explain_run(run_id: str, n: int = 16, method: str = "margin", target: int | None = None,
+def explain_run(run_id: str, n: int = 16, method: str = "ce", target: int | None = None,
                 tracking_uri: str | None = None, device: str | None = None) -> dict[str, float]:
-    """Counterfactuals for the first ``n`` held-out images, logged into the run."""
+    """Counterfactuals for the first ``n`` held-out images, logged into the run.
+
+    Default targets: each image's nearest other prototype among those that hold at least one
+    held-out image (with a large K most prototypes can be empty, and an empty one is a target
+    no real image is assigned to).
+    """
     if n < 1:
         raise ConfigError(f"n: must be >= 1, got {n}")
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -159,10 +164,12 @@ def explain_run(run_id: str, n: int = 16, method: str = "margin", target: int | 
     cfg = tracked.cfg
     _, held_set, _ = _eval_sets(cfg)
     images = torch.stack([sample[0] for sample in _good_samples(held_set, n)]).to(device)
+    assignments, _, _ = assign_with_scores(tracked.model, _loader(held_set), device)
+    populated = populated_prototypes(assignments, tracked.model.prototypes.sizes[0])
     try:
         # Assignment probabilities at the training temperature (the model's own softmax).
         result = explain(tracked.model, images, target=target, method=method,
-                         mean=cfg.crops.mean, std=cfg.crops.std, temperature=cfg.swav.temperature)
+                         candidates=populated.to(device), mean=cfg.crops.mean, std=cfg.crops.std, temperature=cfg.swav.temperature)
     except ValueError as err:
         raise ConfigError(str(err)) from None
     summary = result.summary()

@@ -211,13 +211,13 @@ def test_the_embedded_default_experiment_learns(ray_local, tmp_path):
     assert final["linear_top1"] > final["linear_top1_random_init"]
     assert final["knn_top1"] == pytest.approx(knn, abs=0.02)  # same protocol, one process
     assert final["nmi"] > 0.5 and 0 < final["ari"] <= 1
-    for method in ("margin", "ce", "logit"):
-        assert 0 <= final[f"{method}_cf_validity"] <= 1 and final[f"{method}_cf_l2"] > 0
+    # 16 held-out digits; on 3 x 128 digits of the trained default ce reaches 98-100%.
+    assert final["ce_cf_validity"] >= 0.9
+    assert 0 < final["ce_cf_l2"] < final["logit_cf_l2"]
     paths = {a.path for folder in ("clusters", "evaluation", "counterfactuals")
              for a in client.list_artifacts(outcome.run_id, folder)}
     assert {"clusters/prototype_members.png", "evaluation/embedding.png",
-            "counterfactuals/margin_panel.png", "counterfactuals/ce_panel.png",
-            "counterfactuals/logit_panel.png"} <= paths
+            "counterfactuals/ce_panel.png", "counterfactuals/logit_panel.png"} <= paths
 
 
 def _digits_parquet(directory: Path, corrupt_rows: set[int]) -> None:
