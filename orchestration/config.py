@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -170,8 +171,12 @@ def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
 
 
+_FLOAT_WITHOUT_DOT = re.compile(r"[-+]?[0-9]+[eE][-+]?[0-9]+")
+
+
 def _coerce(value: Any, tp: Any, key: str) -> Any:
-    """Check ``value`` against the annotation ``tp``; ints are accepted for floats."""
+    """Check ``value`` against the annotation ``tp``; ints (and ``1e-4``) are accepted for
+    floats."""
     origin = typing.get_origin(tp)
     if origin in (Union, types.UnionType):
         for option in typing.get_args(tp):
@@ -191,6 +196,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         return [_coerce(v, item, key) for v in value]
     if tp is float and isinstance(value, (int, float)) and not isinstance(value, bool):
         return float(value)
+    if tp is float and isinstance(value, str) and _FLOAT_WITHOUT_DOT.fullmatch(value.strip()):
+        return float(value)  # PyYAML (YAML 1.1) reads 1e-4 as a string: it needs "1.0e-4"
     if tp is int and isinstance(value, int) and not isinstance(value, bool):
         return value
     if tp in (str, bool) and isinstance(value, tp):

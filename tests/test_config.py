@@ -36,6 +36,19 @@ def test_ints_are_accepted_for_floats_but_not_the_reverse():
         load_config(None, ["scaling.use_gpu=1"])
 
 
+def test_exponent_floats_without_a_dot_are_floats(tmp_path):
+    """PyYAML reads ``1e-4`` as a string (YAML 1.1 needs ``1.0e-4``); a float field takes it."""
+    assert load_config(None, ["optim.weight_decay=1e-4"]).optim.weight_decay == 1e-4
+    path = tmp_path / "x.yaml"
+    path.write_text("optim:\n  weight_decay: 5E-6\n  lr: 2e+1\n")
+    cfg = load_config(str(path))
+    assert cfg.optim.weight_decay == 5e-6 and cfg.optim.lr == 20.0
+    with pytest.raises(ConfigError, match="^optim.lr: expected float, got 'fast'"):
+        load_config(None, ["optim.lr=fast"])
+    with pytest.raises(ConfigError, match="^optim.epochs: expected int, got '1e3'"):
+        load_config(None, ["optim.epochs=1e3"])
+
+
 def test_round_trip_through_a_dict_and_flat_params():
     cfg = load_config(None, ["swav.queue_length=128"])
     assert from_dict(cfg.to_dict()) == cfg
