@@ -105,6 +105,7 @@ def main() -> None:
     ap.add_argument("--linear", default="auto", help="auto | sklearn | sgd")
     ap.add_argument("--cf-images", type=int, default=256)
     ap.add_argument("--max-train-seconds", type=float, default=None)
+    ap.add_argument("--save-model", default=None, help="write the trained state_dict here")
     args = ap.parse_args()
     device = torch.device(args.device)
     cfg = load_config(args.config, args.overrides)
@@ -115,6 +116,8 @@ def main() -> None:
     start = time.perf_counter()
     model = train(cfg, splits, device, workers, args.max_train_seconds)
     train_s = time.perf_counter() - start
+    if args.save_model:
+        torch.save(model.state_dict(), args.save_model)
 
     plain = eval_transform(d.eval_size or cfg.crops.size_crops[0], cfg.crops.mean, cfg.crops.std)
     bank = Transformed(splits.train, plain)

@@ -259,7 +259,15 @@ def test_parquet_run_skips_a_corrupt_image_and_stops_past_the_allowed_share(ray_
 
 
 def test_evaluate_and_explain_log_into_the_run_and_reject_bad_input(straight, tmp_path):
-    from orchestration.evaluate import evaluate_run, explain_run
+    from orchestration.evaluate import (
+        _eval_sets,
+        _loader,
+        evaluate_run,
+        explain_run,
+        open_tracked_model,
+    )
+    from swav.counterfactual import nearest_other_prototype, populated_prototypes
+    from swav.evaluation import assign_with_scores
 
     _, _, outcome = straight
     metrics = evaluate_run(outcome.run_id, outcome.tracking_uri, "cpu")
@@ -278,6 +286,14 @@ def test_evaluate_and_explain_log_into_the_run_and_reject_bad_input(straight, tm
     results = client.download_artifacts(outcome.run_id, "counterfactuals/ce_results.json", str(tmp_path))
     rows = json.loads(Path(results).read_text())
     assert len(rows) == 8 and all(r["source"] != r["target"] for r in rows)
+    # default targets: the nearest other prototype among those holding a held-out image
+    tracked = open_tracked_model(outcome.run_id, outcome.tracking_uri)
+    _, held, _ = _eval_sets(tracked.cfg)
+    assigned, _, _ = assign_with_scores(tracked.model, _loader(held))
+    populated = populated_prototypes(assigned, 20)
+    expected = nearest_other_prototype(tracked.model, torch.tensor([r["source"] for r in rows]),
+                                       candidates=populated)
+    assert [r["target"] for r in rows] == expected.tolist()
 
     with pytest.raises(ConfigError, match="^run-id: no MLflow run 'deadbeef'"):
         evaluate_run("deadbeef", outcome.tracking_uri)
