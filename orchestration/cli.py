@@ -40,10 +40,20 @@ def connect_ray(cfg: ExperimentConfig) -> bool:
 
 
 def _print_summary(outcome) -> None:
+    from swav.counterfactual import METHODS
+
     uri = outcome.tracking_uri
     m = outcome.metrics
     shown = {k: m[k] for k in ("epoch", "loss", "knn_top1", "used_prototypes") if k in m}
     print(f"\nrun {outcome.run_name} finished: {shown}")
+    if "linear_top1" in m:
+        print(f"evaluation (held-out): kNN top-1 {m['knn_top1']:.3f} (random init "
+              f"{m['knn_top1_random_init']:.3f}), linear top-1 {m['linear_top1']:.3f} (random "
+              f"init {m['linear_top1_random_init']:.3f}), NMI {m['nmi']:.3f}, ARI {m['ari']:.3f}")
+    for method in METHODS:
+        if f"{method}_cf_validity" in m:
+            print(f"counterfactuals ({method}): validity {m[f'{method}_cf_validity']:.3f}, "
+                  f"mean L2 {m[f'{method}_cf_l2']:.3f}, mean steps {m[f'{method}_cf_steps']:.1f}")
     print(f"MLflow run id: {outcome.run_id}")
     print(f"checkpoint: {outcome.checkpoint_path}")
     print(f"view it: mlflow ui --backend-store-uri {uri}" if not uri.startswith("http")

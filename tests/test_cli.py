@@ -1,0 +1,34 @@
+"""The command line's summary of a finished run."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+from orchestration.cli import _print_summary
+
+
+def _outcome(metrics: dict) -> SimpleNamespace:
+    return SimpleNamespace(run_name="r1", run_id="abc", checkpoint_path="/ckpt",
+                           tracking_uri="sqlite:////tmp/m.db", metrics=metrics)
+
+
+def test_summary_shows_evaluation_and_counterfactuals_when_they_ran(capsys):
+    _print_summary(_outcome({
+        "epoch": 31, "loss": 2.26, "knn_top1": 0.9861, "used_prototypes": 81,
+        "knn_top1_random_init": 0.93, "linear_top1": 0.992, "linear_top1_random_init": 0.953,
+        "nmi": 0.688, "ari": 0.239, "ce_cf_validity": 1.0, "ce_cf_l2": 0.816, "ce_cf_steps": 13.25,
+        "logit_cf_validity": 0.9375, "logit_cf_l2": 1.166, "logit_cf_steps": 100.0}))
+    out = capsys.readouterr().out.splitlines()
+    assert "evaluation (held-out): kNN top-1 0.986 (random init 0.930), linear top-1 0.992 " \
+           "(random init 0.953), NMI 0.688, ARI 0.239" in out
+    assert "counterfactuals (ce): validity 1.000, mean L2 0.816, mean steps 13.2" in out
+    assert "counterfactuals (logit): validity 0.938, mean L2 1.166, mean steps 100.0" in out
+    assert "MLflow run id: abc" in out
+    assert "view it: mlflow ui --backend-store-uri sqlite:////tmp/m.db" in out
+
+
+def test_summary_without_evaluation_has_no_evaluation_lines(capsys):
+    _print_summary(_outcome({"epoch": 1, "loss": 4.1}))
+    out = capsys.readouterr().out
+    assert "finished: {'epoch': 1, 'loss': 4.1}" in out
+    assert "evaluation" not in out and "counterfactuals" not in out
