@@ -99,7 +99,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 def cmd_explain(args: argparse.Namespace) -> int:
     from orchestration.evaluate import explain_run
 
-    metrics = explain_run(args.run_id, args.n, args.method, args.target, args.tracking_uri,
+    metrics = explain_run(args.run_id, args.n, [args.method], args.target, args.tracking_uri,
                           args.device)
     _print_metrics(args.run_id, metrics)
     return 0

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -149,9 +150,11 @@ def evaluate_run(run_id: str, tracking_uri: str | None = None,
     return metrics
 
 
-def explain_run(run_id: str, n: int = 16, method: str = "ce", target: int | None = None,
-                tracking_uri: str | None = None, device: str | None = None) -> dict[str, float]:
-    """Counterfactuals for the first ``n`` held-out images, logged into the run.
+def explain_run(run_id: str, n: int = 16, methods: Sequence[str] = ("ce",),
+                target: int | None = None, tracking_uri: str | None = None,
+                device: str | None = None) -> dict[str, float]:
+    """Counterfactuals for the first ``n`` held-out images by each of ``methods``, logged into
+    the run (the model, the images and the populated prototypes are loaded once for all).
 
     Default targets: each image's nearest other prototype among those that hold at least one
     held-out image (with a large K most prototypes can be empty, and an empty one is a target
@@ -161,25 +164,33 @@ def explain_run(run_id: str, n: int = 16, method: str = "ce", target: int | None
         raise ConfigError(f"n: must be >= 1, got {n}")
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     tracked = open_tracked_model(run_id, tracking_uri, device)
-    cfg = tracked.cfg
-    _, held_set, _ = _eval_sets(cfg)
+    _, held_set, _ = _eval_sets(tracked.cfg)
     images = torch.stack([sample[0] for sample in _good_samples(held_set, n)]).to(device)
     assignments, _, _ = assign_with_scores(tracked.model, _loader(held_set), device)
-    populated = populated_prototypes(assignments, tracked.model.prototypes.sizes[0])
+    populated = populated_prototypes(assignments, tracked.model.prototypes.sizes[0]).to(device)
+    metrics: dict[str, float] = {}
+    for method in methods:
+        metrics.update(_explain_and_log(tracked, images, method, target, populated))
+    return metrics
+
+
+def _explain_and_log(tracked: TrackedModel, images: torch.Tensor, method: str,
+                     target: int | None, populated: torch.Tensor) -> dict[str, float]:
+    cfg = tracked.cfg
     try:
         # Assignment probabilities at the training temperature (the model's own softmax).
         result = explain(tracked.model, images, target=target, method=method,
-                         candidates=populated.to(device), mean=cfg.crops.mean, std=cfg.crops.std, temperature=cfg.swav.temperature)
+                         candidates=populated, mean=cfg.crops.mean, std=cfg.crops.std,
+                         temperature=cfg.swav.temperature)
     except ValueError as err:
         raise ConfigError(str(err)) from None
-    summary = result.summary()
-    metrics = {f"{method}_cf_{key}": value for key, value in _cf_metrics(summary).items()}
+    metrics = {f"{method}_cf_{key}": value for key, value in _cf_metrics(result.summary()).items()}
     tracked.log_metrics(metrics)
     tracked.log_figure(counterfactual_panel(
         result.original.cpu(), result.counterfactual.cpu(), result.source.cpu(),
         result.target.cpu(), result.prob_source_before.cpu(), result.prob_target_after.cpu(),
         mean=cfg.crops.mean, std=cfg.crops.std), f"counterfactuals/{method}_panel.png")
-    tracked.client.log_text(run_id, json.dumps(_per_image(result), indent=1),
+    tracked.client.log_text(tracked.run_id, json.dumps(_per_image(result), indent=1),
                             f"counterfactuals/{method}_results.json")
     return metrics
 
@@ -202,9 +213,8 @@ def after_training(run_id: str, tracking_uri: str, cfg: ExperimentConfig) -> dic
     if cfg.eval.final_evaluation:
         metrics.update(evaluate_run(run_id, tracking_uri))
     if cfg.eval.explain_images:
-        for method in cfg.eval.explain_methods:
-            metrics.update(explain_run(run_id, cfg.eval.explain_images, method,
-                                       tracking_uri=tracking_uri))
+        metrics.update(explain_run(run_id, cfg.eval.explain_images, cfg.eval.explain_methods,
+                                   tracking_uri=tracking_uri))
     return metrics
 
 
