@@ -1,8 +1,9 @@
 """Training-step throughput of the SwAV engine on synthetic crops (no data loading).
 
 Measures what one worker's GPU (or CPU) sustains for the full step: prototype normalisation,
-multi-resolution forward, queue, Sinkhorn, loss, backward, optimiser.  Prints one JSON line per
-repeat and the median.
+multi-resolution forward, queue, Sinkhorn, loss, backward, optimiser.  The engine is built by the
+recipe every run uses (``orchestration.recipe``) from the config defaults plus the flags below
+(or any dotted override after them).  Prints one JSON line per repeat and the median.
 
     python bench/bench_step.py --device cuda --backbone resnet50 --batch-size 64 \
         --crops 2x224,6x96 --prototypes 3000 --queue 3840 --optimizer lars
@@ -21,14 +22,18 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from swav.engine import SwAVEngine  # noqa: E402
-from swav.loss import SwAVLoss  # noqa: E402
-from swav.model import build_model  # noqa: E402
-from swav.optim import build_optimizer, build_scheduler  # noqa: E402
+from orchestration.config import ExperimentConfig, build_config  # noqa: E402
+from orchestration.recipe import build_engine  # noqa: E402
 
 
-def parse_crops(text: str) -> list[tuple[int, int]]:
-    return [tuple(int(v) for v in part.split("x")) for part in text.split(",")]  # type: ignore
+def crop_overrides(text: str) -> list[str]:
+    """``2x224,6x96`` -> the crops section (first group global scales, the others local)."""
+    groups = [tuple(int(v) for v in part.split("x")) for part in text.split(",")]
+    lows = [0.14] + [0.05] * (len(groups) - 1)
+    highs = [1.0] + [0.14] * (len(groups) - 1)
+    return [f"crops.nmb_crops={[n for n, _ in groups]}",
+            f"crops.size_crops={[s for _, s in groups]}",
+            f"crops.min_scale_crops={lows}", f"crops.max_scale_crops={highs}"]
 
 
 def main() -> None:
@@ -46,27 +51,23 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("overrides", nargs="*", help="further dotted config overrides")
     args = ap.parse_args()
-
     device = torch.device(args.device)
-    torch.backends.cudnn.benchmark = True
-    crops = parse_crops(args.crops)
-    n_crops = sum(n for n, _ in crops)
-    model = build_model(args.backbone, cifar_stem=args.cifar_stem, hidden_dim=2048, out_dim=128,
-                        n_prototypes=args.prototypes).to(device)
-    if args.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    optimizer = build_optimizer(model, args.optimizer, lr=0.6, weight_decay=1e-6)
+    cfg: ExperimentConfig = build_config({}, [
+        f"model.backbone={args.backbone}", f"model.cifar_stem={args.cifar_stem}",
+        f"model.n_prototypes={args.prototypes}", f"model.channels_last={args.channels_last}",
+        f"optim.name={args.optimizer}", "optim.lr=0.6", "optim.warmup_epochs=0",
+        f"optim.batch_size={args.batch_size}", "scaling.num_workers=1",
+        f"swav.queue_length={args.queue}", "swav.epoch_queue_starts=0",
+        "swav.freeze_prototypes_iters=0", *crop_overrides(args.crops), *args.overrides])
     total = (args.warmup + args.steps) * args.repeats
-    scheduler = build_scheduler(optimizer, total_steps=total, warmup_steps=args.warmup)
-    loss_fn = SwAVLoss(n_crops=n_crops, crops_for_assign=[0, 1], epsilon=0.05)
-    engine = SwAVEngine(model, loss_fn, optimizer, scheduler, device=device,
-                        batch_size=args.batch_size, queue_length=args.queue, epoch_queue_starts=0,
-                        amp=not args.no_amp, channels_last=args.channels_last)
-    engine._maybe_start_queue(0)
-    if engine.queue is not None:  # benchmark the steady state: a full queue
-        engine.queue.filled = engine.queue.length
-    batch = [torch.randn(n * args.batch_size, 3, s, s, device=device) for n, s in crops]
+    engine = build_engine(cfg, total, device, args.batch_size, amp=not args.no_amp)
+    engine.start_queue(epoch=0)
+    batch = [torch.randn(n * args.batch_size, 3, s, s, device=device)
+             for n, s in zip(cfg.crops.nmb_crops, cfg.crops.size_crops)]
+    while engine.queue is not None and not engine.queue.full:  # the steady state: a full queue
+        engine.step(batch)
 
     def sync() -> None:
         if device.type == "cuda":

@@ -21,6 +21,8 @@ from typing import Any, Union
 
 import yaml
 
+from orchestration import recipe
+
 __all__ = [
     "ConfigError",
     "CropConfig",
@@ -32,7 +34,10 @@ __all__ = [
     "ScalingConfig",
     "SwAVConfig",
     "TrackingConfig",
+    "build_config",
     "load_config",
+    "merge",
+    "nest",
     "parse_overrides",
     "validate",
 ]
@@ -227,15 +232,22 @@ def _build(cls: type, data: dict[str, Any], prefix: str) -> Any:
 
 def parse_overrides(pairs: list[str]) -> dict[str, Any]:
     """``["optim.lr=0.3", "model.n_prototypes=[10,20]"]`` -> nested dict (values parsed as YAML)."""
-    nested: dict[str, Any] = {}
+    flat: dict[str, Any] = {}
     for pair in pairs:
         key, sep, raw = pair.partition("=")
         if not sep or not key:
             raise ConfigError(f"{pair}: overrides are dotted key=value pairs, e.g. optim.lr=0.3")
         try:
-            value = yaml.safe_load(raw) if raw != "" else None
+            flat[key] = yaml.safe_load(raw) if raw != "" else None
         except yaml.YAMLError as err:
             raise ConfigError(f"{key}: cannot parse {raw!r}: {err}") from None
+    return nest(flat)
+
+
+def nest(flat: dict[str, Any]) -> dict[str, Any]:
+    """``{"optim.lr": 0.3, "model.width": 8}`` -> ``{"optim": {"lr": 0.3}, "model": {...}}``."""
+    nested: dict[str, Any] = {}
+    for key, value in flat.items():
         node = nested
         parts = key.split(".")
         for part in parts[:-1]:
@@ -246,11 +258,11 @@ def parse_overrides(pairs: list[str]) -> dict[str, Any]:
     return nested
 
 
-def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+def merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
     out = dict(base)
     for key, value in extra.items():
         if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = _merge(out[key], value)
+            out[key] = merge(out[key], value)
         else:
             out[key] = value
     return out
@@ -279,8 +291,14 @@ def load_config(
         data = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as err:
         raise ConfigError(f"config: {path} is not valid YAML: {err}") from None
-    data = _merge(data, parse_overrides(overrides or []))
-    cfg = _build(ExperimentConfig, data, "")
+    if isinstance(data, dict) and "search" in data:
+        raise ConfigError(f"config: {path} is a sweep file; run it with swav-ray tune {config}")
+    return build_config(data, overrides)
+
+
+def build_config(data: dict[str, Any], overrides: list[str] | None = None) -> ExperimentConfig:
+    """A validated config from a (partial) nested dict and dotted overrides; the rest defaults."""
+    cfg = _build(ExperimentConfig, merge(data, parse_overrides(overrides or [])), "")
     validate(cfg)
     return cfg
 
@@ -297,41 +315,23 @@ def _check(condition: bool, key: str, message: str) -> None:
         raise ConfigError(f"{key}: {message}")
 
 
-def _section_errors(section: str, build: typing.Callable[[], Any]) -> None:
-    """Run a component constructor; its ValueError (which starts with the field) gets the section."""
-    try:
-        build()
-    except ValueError as err:
-        raise ConfigError(f"{section}.{err}") from None
-
-
 def validate(cfg: ExperimentConfig) -> None:
-    """Fail fast on a bad value, naming its key. Builds the pure SwAV components once."""
-    import torch
-
+    """Fail fast on a bad value, naming its key. Builds the pure SwAV components once, through
+    the same recipe the run uses."""
     from swav.counterfactual import METHODS
-    from swav.loss import SwAVLoss
-    from swav.model import build_model
-    from swav.multicrop import MultiCropTransform
-    from swav.optim import build_optimizer
     from swav.queue import per_worker_length
 
-    c, m, s, o, d, sc, e = cfg.crops, cfg.model, cfg.swav, cfg.optim, cfg.data, cfg.scaling, cfg.eval
-    _section_errors("crops", lambda: MultiCropTransform(
-        c.nmb_crops, c.size_crops, c.min_scale_crops, c.max_scale_crops, mean=c.mean, std=c.std,
-        color_strength=c.color_strength, blur_prob=c.blur_prob, flip_prob=c.flip_prob))
-    try:
-        SwAVLoss(sum(c.nmb_crops), c.crops_for_assign, s.temperature, s.epsilon,
-                 s.sinkhorn_iterations)
-    except ValueError as err:
-        section = "crops" if str(err).startswith(("crops_for_assign", "nmb_crops")) else "swav"
-        raise ConfigError(f"{section}.{err}") from None
-    _section_errors("model", lambda: build_model(**model_kwargs(m)))
-    _section_errors("optim", lambda: build_optimizer(
-        torch.nn.Linear(1, 1), o.name, o.lr, o.weight_decay, o.momentum))
+    o, d, sc, e, s = cfg.optim, cfg.data, cfg.scaling, cfg.eval, cfg.swav
     _check(sc.num_workers >= 1, "scaling.num_workers", f"must be >= 1, got {sc.num_workers}")
     _check(o.batch_size >= 1, "optim.batch_size", f"must be >= 1, got {o.batch_size}")
-    _section_errors("swav", lambda: per_worker_length(s.queue_length, o.batch_size, sc.num_workers))
+    try:
+        recipe.check_components(cfg)  # messages start with the dotted key
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+    try:
+        per_worker_length(s.queue_length, o.batch_size, sc.num_workers)
+    except ValueError as err:
+        raise ConfigError(f"swav.{err}") from None
     _check(s.freeze_prototypes_iters >= 0, "swav.freeze_prototypes_iters", "must be >= 0")
     _check(s.epoch_queue_starts >= 0, "swav.epoch_queue_starts", "must be >= 0")
     _check(o.final_lr >= 0, "optim.final_lr", f"must be >= 0, got {o.final_lr}")
@@ -365,12 +365,6 @@ def validate(cfg: ExperimentConfig) -> None:
     bad = [m for m in e.explain_methods if m not in METHODS]
     _check(not bad, "eval.explain_methods",
            f"unknown method(s) {bad}, expected one of {', '.join(METHODS)}")
-
-
-
-def model_kwargs(m: ModelConfig) -> dict[str, Any]:
-    """The ``model`` section as :func:`swav.model.build_model` arguments."""
-    return {k: v for k, v in dataclasses.asdict(m).items() if k != "channels_last"}
 
 
 _TV = ("cifar10", "cifar100", "stl10")

@@ -25,13 +25,12 @@ import torch
 import yaml
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
-from torch.utils.data import DataLoader, Dataset, Subset
+from torch.utils.data import DataLoader, Dataset
 
-from orchestration.config import ConfigError, ExperimentConfig, from_dict, model_kwargs
+from orchestration.config import ConfigError, ExperimentConfig, from_dict
+from orchestration.recipe import EvalSets, eval_loaders, eval_sets, initial_model, open_splits
 from orchestration.tracking import CONFIG_ARTIFACT, resolve_tracking_uri
-from orchestration.train import plain_transform
 from swav.counterfactual import explain, populated_prototypes
-from swav.data import Transformed, collate_eval, open_source
 from swav.evaluation import (
     assign_with_scores,
     cluster_quality,
@@ -39,7 +38,7 @@ from swav.evaluation import (
     knn_accuracy,
     linear_eval,
 )
-from swav.model import SwAVModel, build_model
+from swav.model import SwAVModel
 from swav.viz import counterfactual_panel, embedding_plot, prototype_grid
 
 __all__ = ["TrackedModel", "evaluate_run", "explain_run", "open_tracked_model"]
@@ -86,23 +85,12 @@ def open_tracked_model(run_id: str, tracking_uri: str | None = None,
     return TrackedModel(client, run_id, model.to(device).eval(), cfg)
 
 
-def _eval_sets(cfg: ExperimentConfig) -> tuple[Dataset, Dataset, int]:
-    d = cfg.data
-    splits = open_source(d.source, d.path, d.download, d.image_column, d.label_column,
-                         d.holdout_fraction, cfg.scaling.seed, d.limit)
-    if splits.heldout is None or splits.n_classes is None:
-        raise ConfigError(f"data.source: {d.source!r} has no labelled held-out set to evaluate on")
-    plain = plain_transform(cfg)
-    train = Transformed(splits.train, plain)
-    limit = cfg.eval.max_train_images
-    if limit is not None and len(train) > limit:
-        step = len(train) / limit
-        train = Subset(train, [int(i * step) for i in range(limit)])
-    return train, Transformed(splits.heldout, plain), splits.n_classes
-
-
-def _loader(dataset: Dataset) -> DataLoader:
-    return DataLoader(dataset, batch_size=256, collate_fn=collate_eval, num_workers=2)
+def _eval_sets(cfg: ExperimentConfig) -> EvalSets:
+    sets = eval_sets(cfg, open_splits(cfg))
+    if sets is None:
+        raise ConfigError(f"data.source: {cfg.data.source!r} has no labelled held-out set to "
+                          f"evaluate on")
+    return sets
 
 
 def _features(model: SwAVModel, train: DataLoader, held: DataLoader, device) -> tuple:
@@ -117,11 +105,11 @@ def evaluate_run(run_id: str, tracking_uri: str | None = None,
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     tracked = open_tracked_model(run_id, tracking_uri, device)
     cfg = tracked.cfg
-    train_set, held_set, n_classes = _eval_sets(cfg)
-    train_loader, held_loader = _loader(train_set), _loader(held_set)
+    sets = _eval_sets(cfg)
+    held_set, n_classes = sets.heldout, sets.n_classes
+    train_loader, held_loader = eval_loaders(cfg, sets)
     e = cfg.eval
-    torch.manual_seed(cfg.scaling.seed)
-    random_model = build_model(**model_kwargs(cfg.model)).to(device).eval()
+    random_model = initial_model(cfg).to(device).eval()
     metrics: dict[str, float] = {}
     held_features = None
     for suffix, model in (("", tracked.model), ("_random_init", random_model)):
@@ -164,9 +152,10 @@ def explain_run(run_id: str, n: int = 16, methods: Sequence[str] = ("ce",),
         raise ConfigError(f"n: must be >= 1, got {n}")
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     tracked = open_tracked_model(run_id, tracking_uri, device)
-    _, held_set, _ = _eval_sets(tracked.cfg)
-    images = torch.stack([sample[0] for sample in _good_samples(held_set, n)]).to(device)
-    assignments, _, _ = assign_with_scores(tracked.model, _loader(held_set), device)
+    sets = _eval_sets(tracked.cfg)
+    images = torch.stack([sample[0] for sample in _good_samples(sets.heldout, n)]).to(device)
+    _, held_loader = eval_loaders(tracked.cfg, sets)
+    assignments, _, _ = assign_with_scores(tracked.model, held_loader, device)
     populated = populated_prototypes(assignments, tracked.model.prototypes.sizes[0]).to(device)
     metrics: dict[str, float] = {}
     for method in methods:

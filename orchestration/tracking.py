@@ -27,24 +27,12 @@ from mlflow.tracking import MlflowClient
 from ray.train import UserCallback
 
 from orchestration.config import ConfigError, ExperimentConfig
+from orchestration.metrics import loggable
 
 __all__ = ["EpochMetricsLogger", "TrackedRun", "resolve_tracking_uri"]
 
 RUN_ID_FILE = "mlflow_run_id"
 CONFIG_ARTIFACT = "config.yaml"
-# Epoch statistics -> MLflow metric names.
-METRIC_NAMES = {
-    "loss": "loss",
-    "lr": "lr",
-    "images_per_s": "images_per_s",
-    "seconds": "epoch_time_s",
-    "used_prototypes": "prototypes_used",
-    "code_entropy": "code_entropy",
-    "knn_top1": "knn_top1",
-    "knn_top1_init": "knn_top1_random_init",
-    "corrupt_images": "corrupt_images",
-}
-
 
 def resolve_tracking_uri(configured: str | None) -> str:
     """Config value, else ``$MLFLOW_TRACKING_URI``, else ``sqlite:///<cwd>/mlflow.db`` (absolute:
@@ -110,11 +98,14 @@ class TrackedRun:
         run_name: str,
         parent_run_id: str | None = None,
         extra_tags: dict[str, str] | None = None,
+        uri: str | None = None,
     ) -> TrackedRun:
-        uri = resolve_tracking_uri(cfg.tracking.tracking_uri)
+        """Create the run, or continue the one whose id is stored in ``run_dir``; ``uri``
+        overrides the config's tracking URI (a sweep's private server)."""
+        uri = uri or resolve_tracking_uri(cfg.tracking.tracking_uri)
         check_reachable(uri)
         client = MlflowClient(uri)
-        run_id = _read_text(f"{run_dir}/{RUN_ID_FILE}")
+        run_id = read_text(f"{run_dir}/{RUN_ID_FILE}")
         if run_id:
             client.update_run(run_id, status=RunStatus.to_string(RunStatus.RUNNING))
             client.set_tag(run_id, "resumed", "true")
@@ -132,7 +123,7 @@ class TrackedRun:
             client.log_batch(run_id, params=params[start:start + 100])
         # The whole tree, reloadable by `swav-ray evaluate/explain` (params are flat strings).
         client.log_text(run_id, yaml.safe_dump(cfg.to_dict(), sort_keys=False), CONFIG_ARTIFACT)
-        _write_text(f"{run_dir}/{RUN_ID_FILE}", run_id)
+        write_text(f"{run_dir}/{RUN_ID_FILE}", run_id)
         return cls(uri, run_id, resumed=False)
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
@@ -155,6 +146,12 @@ class TrackedRun:
     def end(self, status: str = "FINISHED") -> None:
         self.client.set_terminated(self.run_id, status=status)
 
+    def end_if_running(self, status: str) -> None:
+        """End the run unless something else ended it first (a sweep marks a trial it stopped
+        early KILLED; a failure seen afterwards must not turn that into FAILED)."""
+        if self.client.get_run(self.run_id).info.status == "RUNNING":
+            self.end(status)
+
 
 def _filesystem(path: str):
     """pyarrow file system and path for a local path or a URI (s3://, gs://, ...), as Ray uses."""
@@ -163,7 +160,7 @@ def _filesystem(path: str):
     return pafs.FileSystem.from_uri(path if "://" in path else str(Path(path).resolve()))
 
 
-def _read_text(path: str) -> str | None:
+def read_text(path: str) -> str | None:
     import pyarrow.fs as pafs
 
     fs, p = _filesystem(path)
@@ -173,16 +170,11 @@ def _read_text(path: str) -> str | None:
         return f.read().decode().strip() or None
 
 
-def _write_text(path: str, text: str) -> None:
+def write_text(path: str, text: str) -> None:
     fs, p = _filesystem(path)
     fs.create_dir(p.rsplit("/", 1)[0], recursive=True)
     with fs.open_output_stream(p) as f:
         f.write(text.encode())
-
-
-def epoch_metrics(report: dict[str, Any]) -> dict[str, float]:
-    return {METRIC_NAMES[k]: float(v) for k, v in report.items()
-            if k in METRIC_NAMES and v is not None}
 
 
 class EpochMetricsLogger(UserCallback):
@@ -196,4 +188,4 @@ class EpochMetricsLogger(UserCallback):
             return
         report = metrics[0]
         run = TrackedRun(self.uri, self.run_id, resumed=False)
-        run.log_metrics(epoch_metrics(report), step=int(report["epoch"]))
+        run.log_metrics(loggable(report), step=int(report["epoch"]))

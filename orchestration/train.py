@@ -29,24 +29,14 @@ import ray.train.torch
 import torch
 import torch.distributed as dist
 from ray.train import CheckpointConfig, FailureConfig, RunConfig
-from torch.utils.data import DataLoader
 
-from orchestration.config import ConfigError, ExperimentConfig, from_dict, model_kwargs
+from orchestration.config import ConfigError, ExperimentConfig, from_dict
+from orchestration.metrics import epoch_report
+from orchestration.recipe import Training, build_training, initial_model
 from orchestration.tracking import EpochMetricsLogger, TrackedRun
-from swav.data import (
-    Transformed,
-    collate_eval,
-    collate_skipping_corrupt,
-    eval_transform,
-    open_source,
-    shard,
-)
-from swav.engine import SwAVEngine, convert_sync_batchnorm
+from swav.engine import SwAVEngine
 from swav.evaluation import extract_features, knn_predict
-from swav.loss import SwAVLoss
-from swav.model import SwAVModel, build_model
-from swav.multicrop import MultiCropTransform
-from swav.optim import build_optimizer, build_scheduler
+from swav.model import SwAVModel
 
 __all__ = ["TrainOutcome", "check_cluster_resources", "run_training", "train_loop_per_worker"]
 
@@ -56,42 +46,6 @@ FAILURE_MARKER = "injected_failure"
 
 
 # -- worker side ------------------------------------------------------------------------------
-
-def plain_transform(cfg: ExperimentConfig):
-    """The evaluation view of the config's images (no augmentation)."""
-    return eval_transform(cfg.data.eval_size or cfg.crops.size_crops[0], cfg.crops.mean,
-                          cfg.crops.std)
-
-
-def _loaders(cfg: ExperimentConfig, rank: int, world: int, seed: int):
-    d = cfg.data
-    splits = open_source(d.source, d.path, d.download, d.image_column, d.label_column,
-                         d.holdout_fraction, cfg.scaling.seed, d.limit)
-    c = cfg.crops
-    crops = MultiCropTransform(c.nmb_crops, c.size_crops, c.min_scale_crops, c.max_scale_crops,
-                               mean=c.mean, std=c.std, color_strength=c.color_strength,
-                               blur_prob=c.blur_prob, flip_prob=c.flip_prob)
-    own = shard(splits.train, rank, world)
-    if hasattr(own, "load"):
-        own.load()  # Parquet: read this worker's row groups once, before DataLoader workers fork
-    if len(own) < cfg.optim.batch_size:
-        raise ConfigError(f"optim.batch_size: {cfg.optim.batch_size} exceeds the {len(own)} "
-                          f"images of each worker's shard")
-    common = dict(num_workers=d.loader_workers, persistent_workers=d.loader_workers > 0)
-    train = DataLoader(Transformed(own, crops), batch_size=cfg.optim.batch_size, shuffle=True,
-                       drop_last=True, collate_fn=collate_skipping_corrupt,
-                       generator=torch.Generator().manual_seed(seed), **common)
-    evaluation = None
-    if splits.heldout is not None and splits.n_classes is not None:
-        plain = plain_transform(cfg)
-        held = shard(splits.heldout, rank, world)
-        if hasattr(held, "load"):
-            held.load()
-        kw = dict(batch_size=256, collate_fn=collate_eval, num_workers=0)
-        evaluation = (DataLoader(Transformed(own, plain), **kw),
-                      DataLoader(Transformed(held, plain), **kw), splits.n_classes)
-    return train, evaluation
-
 
 def _gather_cat(t: torch.Tensor, device: torch.device) -> torch.Tensor:
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
@@ -166,74 +120,57 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
-    seed = cfg.scaling.seed
-    random.seed(seed + rank)
-    np.random.seed(seed + rank)
-    torch.manual_seed(seed)  # same initial weights everywhere (DDP broadcasts rank 0's anyway)
-    train_loader, evaluation = _loaders(cfg, rank, world, seed + rank)
-    steps_per_epoch = len(train_loader)
-
-    model = build_model(**model_kwargs(cfg.model))
-    channels_last = cfg.model.channels_last and device.type == "cuda"
-    if channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    model = ray.train.torch.prepare_model(convert_sync_batchnorm(model, device))
-    o, s = cfg.optim, cfg.swav
-    optimizer = build_optimizer(model, o.name, o.lr, o.weight_decay, o.momentum)
-    scheduler = build_scheduler(optimizer, total_steps=o.epochs * steps_per_epoch,
-                                warmup_steps=round(o.warmup_epochs * steps_per_epoch),
-                                final_lr_ratio=o.final_lr / o.lr,
-                                start_lr_ratio=o.start_warmup / o.lr)
-    loss_fn = SwAVLoss(sum(cfg.crops.nmb_crops), cfg.crops.crops_for_assign, s.temperature,
-                       s.epsilon, s.sinkhorn_iterations, gather=True)
-    engine = SwAVEngine(model, loss_fn, optimizer, scheduler, device=device,
-                        batch_size=o.batch_size, queue_length=s.queue_length,
-                        epoch_queue_starts=s.epoch_queue_starts,
-                        freeze_prototypes_iters=s.freeze_prototypes_iters,
-                        amp=True, channels_last=channels_last)
-
-    start_epoch = 0
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint is not None:
-        with checkpoint.as_directory() as directory:
-            state = torch.load(Path(directory) / STATE_FILE, map_location="cpu", weights_only=False)
-        engine.load_state_dict(state["engine"])
-        start_epoch = state["epoch"] + 1
-        _set_rng_state(state["rng"][rank])
-        if rank == 0:
-            log.warning("resumed from the checkpoint of epoch %d", state["epoch"])
-
+    training = build_training(cfg, rank, world, device, wrap=ray.train.torch.prepare_model)
+    engine = training.engine
+    start_epoch = _restore(engine, rank)
     # The same encoder before training: the baseline every kNN figure is compared with.
     init_knn = None
-    if start_epoch == 0 and evaluation is not None:
-        init_knn = distributed_knn(engine.net, evaluation, cfg, device)
+    if start_epoch == 0 and training.evaluation is not None:
+        init_knn = distributed_knn(engine.net, training.evaluation, cfg, device)
     images_seen = corrupt_seen = 0
-    for epoch in range(start_epoch, o.epochs):
+    for epoch in range(start_epoch, cfg.optim.epochs):
         _maybe_fail(cfg, epoch, rank, config.get("run_dir"))
-        # The shuffling order is a function of (seed, rank, epoch): identical after a resume.
-        train_loader.generator.manual_seed((seed + rank) * 100_003 + epoch)
-        progress = _progress(rank, epoch, steps_per_epoch, engine.iteration)
-        stats = engine.train_epoch(train_loader, epoch, on_step=progress)
+        progress = _progress(rank, epoch, training.steps_per_epoch, engine.iteration)
+        stats = training.run_epoch(epoch, on_step=progress)
         images_seen += stats.images
         corrupt_seen += stats.corrupt_images
         if corrupt_seen > cfg.data.max_corrupt_fraction * images_seen:
             raise RuntimeError(
                 f"data: {corrupt_seen} of {images_seen} images failed to decode, more than "
                 f"data.max_corrupt_fraction={cfg.data.max_corrupt_fraction}")
-        metrics: dict[str, Any] = stats.as_dict()
-        if epoch == 0 and init_knn is not None:
-            metrics["knn_top1_init"] = init_knn
-        last = epoch == o.epochs - 1
-        every = cfg.eval.knn_every
-        if evaluation is not None and (last or (every > 0 and (epoch + 1) % every == 0)):
-            metrics["knn_top1"] = distributed_knn(engine.net, evaluation, cfg, device)
+        report = epoch_report(stats, _epoch_knn(training, epoch, device),
+                              init_knn if epoch == 0 else None)
         rng = _all_rng_states()
         with tempfile.TemporaryDirectory() as tmp:
             ckpt = None
             if rank == 0:
                 _save_checkpoint(Path(tmp), engine, epoch, rng, config["cfg"])
                 ckpt = ray.train.Checkpoint.from_directory(tmp)
-            ray.train.report(metrics, checkpoint=ckpt)
+            ray.train.report(report, checkpoint=ckpt)
+
+
+def _restore(engine: SwAVEngine, rank: int) -> int:
+    """Load Ray Train's latest checkpoint into the engine; the first epoch still to run."""
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is None:
+        return 0
+    with checkpoint.as_directory() as directory:
+        state = torch.load(Path(directory) / STATE_FILE, map_location="cpu", weights_only=False)
+    engine.load_state_dict(state["engine"])
+    _set_rng_state(state["rng"][rank])
+    if rank == 0:
+        log.warning("resumed from the checkpoint of epoch %d", state["epoch"])
+    return state["epoch"] + 1
+
+
+def _epoch_knn(training: Training, epoch: int, device: torch.device) -> float | None:
+    """Held-out kNN top-1 every ``eval.knn_every`` epochs and after the last one."""
+    cfg = training.cfg
+    every = cfg.eval.knn_every
+    due = epoch == cfg.optim.epochs - 1 or (every > 0 and (epoch + 1) % every == 0)
+    if training.evaluation is None or not due:
+        return None
+    return distributed_knn(training.engine.net, training.evaluation, cfg, device)
 
 
 def _progress(rank: int, epoch: int, total: int, first_iteration: int):
@@ -290,17 +227,19 @@ def run_training(
     parent_run_id: str | None = None,
     callbacks: list | None = None,
     run_name: str | None = None,
+    tracking_uri: str | None = None,
+    tags: dict[str, str] | None = None,
 ) -> TrainOutcome:
     """Train ``cfg`` on the connected Ray cluster; returns the MLflow run id and final metrics.
 
-    ``parent_run_id`` nests the MLflow run (a Tune trial); ``callbacks`` are extra Ray Train
-    callbacks (Tune's ``TuneReportCallback``).
+    A Tune trial passes ``parent_run_id`` (nests the MLflow run), ``callbacks`` (Tune's
+    ``TuneReportCallback``), ``tracking_uri`` (the sweep's server) and ``tags``.
     """
     check_cluster_resources(cfg)
     name = run_name or cfg.scaling.run_name or time.strftime("swav-%Y%m%d-%H%M%S")
     root = storage_root(cfg)
     run_dir = f"{root}/{name}"
-    tracked = TrackedRun.start(cfg, run_dir, name, parent_run_id)
+    tracked = TrackedRun.start(cfg, run_dir, name, parent_run_id, tags, tracking_uri)
     print(f"swav-ray: run {name} ({'resumed' if tracked.resumed else 'new'}), MLflow run "
           f"{tracked.run_id}, checkpoints under {run_dir}", flush=True)
     sc = cfg.scaling
@@ -325,13 +264,13 @@ def run_training(
             state_path = Path(directory) / STATE_FILE
             state = torch.load(state_path, map_location="cpu", weights_only=False)
             if cfg.tracking.log_model:
-                model = build_model(**model_kwargs(cfg.model))
+                model = initial_model(cfg)
                 model.load_state_dict(state["engine"]["model"])
                 tracked.log_model(model.eval())
                 tracked.log_artifact(state_path, "checkpoints")
         tracked.client.set_tag(tracked.run_id, "ray_checkpoint", result.checkpoint.path)
     except BaseException:
-        tracked.end("FAILED")
+        tracked.end_if_running("FAILED")
         raise
     tracked.end("FINISHED")
     metrics = dict(result.metrics or {})

@@ -33,6 +33,7 @@ __all__ = [
     "load_digits_arrays",
     "open_source",
     "shard",
+    "subset",
 ]
 
 log = logging.getLogger(__name__)
@@ -258,7 +259,7 @@ def _holdout_split(n: int, fraction: float, seed: int) -> tuple[np.ndarray, np.n
     return np.sort(order[n_held:]), np.sort(order[:n_held])
 
 
-def _subset(dataset: Dataset, rows: np.ndarray) -> Dataset:
+def subset(dataset: Dataset, rows: np.ndarray) -> Dataset:
     if isinstance(dataset, ParquetImageDataset):
         return dataset.restrict(rows)
     return Subset(dataset, rows.tolist())
@@ -312,9 +313,9 @@ def open_source(
             raise ValueError(f"source: unknown source {source!r}, expected one of {SOURCES}")
         train_rows, held_rows = _holdout_split(len(full), holdout_fraction, seed)  # type: ignore
         n_classes = None if all_labels is None else int(all_labels.max()) + 1
-        splits = SourceSplits(_subset(full, train_rows), _subset(full, held_rows), n_classes)
+        splits = SourceSplits(subset(full, train_rows), subset(full, held_rows), n_classes)
     if limit is not None and limit < len(splits.train):  # type: ignore[arg-type]
-        splits.train = _subset(splits.train, np.arange(limit))
+        splits.train = subset(splits.train, np.arange(limit))
     return splits
 
 
@@ -348,4 +349,4 @@ def shard(dataset: Dataset, rank: int, world_size: int) -> Dataset:
     rows = np.arange(rank * n, (rank + 1) * n)
     if isinstance(dataset, Subset) and not isinstance(dataset.dataset, ParquetImageDataset):
         return Subset(dataset.dataset, [dataset.indices[i] for i in rows])
-    return _subset(dataset, rows)
+    return subset(dataset, rows)

@@ -127,7 +127,8 @@ class SwAVEngine:
         return unwrap(self.model)
 
     # -- queue -------------------------------------------------------------------------------
-    def _maybe_start_queue(self, epoch: int) -> None:
+    def start_queue(self, epoch: int) -> None:
+        """Create the (empty) queue if it is due at ``epoch`` (``epoch_queue_starts``)."""
         if self.queue is None and self.queue_length > 0 and epoch >= self.epoch_queue_starts:
             self.queue = FeatureQueue(
                 len(self.loss_fn.crops_for_assign), self.queue_length,
@@ -184,7 +185,7 @@ class SwAVEngine:
     ) -> EpochStats:
         """Train over ``loader``: :class:`swav.data.Batch`, ``(crop_groups, labels)`` or groups."""
         self.model.train()
-        self._maybe_start_queue(epoch)
+        self.start_queue(epoch)
         k = self.net.prototypes.sizes[0]
         counts = torch.zeros(k, dtype=torch.float64)
         loss_sum, steps, images, corrupt = 0.0, 0, 0, 0

@@ -34,7 +34,7 @@ def test_bf16_autocast_step_trains_and_keeps_float32_master_weights():
     loss_fn = SwAVLoss(n_crops=4, crops_for_assign=[0, 1], epsilon=0.03)
     engine = SwAVEngine(model, loss_fn, optimizer, scheduler, device=device, batch_size=32,
                         queue_length=64, epoch_queue_starts=0, amp=True)
-    engine._maybe_start_queue(0)
+    engine.start_queue(0)
     seen = {}
 
     def record_dtype(module, inputs, output) -> None:  # a hook returning a value replaces output

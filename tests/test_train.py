@@ -259,13 +259,8 @@ def test_parquet_run_skips_a_corrupt_image_and_stops_past_the_allowed_share(ray_
 
 
 def test_evaluate_and_explain_log_into_the_run_and_reject_bad_input(straight, tmp_path):
-    from orchestration.evaluate import (
-        _eval_sets,
-        _loader,
-        evaluate_run,
-        explain_run,
-        open_tracked_model,
-    )
+    from orchestration.evaluate import evaluate_run, explain_run, open_tracked_model
+    from orchestration.recipe import eval_loaders, eval_sets, open_splits
     from swav.counterfactual import nearest_other_prototype, populated_prototypes
     from swav.evaluation import assign_with_scores
 
@@ -288,8 +283,8 @@ def test_evaluate_and_explain_log_into_the_run_and_reject_bad_input(straight, tm
     assert len(rows) == 8 and all(r["source"] != r["target"] for r in rows)
     # default targets: the nearest other prototype among those holding a held-out image
     tracked = open_tracked_model(outcome.run_id, outcome.tracking_uri)
-    _, held, _ = _eval_sets(tracked.cfg)
-    assigned, _, _ = assign_with_scores(tracked.model, _loader(held))
+    _, held_loader = eval_loaders(tracked.cfg, eval_sets(tracked.cfg, open_splits(tracked.cfg)))
+    assigned, _, _ = assign_with_scores(tracked.model, held_loader)
     populated = populated_prototypes(assigned, 20)
     expected = nearest_other_prototype(tracked.model, torch.tensor([r["source"] for r in rows]),
                                        candidates=populated)

@@ -1,0 +1,52 @@
+"""The metric vocabulary: per-epoch names as a run reports them, and as MLflow, Ray Tune and the
+console see them (one name per figure everywhere)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from swav.engine import EpochStats
+
+__all__ = ["EPOCH_METRICS", "LABELLED_METRICS", "epoch_report", "loggable"]
+
+# name -> (what it is, the better direction); each is an MLflow metric at step = epoch.
+EPOCH_METRICS: dict[str, tuple[str, str]] = {
+    "loss": ("mean swapped-prediction loss of the epoch", "min"),
+    "lr": ("learning rate at the epoch's last step", "max"),
+    "images_per_s": ("training images per second, all workers", "max"),
+    "epoch_time_s": ("seconds of training in the epoch", "min"),
+    "prototypes_used": ("prototypes that won at least one code", "max"),
+    "code_entropy": ("entropy of the hard code assignments (nats)", "max"),
+    "corrupt_images": ("undecodable images skipped", "min"),
+    "knn_top1": ("held-out weighted kNN top-1 of the backbone", "max"),
+    "knn_top1_random_init": ("the same at initialisation (epoch 0 only)", "max"),
+}
+# Reported only when the data has a labelled held-out set.
+LABELLED_METRICS = ("knn_top1", "knn_top1_random_init")
+
+
+def epoch_report(stats: EpochStats, knn_top1: float | None = None,
+                 knn_top1_random_init: float | None = None) -> dict[str, Any]:
+    """The report of one epoch: ``epoch`` (0-based, the MLflow step), ``epochs_done`` (epochs
+    trained so far: Tune's time axis, right after a resume too) and the vocabulary's names."""
+    report: dict[str, Any] = {
+        "epoch": stats.epoch,
+        "epochs_done": stats.epoch + 1,
+        "loss": stats.loss,
+        "lr": stats.lr,
+        "images_per_s": stats.images_per_s,
+        "epoch_time_s": stats.seconds,
+        "prototypes_used": stats.used_prototypes,
+        "code_entropy": stats.code_entropy,
+        "corrupt_images": stats.corrupt_images,
+    }
+    if knn_top1 is not None:
+        report["knn_top1"] = knn_top1
+    if knn_top1_random_init is not None:
+        report["knn_top1_random_init"] = knn_top1_random_init
+    return report
+
+
+def loggable(report: dict[str, Any]) -> dict[str, float]:
+    """The vocabulary's figures of a report, as floats."""
+    return {k: float(v) for k, v in report.items() if k in EPOCH_METRICS and v is not None}

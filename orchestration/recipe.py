@@ -1,0 +1,285 @@
+"""The composition root: one experiment config -> every component of a SwAV run.
+
+Data splits and shards, the multi-crop and evaluation transforms, loaders, model, loss, optimiser
+and schedule, the engine and the evaluation sets are built here and nowhere else.  Ray Train
+workers, Tune trials, ``swav-ray evaluate``/``explain``, config validation and the benches all call
+it.  Pure PyTorch: no Ray, no MLflow (a bare GPU box runs it).
+
+Batch semantics: ``optim.batch_size`` is per Ray worker, so the *global* batch is
+``batch_size * scaling.num_workers``.  A run with ``world`` processes gives each
+``global / world`` images per step; one process (a bench) therefore trains on the same global
+batch the Ray run does, and the Sinkhorn codes, gathered over workers, are the same.
+
+``cfg`` is an :class:`orchestration.config.ExperimentConfig`; this module does not import it, so
+that :func:`orchestration.config.validate` can build the components through it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import random
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from swav.data import (
+    SourceSplits,
+    Transformed,
+    collate_eval,
+    collate_skipping_corrupt,
+    eval_transform,
+    open_source,
+    shard,
+    subset,
+)
+from swav.engine import EpochStats, SwAVEngine, convert_sync_batchnorm
+from swav.loss import SwAVLoss
+from swav.model import SwAVModel, build_model
+from swav.multicrop import MultiCropTransform
+from swav.optim import build_optimizer, build_scheduler
+
+if TYPE_CHECKING:
+    from orchestration.config import ExperimentConfig
+
+__all__ = [
+    "EvalSets",
+    "Training",
+    "build_loss",
+    "build_training",
+    "crop_transform",
+    "eval_loaders",
+    "eval_sets",
+    "initial_model",
+    "model_kwargs",
+    "open_splits",
+    "per_process_batch",
+    "plain_transform",
+]
+
+EVAL_BATCH = 256
+
+
+# -- data -------------------------------------------------------------------------------------
+
+def open_splits(cfg: ExperimentConfig) -> SourceSplits:
+    """The source's raw training and held-out sets (``data`` section; split seeded by the run)."""
+    d = cfg.data
+    return open_source(d.source, d.path, d.download, d.image_column, d.label_column,
+                       d.holdout_fraction, cfg.scaling.seed, d.limit)
+
+
+def crop_transform(cfg: ExperimentConfig) -> MultiCropTransform:
+    c = cfg.crops
+    return MultiCropTransform(c.nmb_crops, c.size_crops, c.min_scale_crops, c.max_scale_crops,
+                              mean=c.mean, std=c.std, color_strength=c.color_strength,
+                              blur_prob=c.blur_prob, flip_prob=c.flip_prob)
+
+
+def plain_transform(cfg: ExperimentConfig) -> Callable:
+    """The evaluation view of the config's images (no augmentation)."""
+    return eval_transform(cfg.data.eval_size or cfg.crops.size_crops[0], cfg.crops.mean,
+                          cfg.crops.std)
+
+
+def per_process_batch(cfg: ExperimentConfig, world: int) -> int:
+    """Images per step of each of ``world`` processes for the config's global batch."""
+    total = cfg.optim.batch_size * cfg.scaling.num_workers
+    if total % world:
+        raise ValueError(f"optim.batch_size: the global batch of {total} images does not split "
+                         f"over {world} processes")
+    return total // world
+
+
+def _loaded(dataset: Dataset) -> Dataset:
+    if hasattr(dataset, "load"):
+        dataset.load()  # Parquet: read this shard's row groups once, before loader workers fork
+    return dataset
+
+
+def train_loader(cfg: ExperimentConfig, splits: SourceSplits, rank: int, world: int,
+                 device: torch.device) -> DataLoader:
+    """Multi-crop batches of this process's contiguous shard of the training set."""
+    batch = per_process_batch(cfg, world)
+    own = _loaded(shard(splits.train, rank, world))
+    if len(own) < batch:  # type: ignore[arg-type]
+        raise ValueError(f"optim.batch_size: {batch} images per step exceed the {len(own)} "
+                         f"images of each worker's shard")
+    workers = cfg.data.loader_workers
+    return DataLoader(Transformed(own, crop_transform(cfg)), batch_size=batch, shuffle=True,
+                      drop_last=True, collate_fn=collate_skipping_corrupt,
+                      generator=torch.Generator().manual_seed(cfg.scaling.seed + rank),
+                      num_workers=workers, persistent_workers=workers > 0,
+                      pin_memory=device.type == "cuda")
+
+
+@dataclass
+class EvalSets:
+    """Evaluation view of the kNN/linear bank (training images) and of the held-out images."""
+
+    bank: Dataset
+    heldout: Dataset
+    n_classes: int
+
+
+def eval_sets(cfg: ExperimentConfig, splits: SourceSplits) -> EvalSets | None:
+    """The labelled evaluation sets, or None when the source has no labelled held-out set.
+
+    The bank holds at most ``eval.max_train_images`` training images, evenly spaced, so that the
+    per-epoch kNN of a run and ``swav-ray evaluate`` measure on the same images.
+    """
+    if splits.heldout is None or splits.n_classes is None:
+        return None
+    bank = splits.train
+    limit = cfg.eval.max_train_images
+    if limit is not None and len(bank) > limit:  # type: ignore[arg-type]
+        step = len(bank) / limit  # type: ignore[arg-type]
+        bank = subset(bank, np.array([int(i * step) for i in range(limit)]))
+    plain = plain_transform(cfg)
+    return EvalSets(Transformed(bank, plain), Transformed(splits.heldout, plain),
+                    splits.n_classes)
+
+
+def eval_loaders(cfg: ExperimentConfig, sets: EvalSets, rank: int = 0,
+                 world: int = 1) -> tuple[DataLoader, DataLoader]:
+    """Loaders over this process's shard of the bank and of the held-out set."""
+    def loader(dataset: Transformed) -> DataLoader:
+        if world > 1:
+            dataset = Transformed(_loaded(shard(dataset.base, rank, world)), dataset.transform)
+        return DataLoader(dataset, batch_size=EVAL_BATCH, collate_fn=collate_eval,
+                          num_workers=cfg.data.loader_workers)
+
+    return loader(sets.bank), loader(sets.heldout)  # type: ignore[arg-type]
+
+
+# -- model, loss, optimisation ----------------------------------------------------------------
+
+def model_kwargs(cfg: ExperimentConfig) -> dict[str, Any]:
+    """The ``model`` section as :func:`swav.model.build_model` arguments."""
+    return {k: v for k, v in dataclasses.asdict(cfg.model).items() if k != "channels_last"}
+
+
+def initial_model(cfg: ExperimentConfig) -> SwAVModel:
+    """The model at its seeded initialisation: what training starts from, and the random-init
+    baseline every figure is compared with."""
+    torch.manual_seed(cfg.scaling.seed)
+    return build_model(**model_kwargs(cfg))
+
+
+def build_loss(cfg: ExperimentConfig) -> SwAVLoss:
+    c, s = cfg.crops, cfg.swav
+    return SwAVLoss(sum(c.nmb_crops), c.crops_for_assign, s.temperature, s.epsilon,
+                    s.sinkhorn_iterations, gather=True)
+
+
+def build_optimization(cfg: ExperimentConfig, model: nn.Module, steps_per_epoch: int):
+    """Optimiser and per-iteration warmup + cosine schedule of the ``optim`` section."""
+    o = cfg.optim
+    optimizer = build_optimizer(model, o.name, o.lr, o.weight_decay, o.momentum)
+    scheduler = build_scheduler(optimizer, total_steps=o.epochs * steps_per_epoch,
+                                warmup_steps=round(o.warmup_epochs * steps_per_epoch),
+                                final_lr_ratio=o.final_lr / o.lr,
+                                start_lr_ratio=o.start_warmup / o.lr)
+    return optimizer, scheduler
+
+
+def build_engine(cfg: ExperimentConfig, steps_per_epoch: int, device: torch.device,
+                 batch_size: int, wrap: Callable[[nn.Module], nn.Module] | None = None,
+                 amp: bool = True) -> SwAVEngine:
+    """Model (seeded, channels-last and SyncBatchNorm on GPU, then ``wrap``: e.g. Ray's DDP
+    ``prepare_model``; default: moved to ``device``), loss, optimiser, schedule and engine
+    (``amp``: bf16 autocast on GPU)."""
+    model = initial_model(cfg)
+    channels_last = cfg.model.channels_last and device.type == "cuda"
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    model = convert_sync_batchnorm(model, device)
+    model = wrap(model) if wrap is not None else model.to(device)
+    optimizer, scheduler = build_optimization(cfg, model, steps_per_epoch)
+    s = cfg.swav
+    return SwAVEngine(model, build_loss(cfg), optimizer, scheduler, device=device,
+                      batch_size=batch_size, queue_length=s.queue_length,
+                      epoch_queue_starts=s.epoch_queue_starts,
+                      freeze_prototypes_iters=s.freeze_prototypes_iters, amp=amp,
+                      channels_last=channels_last)
+
+
+# -- a whole training setup -------------------------------------------------------------------
+
+@dataclass
+class Training:
+    """What one process of a run trains with; :meth:`run_epoch` is the one epoch loop."""
+
+    cfg: Any
+    rank: int
+    engine: SwAVEngine
+    loader: DataLoader
+    evaluation: tuple[DataLoader, DataLoader, int] | None  # bank, held-out, classes (own shards)
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return len(self.loader)
+
+    def run_epoch(self, epoch: int, on_step: Callable[[int, float], None] | None = None
+                  ) -> EpochStats:
+        # The shuffling order is a function of (seed, rank, epoch): identical after a resume.
+        self.loader.generator.manual_seed((self.cfg.scaling.seed + self.rank) * 100_003 + epoch)
+        return self.engine.train_epoch(self.loader, epoch, on_step=on_step)
+
+
+def build_training(cfg: ExperimentConfig, rank: int = 0, world: int = 1,
+                   device: torch.device | str = "cpu",
+                   wrap: Callable[[nn.Module], nn.Module] | None = None) -> Training:
+    """Everything process ``rank`` of ``world`` needs to train ``cfg`` (``world=1``: the whole
+    global batch in one process)."""
+    device = torch.device(device)
+    seed = cfg.scaling.seed
+    random.seed(seed + rank)
+    np.random.seed(seed + rank)
+    splits = open_splits(cfg)
+    loader = train_loader(cfg, splits, rank, world, device)
+    engine = build_engine(cfg, len(loader), device, per_process_batch(cfg, world), wrap)
+    sets = eval_sets(cfg, splits)
+    evaluation = None
+    if sets is not None:
+        evaluation = (*eval_loaders(cfg, sets, rank, world), sets.n_classes)
+    return Training(cfg, rank, engine, loader, evaluation)
+
+
+# -- validation -------------------------------------------------------------------------------
+
+def check_components(cfg: ExperimentConfig) -> None:
+    """Build the pure components once (crops, loss, model, optimiser) so that a bad value fails
+    with its component's ValueError, whose message starts with the dotted key."""
+    def section(name: str, build: Callable[[], Any]) -> None:
+        try:
+            build()
+        except ValueError as err:
+            raise ValueError(f"{name}.{err}") from None
+
+    section("crops", lambda: crop_transform(cfg))
+    try:
+        build_loss(cfg)
+    except ValueError as err:
+        name = "crops" if str(err).startswith(("crops_for_assign", "nmb_crops")) else "swav"
+        raise ValueError(f"{name}.{err}") from None
+    section("model", lambda: _model_check(tuple(sorted(model_kwargs(cfg).items(), key=str))))
+    o = cfg.optim
+    section("optim", lambda: build_optimizer(nn.Linear(1, 1), o.name, o.lr, o.weight_decay,
+                                             o.momentum))
+
+
+_MODELS_CHECKED: set[str] = set()
+
+
+def _model_check(kwargs: tuple) -> None:
+    """Build the model once per distinct ``model`` section (a sweep validates many configs)."""
+    key = repr(kwargs)
+    if key not in _MODELS_CHECKED:
+        with torch.device("meta"):  # shapes and arguments only: no memory, no initialisation
+            build_model(**dict(kwargs))
+        _MODELS_CHECKED.add(key)

@@ -1,0 +1,88 @@
+"""The composition root: one config -> the components every runner trains with."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from orchestration.config import load_config
+from orchestration.recipe import (
+    build_training,
+    check_components,
+    eval_loaders,
+    eval_sets,
+    initial_model,
+    open_splits,
+    per_process_batch,
+)
+
+TINY = ["data.limit=256", "optim.epochs=2", "optim.batch_size=32", "model.width=8",
+        "model.hidden_dim=32", "model.out_dim=16", "model.n_prototypes=20",
+        "swav.freeze_prototypes_iters=2", "optim.warmup_epochs=1"]
+
+
+def test_the_global_batch_is_split_over_the_processes_that_train():
+    cfg = load_config(None, ["optim.batch_size=32", "scaling.num_workers=2"])
+    assert per_process_batch(cfg, 1) == 64  # one process: the whole global batch
+    assert per_process_batch(cfg, 2) == 32
+    assert per_process_batch(cfg, 4) == 16
+    with pytest.raises(ValueError, match="^optim.batch_size: the global batch of 64"):
+        per_process_batch(cfg, 3)
+
+
+def test_one_process_trains_on_the_global_batch_from_the_seeded_initialisation():
+    cfg = load_config(None, TINY)
+    training = build_training(cfg)
+    crops, _ = next(iter(training.loader)).crops, None
+    assert [c.shape[0] for c in crops] == [2 * 64, 4 * 64]  # 2 + 4 crops of 64 images
+    assert training.steps_per_epoch == 256 // 64
+    assert training.engine.batch_size == 64
+    start = initial_model(cfg).state_dict()
+    for name, value in training.engine.net.state_dict().items():
+        torch.testing.assert_close(value, start[name], rtol=0, atol=0, msg=name)
+    stats = training.run_epoch(0)
+    assert stats.images == 256 and stats.epoch == 0
+    bank_loader, held_loader, n_classes = training.evaluation
+    assert n_classes == 10 and len(bank_loader.dataset) == 256
+
+
+def test_each_worker_gets_its_own_shard_and_the_same_shuffle_after_a_resume():
+    cfg = load_config(None, TINY)
+    rank0, rank1 = build_training(cfg, 0, 2), build_training(cfg, 1, 2)
+    assert rank0.loader.batch_size == rank1.loader.batch_size == 32
+    rows0, rows1 = set(rank0.loader.dataset.base.indices), set(rank1.loader.dataset.base.indices)
+    assert len(rows0) == len(rows1) == 128 and not rows0 & rows1
+    order = list(rank0.loader.batch_sampler.sampler.__iter__())  # the generator as left
+    rank0.loader.generator.manual_seed((cfg.scaling.seed + 0) * 100_003 + 1)
+    first = list(iter(rank0.loader.batch_sampler.sampler))
+    rank0.loader.generator.manual_seed((cfg.scaling.seed + 0) * 100_003 + 1)
+    again = list(iter(rank0.loader.batch_sampler.sampler))
+    assert first == again and len(order) == 128
+
+
+def test_the_evaluation_bank_is_an_evenly_spaced_subset_of_the_training_images():
+    cfg = load_config(None, ["eval.max_train_images=100"])
+    splits = open_splits(cfg)
+    sets = eval_sets(cfg, splits)
+    assert len(sets.bank) == 100 and len(sets.heldout) == 359 and sets.n_classes == 10
+    step = len(splits.train) / 100
+    assert sets.bank.base.indices == [int(i * step) for i in range(100)]  # rows of the train set
+    assert sets.bank.base.dataset is splits.train
+    bank, held = eval_loaders(cfg, sets, rank=1, world=2)
+    assert len(bank.dataset) == 50 and len(held.dataset) == 179
+
+
+def test_component_checks_name_the_key_and_build_large_models_without_memory():
+    cfg = load_config(None)
+    cfg.swav.epsilon = 0.0
+    with pytest.raises(ValueError, match="^swav.epsilon: must be > 0"):
+        check_components(cfg)
+    cfg = load_config(None)
+    cfg.crops.crops_for_assign = [0, 9]
+    with pytest.raises(ValueError, match="^crops.crops_for_assign"):
+        check_components(cfg)
+    cfg = load_config(None, ["model.backbone=resnet50", "model.n_prototypes=3000"])
+    check_components(cfg)  # on the meta device: no weights allocated
+    cfg.model.backbone = "resnet7"
+    with pytest.raises(ValueError, match="^model.backbone"):
+        check_components(cfg)
