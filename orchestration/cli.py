@@ -1,6 +1,8 @@
 """``swav-ray``: the command line.
 
     swav-ray train [CONFIG] [section.key=value ...]
+    swav-ray tune SWEEP [section.key=value ...] [--name NAME]
+    swav-ray tune --resume NAME [--storage DIR]
     swav-ray evaluate --run-id ID
     swav-ray explain --run-id ID [--n N] [--method ce|logit] [--target K]
 
@@ -14,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import os
 import sys
 from collections.abc import Sequence
@@ -23,19 +26,22 @@ from orchestration.config import ConfigError, ExperimentConfig, load_config
 __all__ = ["connect_ray", "main"]
 
 
-def connect_ray(cfg: ExperimentConfig) -> bool:
-    """Join the cluster named by RAY_ADDRESS, or start a local one. True when this call did."""
+def connect_ray(cfg: ExperimentConfig, extra_cpus: float = 0.0, log_to_driver: bool = True
+                ) -> bool:
+    """Join the cluster named by RAY_ADDRESS, or start a local one (room for the run's workers
+    plus ``extra_cpus``). True when this call did."""
     import ray
 
     if ray.is_initialized():
         return False
     if os.environ.get("RAY_ADDRESS"):
-        ray.init(log_to_driver=True)
+        ray.init(log_to_driver=log_to_driver)
         return True
     sc = cfg.scaling
-    needed = sc.num_workers * sc.cpus_per_worker
-    ray.init(address="local", num_cpus=max(os.cpu_count() or 1, int(needed + 0.999)),
-             num_gpus=None if sc.use_gpu else 0, include_dashboard=True, log_to_driver=True)
+    needed = sc.num_workers * sc.cpus_per_worker + extra_cpus
+    ray.init(address="local", num_cpus=max(os.cpu_count() or 1, math.ceil(needed)),
+             num_gpus=None if sc.use_gpu else 0, include_dashboard=True,
+             log_to_driver=log_to_driver)
     return True
 
 
@@ -88,6 +94,75 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_tune(args: argparse.Namespace) -> int:
+    from orchestration.sweep import load_sweep
+
+    if args.resume:
+        from orchestration.tuning import load_saved_spec
+
+        if args.sweep is not None:
+            raise ConfigError("resume: give the sweep's name only (its spec is stored with it)")
+        spec = load_saved_spec(_storage_root(args.storage), args.resume)
+    else:
+        if args.sweep is None:
+            raise ConfigError("sweep: name a sweep file (e.g. experiments/sweep_default.yaml) "
+                              "or --resume NAME")
+        spec = load_sweep(args.sweep, args.overrides)  # fails here, before Ray, on bad input
+    # Quiet console: our progress bar and table instead of Tune's status tables and MLflow's
+    # run links.
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+    os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
+    import ray
+
+    from orchestration.tuning import DRIVER_CPU, run_sweep
+
+    connected = connect_ray(spec.base_config(), extra_cpus=DRIVER_CPU, log_to_driver=False)
+    try:
+        outcome = run_sweep(spec, name=args.resume or args.name, resume=bool(args.resume),
+                            progress=True)
+    except ConfigError:
+        raise
+    except Exception as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        print(f"swav-ray: error: sweep failed: {first}\n  finished trials and checkpoints are "
+              f"kept; continue with swav-ray tune --resume NAME", file=sys.stderr)
+        return 1
+    finally:
+        if connected:
+            ray.shutdown()
+    _print_sweep(outcome, spec)
+    return 0
+
+
+def _storage_root(storage: str | None) -> str:
+    from orchestration.config import ScalingConfig
+    from orchestration.train import storage_root
+
+    cfg = ExperimentConfig()
+    cfg.scaling = ScalingConfig(storage_path=storage or ScalingConfig().storage_path)
+    return storage_root(cfg)
+
+
+def _print_sweep(outcome, spec) -> None:
+    from orchestration.sweep_report import format_table
+
+    print(f"\nsweep {outcome.name}: {len(outcome.rows)} trials, metric {spec.metric} "
+          f"({spec.mode}, at each trial's last epoch)")
+    print(format_table(outcome.rows, spec, outcome.best))
+    if outcome.best is not None:
+        b = outcome.best
+        print(f"best: trial {b.trial_id} (MLflow run {b.run_id}), {spec.metric} {b.metric:.4f}: "
+              + ", ".join(f"{k}={v}" for k, v in b.values.items()))
+        print(f"best config: sweep/best_config.yaml in the parent run (swav-ray train takes it "
+              f"as is)")
+    for key, value in sorted(outcome.best_metrics.items()):
+        print(f"  best trial {key}: {value:.4f}")
+    uri = outcome.tracking_uri
+    print(f"MLflow parent run id: {outcome.parent_run_id}")
+    print(f"view it: mlflow ui --backend-store-uri {uri}" if not uri.startswith("http")
+          else f"view it: {uri}")
+
+
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from orchestration.evaluate import evaluate_run
 
@@ -124,6 +199,19 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("overrides", nargs="*", help="dotted overrides, e.g. optim.lr=0.3")
     train.set_defaults(func=cmd_train)
 
+    tune_p = sub.add_parser("tune", help="sweep SwAV settings with Ray Tune (trials are Ray "
+                                          "Train runs, nested in one MLflow parent run)")
+    tune_p.add_argument("sweep", nargs="?", default=None,
+                        help="sweep YAML or a name in experiments/ (e.g. sweep_default)")
+    tune_p.add_argument("overrides", nargs="*", help="dotted overrides of the base experiment")
+    tune_p.add_argument("--name", default=None, help="sweep name (default: sweep-<file>-<time>)")
+    tune_p.add_argument("--resume", metavar="NAME", default=None,
+                        help="continue an interrupted sweep: finished trials are kept, unfinished "
+                             "ones resume from their last checkpoint")
+    tune_p.add_argument("--storage", default=None,
+                        help="with --resume: the sweep's scaling.storage_path, if not the default")
+    tune_p.set_defaults(func=cmd_tune)
+
     def tracked(name: str, text: str) -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=text)
         p.add_argument("--run-id", required=True, help="MLflow run of a finished training run")
@@ -148,9 +236,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _split_config_and_overrides(args: argparse.Namespace) -> None:
     """``swav-ray train optim.epochs=2``: a first positional with '=' is an override."""
-    if getattr(args, "config", None) is not None and "=" in args.config:
-        args.overrides = [args.config, *args.overrides]
-        args.config = None
+    for name in ("config", "sweep"):
+        if getattr(args, name, None) is not None and "=" in getattr(args, name):
+            args.overrides = [getattr(args, name), *args.overrides]
+            setattr(args, name, None)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

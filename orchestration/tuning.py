@@ -1,0 +1,325 @@
+"""``swav-ray tune``: a Ray Tune sweep whose trials are full Ray Train runs, tracked in MLflow.
+
+Ray Train V2 inside Tune, as the installed Ray documents it: each trial is a driver function that
+builds the trial's config (:func:`orchestration.sweep.trial_config`) and calls
+:func:`orchestration.train.run_training`, whose TorchTrainer reports every epoch to Tune through
+``TuneReportCallback``.  So a trial has its own worker group and gathers its Sinkhorn codes over
+it, and ASHA sees one result per epoch (time axis ``epochs_done``).  Trial runs are named
+``<sweep>-<trial id>``: a resumed sweep restarts an unfinished trial under the same name, and Ray
+Train resumes it from its last checkpoint.
+
+MLflow: the sweep is a parent run (the base config as params, ``search.<key>`` for the space),
+each trial a child run with the same params and metrics as a plain ``swav-ray train`` run.  All
+processes log through one server (:mod:`orchestration.mlflow_server` for a SQLite store).  A
+trial that ASHA stops is marked KILLED by :class:`TrialRunStatus`, in the Tune driver.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import ray
+import yaml
+from mlflow.tracking import MlflowClient
+from ray import tune
+from ray.tune.integration.ray_train import TuneReportCallback
+
+from orchestration.config import ConfigError, ExperimentConfig
+from orchestration.mlflow_server import serving
+from orchestration.sweep import SweepSpec, trial_config
+from orchestration.sweep_report import log_sweep_results, trial_rows
+from orchestration.tracking import TrackedRun, check_reachable, read_text, resolve_tracking_uri, write_text
+from orchestration.train import run_training, storage_root
+
+__all__ = ["SweepOutcome", "run_sweep", "trial_resources"]
+
+DRIVER_CPU = 0.5  # the trial's driver function; Ray Train's controller takes none
+SPEC_FILE = "swav_sweep.yaml"
+
+
+@dataclass
+class SweepOutcome:
+    name: str
+    parent_run_id: str
+    tracking_uri: str
+    rows: list[Any]  # sweep_report.TrialRow
+    best: Any | None
+    best_config: dict[str, Any] | None
+    best_metrics: dict[str, float] = field(default_factory=dict)
+
+
+def trial_resources(cfg: ExperimentConfig) -> dict[str, float]:
+    """What one trial holds: its Train workers plus its driver."""
+    sc = cfg.scaling
+    return {"CPU": sc.num_workers * sc.cpus_per_worker + DRIVER_CPU,
+            "GPU": float(sc.num_workers if sc.use_gpu else 0)}
+
+
+def concurrent_trials(spec: SweepSpec) -> int:
+    """Trials the connected cluster holds at once (or the sweep's own limit, if lower); a trial
+    that does not fit at all is a one-line error before any trial starts."""
+    need = trial_resources(spec.base_config())
+    have = ray.cluster_resources()
+    fits = []
+    for kind, amount in need.items():
+        if amount <= 0:
+            continue
+        if amount > have.get(kind, 0):
+            sc = spec.base_config().scaling
+            raise ConfigError(
+                f"scaling.num_workers: a trial needs {amount:g} {kind} ({sc.num_workers} workers "
+                f"+ its driver), the Ray cluster has {have.get(kind, 0):g}")
+        fits.append(int(have[kind] // amount))
+    most = min(fits)
+    return min(most, spec.max_concurrent_trials or most)
+
+
+def _distribution(dim, grid_searcher: bool):
+    if dim.kind == "grid" or (grid_searcher and dim.kind == "choice"):
+        return tune.grid_search(dim.values)
+    if dim.kind == "choice":
+        return tune.choice(dim.values)
+    if dim.kind == "uniform":
+        return tune.uniform(*dim.values)
+    if dim.kind == "loguniform":
+        return tune.loguniform(*dim.values)
+    return tune.randint(*dim.values)
+
+
+def _tune_config(spec: SweepSpec, max_concurrent: int) -> tune.TuneConfig:
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+
+    s = spec.scheduler
+    if s["name"] == "asha":
+        epochs = {d.key: d for d in spec.dimensions}.get("optim.epochs")
+        max_t = max(epochs.representatives()) if epochs else spec.base_config().optim.epochs
+        scheduler = ASHAScheduler(time_attr="epochs_done", max_t=max_t,
+                                  grace_period=s.get("grace_period", 1),
+                                  reduction_factor=s.get("reduction_factor", 2))
+    else:
+        scheduler = FIFOScheduler()
+    search_alg = None
+    if spec.searcher == "optuna":
+        try:
+            from ray.tune.search.optuna import OptunaSearch
+        except ImportError:
+            raise ConfigError("searcher: optuna is not installed (pip install 'swav-ray[optuna]')"
+                              ) from None
+        search_alg = OptunaSearch()
+    return tune.TuneConfig(metric=spec.metric, mode=spec.mode, scheduler=scheduler,
+                           search_alg=search_alg, num_samples=spec.num_samples,
+                           max_concurrent_trials=max_concurrent)
+
+
+class _ReportEpochsToTune(TuneReportCallback):
+    """Tune's Train callback, holding back the last epoch: the trial reports it itself once its
+    run has ended (model logged, run FINISHED), so that a scheduler's stop on the last epoch
+    never cuts the run's end short."""
+
+    def __init__(self, epochs: int) -> None:
+        super().__init__()
+        self.epochs = epochs
+
+    def after_report(self, run_context, metrics, checkpoint) -> None:
+        if metrics and metrics[0].get("epochs_done", 0) >= self.epochs:
+            return
+        super().after_report(run_context, metrics, checkpoint)
+
+
+def _trial(config: dict[str, Any], context: dict[str, Any]) -> None:
+    """One trial (a Tune function): the trial's config, trained by a full Ray Train run."""
+    from orchestration.sweep import Dimension
+
+    trial_id = tune.get_context().get_trial_id()
+    dims = [Dimension(**d) for d in context["dimensions"]]
+    cfg = trial_config(context["base"], dims, config)
+    outcome = run_training(cfg, parent_run_id=context["parent"],
+                           callbacks=[_ReportEpochsToTune(cfg.optim.epochs)],
+                           run_name=f"{context['sweep']}-{trial_id}", tracking_uri=context["uri"],
+                           tags={"trial_id": trial_id, "sweep": context["sweep"]})
+    tune.report({k: v for k, v in outcome.metrics.items() if isinstance(v, (int, float))})
+
+
+# parent run id -> the URI its sweep logs to now (a resumed sweep has a new private server; Tune
+# restores its callbacks from the sweep's saved state, with the URI of the first start).
+_LIVE_URIS: dict[str, str] = {}
+
+
+class TrialRunStatus(tune.Callback):
+    """Ends the MLflow run of a trial Tune ended before its function did: KILLED when the
+    scheduler stopped it, FAILED when it errored (runs that ended themselves are left alone)."""
+
+    def __init__(self, parent_run_id: str) -> None:
+        self.parent = parent_run_id
+
+    def on_trial_complete(self, iteration, trials, trial, **info) -> None:
+        self._end(trial.trial_id, "KILLED")
+
+    def on_trial_error(self, iteration, trials, trial, **info) -> None:
+        self._end(trial.trial_id, "FAILED")
+
+    def _end(self, trial_id: str, status: str) -> None:
+        client = MlflowClient(_LIVE_URIS[self.parent])
+        parent = client.get_run(self.parent)
+        runs = client.search_runs(
+            [parent.info.experiment_id],
+            filter_string=f"tags.mlflow.parentRunId = '{self.parent}' and "
+                          f"tags.trial_id = '{trial_id}'")
+        for run in runs:
+            if run.info.status == "RUNNING":
+                client.set_terminated(run.info.run_id, status=status)
+
+
+class SweepProgress(tune.Callback):
+    """The console of ``swav-ray tune``: one progress bar over all trials' epochs (the best
+    metric so far beside it) and one line per ended trial."""
+
+    def __init__(self, spec: SweepSpec, total_epochs: int) -> None:
+        self.spec, self.total = spec, total_epochs
+        self.bar = None
+        self.best: float | None = None
+
+    def _ensure_bar(self):
+        if self.bar is None:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=self.total, unit="epoch", desc="sweep", dynamic_ncols=True)
+        return self.bar
+
+    def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
+        bar = self._ensure_bar()
+        bar.update(1)
+        value = result.get(self.spec.metric)
+        if value is not None and (self.best is None or (
+                value > self.best if self.spec.mode == "max" else value < self.best)):
+            self.best = float(value)
+            bar.set_postfix_str(f"best {self.spec.metric} {self.best:.4f}")
+
+    def on_trial_complete(self, iteration, trials, trial, **info) -> None:
+        self._line(trial, "ended")
+
+    def on_trial_error(self, iteration, trials, trial, **info) -> None:
+        self._line(trial, "failed")
+
+    def _line(self, trial, what: str) -> None:
+        last = trial.last_result or {}
+        values = ", ".join(f"{d.key}={trial.config.get(d.key)}" for d in self.spec.dimensions)
+        metric = last.get(self.spec.metric)
+        shown = "-" if metric is None else f"{metric:.4f}"
+        self._ensure_bar().write(f"trial {trial.trial_id} {what} after {last.get('epochs_done', 0)}"
+                                 f" epochs: {self.spec.metric} {shown} ({values})")
+
+    def on_experiment_end(self, trials, **info) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _start_parent(spec: SweepSpec, name: str, sweep_dir: str, uri: str) -> TrackedRun:
+    base = spec.base_config()
+    parent = TrackedRun.start(base, sweep_dir, name, extra_tags={
+        "swav_ray.kind": "sweep", "sweep_file": spec.source}, uri=uri)
+    if not parent.resumed:
+        from mlflow.entities import Param
+
+        params = [Param(f"search.{d.key}", d.describe()[:6000]) for d in spec.dimensions]
+        params += [Param(f"sweep.{k}", str(v)) for k, v in (
+            ("metric", spec.metric), ("mode", spec.mode), ("num_samples", spec.num_samples),
+            ("scheduler", spec.scheduler), ("searcher", spec.searcher))]
+        parent.client.log_batch(parent.run_id, params=params)
+        parent.client.log_text(parent.run_id, yaml.safe_dump(spec.to_dict(), sort_keys=False),
+                               f"sweep/{SPEC_FILE}")
+    return parent
+
+
+def sweep_dir_of(root: str, name: str) -> str:
+    return f"{root}/{name}"
+
+
+def load_saved_spec(root: str, name: str) -> SweepSpec:
+    """The spec a sweep was started with (for ``--resume``)."""
+    text = read_text(f"{sweep_dir_of(root, name)}/{SPEC_FILE}")
+    if text is None:
+        raise ConfigError(f"resume: no sweep {name!r} under {root} (no {SPEC_FILE})")
+    return SweepSpec.from_dict(yaml.safe_load(text))
+
+
+def run_sweep(spec: SweepSpec, name: str | None = None, resume: bool = False,
+              progress: bool = False) -> SweepOutcome:
+    """Run (or resume) the sweep on the connected Ray cluster (``progress``: the console's bar
+    and trial lines)."""
+    base = spec.base_config()
+    name = name or spec.name or time.strftime(f"sweep-{Path(spec.source).stem}-%Y%m%d-%H%M%S")
+    root = storage_root(base)
+    sweep_dir = sweep_dir_of(root, name)
+    saved = read_text(f"{sweep_dir}/{SPEC_FILE}")
+    if saved is not None and not resume:
+        raise ConfigError(f"name: sweep {name!r} already exists under {root}; resume it with "
+                          f"swav-ray tune --resume {name}")
+    max_concurrent = concurrent_trials(spec)
+    uri = resolve_tracking_uri(base.tracking.tracking_uri)
+    check_reachable(uri)
+    with serving(uri) as live_uri:
+        parent = _start_parent(spec, name, sweep_dir, live_uri)
+        _LIVE_URIS[parent.run_id] = live_uri
+        write_text(f"{sweep_dir}/{SPEC_FILE}", yaml.safe_dump(spec.to_dict(), sort_keys=False))
+        try:
+            grid = _fit(spec, name, root, parent, live_uri, max_concurrent, resume, progress)
+            rows = trial_rows(grid, spec, MlflowClient(live_uri), parent.run_id)
+            best, best_config = log_sweep_results(parent, spec, rows)
+            best_metrics = _evaluate_best(spec, best, best_config, live_uri)
+        except BaseException:
+            parent.end_if_running("FAILED")
+            raise
+        parent.end("FINISHED")
+    return SweepOutcome(name, parent.run_id, uri, rows, best, best_config, best_metrics)
+
+
+def _fit(spec: SweepSpec, name: str, root: str, parent: TrackedRun, uri: str,
+         max_concurrent: int, resume: bool, progress: bool):
+    context = {"base": spec.base, "dimensions": [vars(d) for d in spec.dimensions],
+               "parent": parent.run_id, "uri": uri, "sweep": name}
+    # Tune reserves the driver's share only; the trial's Ray Train run reserves its workers.
+    trainable = tune.with_resources(tune.with_parameters(_trial, context=context),
+                                    {"CPU": DRIVER_CPU})
+    callbacks = [TrialRunStatus(parent.run_id)]
+    if progress:  # (a restored sweep keeps the callbacks it was started with)
+        epochs = {d.key: d for d in spec.dimensions}.get("optim.epochs")
+        per_trial = max(epochs.representatives()) if epochs else spec.base_config().optim.epochs
+        grid = math.prod(len(d.values) for d in spec.dimensions if d.kind == "grid")
+        callbacks.append(SweepProgress(spec, per_trial * grid * spec.num_samples))
+    if resume and tune.Tuner.can_restore(sweep_dir_of(root, name)):
+        tuner = tune.Tuner.restore(sweep_dir_of(root, name), trainable, resume_unfinished=True,
+                                   resume_errored=True)
+    else:
+        grid_searcher = spec.searcher == "grid"
+        tuner = tune.Tuner(
+            trainable,
+            param_space={d.key: _distribution(d, grid_searcher) for d in spec.dimensions},
+            tune_config=_tune_config(spec, max_concurrent),
+            run_config=tune.RunConfig(
+                name=name, storage_path=root, verbose=0,
+                failure_config=tune.FailureConfig(max_failures=0),  # Ray Train retries workers
+                callbacks=callbacks),
+        )
+    return tuner.fit()
+
+
+def _evaluate_best(spec: SweepSpec, best, best_config: dict[str, Any] | None,
+                   uri: str) -> dict[str, float]:
+    """``evaluate`` + ``explain`` for the best trial, when the sweep's ``eval`` asks."""
+    if best is None or best_config is None or not (spec.final_evaluation or spec.explain_images):
+        return {}
+    from orchestration.config import from_dict
+    from orchestration.evaluate import after_training
+
+    cfg = from_dict(best_config)
+    cfg.eval.final_evaluation = spec.final_evaluation
+    cfg.eval.explain_images = spec.explain_images
+    sc = cfg.scaling
+    task = ray.remote(after_training).options(num_cpus=sc.cpus_per_worker,
+                                              num_gpus=1 if sc.use_gpu else 0)
+    return ray.get(task.remote(best.run_id, uri, cfg))

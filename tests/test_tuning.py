@@ -1,0 +1,149 @@
+"""``swav-ray tune`` on a real local Ray instance (CPU, gloo) with a real MLflow server: a grid of
+concurrent trials nested under one parent run, ASHA stopping a bad trial, resuming a sweep."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import yaml
+from mlflow.tracking import MlflowClient
+
+from orchestration.config import ConfigError, load_config
+from orchestration.mlflow_server import serving
+from orchestration.sweep import load_sweep
+from orchestration.tuning import concurrent_trials, load_saved_spec, run_sweep
+
+EPOCHS = 3
+PER_EPOCH = ("loss", "lr", "images_per_s", "epoch_time_s", "prototypes_used", "code_entropy",
+             "knn_top1")
+
+
+@pytest.fixture(scope="module")
+def mlflow_url(tmp_path_factory):
+    """One private MLflow server over a temporary SQLite store for the module's sweeps."""
+    with serving(f"sqlite:///{tmp_path_factory.mktemp('mlflow') / 'mlflow.db'}") as url:
+        yield url
+
+
+def sweep(tmp: Path, url: str, search: dict, **extra) -> str:
+    overrides = {
+        "data.limit": 256, "optim.epochs": EPOCHS, "optim.batch_size": 64, "model.width": 8,
+        "model.hidden_dim": 32, "model.out_dim": 16, "model.n_prototypes": 20,
+        "swav.freeze_prototypes_iters": 2, "eval.knn_k": 10, "optim.warmup_epochs": 1,
+        "scaling.num_workers": 1, "scaling.storage_path": str(tmp / "runs"),
+        "tracking.tracking_uri": url, **extra.pop("overrides", {}),
+    }
+    path = tmp / "sweep.yaml"
+    path.write_text(yaml.safe_dump({"experiment": "default", "overrides": overrides,
+                                    "search": search, **extra}, sort_keys=False))
+    return str(path)
+
+
+def children(client: MlflowClient, parent_id: str) -> dict[str, object]:
+    parent = client.get_run(parent_id)
+    runs = client.search_runs([parent.info.experiment_id],
+                              filter_string=f"tags.mlflow.parentRunId = '{parent_id}'")
+    return {r.data.tags["trial_id"]: r for r in runs}
+
+
+def steps(client: MlflowClient, run_id: str, key: str = "loss") -> list[int]:
+    return [m.step for m in client.get_metric_history(run_id, key)]
+
+
+def test_a_grid_of_concurrent_trials_is_one_parent_run_with_a_child_per_trial(
+        ray_local, mlflow_url, tmp_path):
+    spec = load_sweep(sweep(tmp_path, mlflow_url, {"model.n_prototypes": {"grid": [10, 20]},
+                                                   "swav.epsilon": {"grid": [0.03, 0.05]}},
+                            scheduler="fifo"))
+    assert concurrent_trials(spec) == 2  # 3 CPUs, 1 worker + a 0.5-CPU driver per trial
+    outcome = run_sweep(spec, name="grid")
+    client = MlflowClient(mlflow_url)
+    parent = client.get_run(outcome.parent_run_id)
+    assert parent.info.status == "FINISHED" and parent.info.run_name == "grid"
+    assert parent.data.params["search.model.n_prototypes"] == "grid(10, 20)"
+    assert parent.data.params["optim.epochs"] == str(EPOCHS)  # the base config
+    kids = children(client, outcome.parent_run_id)
+    assert len(kids) == 4 and all(r.info.status == "FINISHED" for r in kids.values())
+    assert {(r.data.params["model.n_prototypes"], r.data.params["swav.epsilon"])
+            for r in kids.values()} == {("10", "0.03"), ("10", "0.05"), ("20", "0.03"),
+                                        ("20", "0.05")}
+    for run in kids.values():  # same names as a plain run, every epoch exactly once
+        for key in PER_EPOCH:
+            assert steps(client, run.info.run_id, key) == list(range(EPOCHS)), key
+        assert steps(client, run.info.run_id, "knn_top1_random_init") == [0]
+    starts = sorted((r.info.start_time, r.info.end_time) for r in kids.values())
+    assert any(b[0] < a[1] for a, b in zip(starts, starts[1:]))  # trials ran at the same time
+
+    last = {tid: r.data.metrics["knn_top1"] for tid, r in kids.items()}  # at the last epoch
+    best_id = outcome.best.trial_id
+    assert last[best_id] == max(last.values())  # (ties on tiny data: any of the best)
+    assert outcome.best.metric == pytest.approx(last[best_id])
+    assert outcome.best.run_id == kids[best_id].info.run_id
+    assert parent.data.tags["best_run_id"] == kids[best_id].info.run_id
+    assert parent.data.metrics["best_knn_top1"] == pytest.approx(last[best_id])
+    assert parent.data.params["best.model.n_prototypes"] == kids[best_id].data.params[
+        "model.n_prototypes"]
+    artifacts = {a.path for a in client.list_artifacts(outcome.parent_run_id, "sweep")}
+    assert {"sweep/trials.csv", "sweep/best_config.yaml", "sweep/metric_by_knob.png",
+            "sweep/learning_curves.png"} <= artifacts
+    csv = Path(client.download_artifacts(outcome.parent_run_id, "sweep/trials.csv", str(tmp_path)))
+    assert len(csv.read_text().strip().splitlines()) == 1 + 4
+    best_file = client.download_artifacts(outcome.parent_run_id, "sweep/best_config.yaml",
+                                          str(tmp_path))
+    best = load_config(best_file)  # swav-ray train takes it as is
+    assert best.model.n_prototypes == int(kids[best_id].data.params["model.n_prototypes"])
+    assert best.swav.epsilon == float(kids[best_id].data.params["swav.epsilon"])
+    assert best.scaling.run_name is None and best.eval.final_evaluation  # the base's evaluation
+
+
+def test_asha_stops_a_bad_trial_and_a_resumed_sweep_reruns_only_the_unfinished(
+        ray_local, mlflow_url, tmp_path):
+    """Three trials, one at a time; each dies for good at its third epoch (the first time). The
+    loss starts near ln K, so K=200 is far worse than K=10 after one epoch: ASHA stops it (KILLED)
+    and the next trial still runs. The resumed sweep finishes the two that died from their last
+    checkpoints into the same MLflow runs and leaves the stopped one alone."""
+    spec = load_sweep(sweep(tmp_path, mlflow_url, {"model.n_prototypes": {"grid": [10, 200, 12]}},
+                            metric="loss", max_concurrent_trials=1,
+                            scheduler={"name": "asha", "grace_period": 1, "reduction_factor": 2},
+                            overrides={"fail_at_epoch": 2, "scaling.max_failures": 0}))
+    first = run_sweep(spec, name="asha")
+    rows = first.rows  # in trial order
+    assert [r.values["model.n_prototypes"] for r in rows] == [10, 200, 12]
+    assert [r.status for r in rows] == ["error", "stopped", "error"]
+    assert rows[1].epochs == 1 and rows[1].metric > math.log(100)  # stopped for being bad
+    assert rows[2].epochs >= 1  # the stopped trial freed its workers and placement group
+    client = MlflowClient(mlflow_url)
+    kids = children(client, first.parent_run_id)
+    assert [kids[r.trial_id].info.status for r in rows] == ["FAILED", "KILLED", "FAILED"]
+    stopped = kids[rows[1].trial_id].info.run_id
+    stopped_dir = tmp_path / "runs" / f"asha-{rows[1].trial_id}"
+    before = (steps(client, stopped), sorted(p.name for p in stopped_dir.rglob("*")))
+
+    again = run_sweep(load_saved_spec(str(tmp_path / "runs"), "asha"), name="asha", resume=True)
+    assert again.parent_run_id == first.parent_run_id
+    assert client.get_run(again.parent_run_id).info.status == "FINISHED"
+    assert [r.status for r in again.rows] == ["finished", "stopped", "finished"]
+    kids = children(client, first.parent_run_id)
+    assert len(kids) == 3
+    assert [kids[r.trial_id].info.status for r in rows] == ["FINISHED", "KILLED", "FINISHED"]
+    for r in (rows[0], rows[2]):  # resumed from a checkpoint: every epoch logged exactly once
+        assert steps(client, kids[r.trial_id].info.run_id) == list(range(EPOCHS))
+    assert (steps(client, stopped), sorted(p.name for p in stopped_dir.rglob("*"))) == before
+    assert again.best.trial_id == rows[0].trial_id  # K=10: the lowest loss
+    with pytest.raises(ConfigError, match="already exists"):
+        run_sweep(spec, name="asha")
+
+
+def test_a_trial_larger_than_the_cluster_is_refused_before_any_run(ray_local, mlflow_url,
+                                                                   tmp_path):
+    spec = load_sweep(sweep(tmp_path, mlflow_url, {"swav.epsilon": {"grid": [0.03]}},
+                            overrides={"scaling.num_workers": 3}))
+    with pytest.raises(ConfigError, match=r"^scaling.num_workers: a trial needs 3.5 CPU \(3 "
+                                          r"workers \+ its driver\), the Ray cluster has 3"):
+        run_sweep(spec, name="too-big")
+    client = MlflowClient(mlflow_url)
+    experiment = client.get_experiment_by_name("swav-ray")
+    names = {r.info.run_name for r in client.search_runs([experiment.experiment_id])}
+    assert "too-big" not in names and not (tmp_path / "runs" / "too-big").exists()
