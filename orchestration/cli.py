@@ -46,24 +46,30 @@ def connect_ray(cfg: ExperimentConfig, extra_cpus: float = 0.0, log_to_driver: b
 
 
 def _print_summary(outcome) -> None:
-    from swav.counterfactual import METHODS
-
     uri = outcome.tracking_uri
     m = outcome.metrics
     shown = {k: m[k] for k in ("epoch", "loss", "knn_top1", "used_prototypes") if k in m}
     print(f"\nrun {outcome.run_name} finished: {shown}")
-    if "linear_top1" in m:
-        print(f"evaluation (held-out): kNN top-1 {m['knn_top1']:.3f} (random init "
-              f"{m['knn_top1_random_init']:.3f}), linear top-1 {m['linear_top1']:.3f} (random "
-              f"init {m['linear_top1_random_init']:.3f}), NMI {m['nmi']:.3f}, ARI {m['ari']:.3f}")
-    for method in METHODS:
-        if f"{method}_cf_validity" in m:
-            print(f"counterfactuals ({method}): validity {m[f'{method}_cf_validity']:.3f}, "
-                  f"mean L2 {m[f'{method}_cf_l2']:.3f}, mean steps {m[f'{method}_cf_steps']:.1f}")
+    _print_evaluation(m)
     print(f"MLflow run id: {outcome.run_id}")
     print(f"checkpoint: {outcome.checkpoint_path}")
     print(f"view it: mlflow ui --backend-store-uri {uri}" if not uri.startswith("http")
           else f"view it: {uri}")
+
+
+def _print_evaluation(m: dict, prefix: str = "") -> None:
+    """The final evaluation and counterfactual figures of a run, when they ran."""
+    from swav.counterfactual import METHODS
+
+    if "linear_top1" in m:
+        print(f"{prefix}evaluation (held-out): kNN top-1 {m['knn_top1']:.3f} (random init "
+              f"{m['knn_top1_random_init']:.3f}), linear top-1 {m['linear_top1']:.3f} (random "
+              f"init {m['linear_top1_random_init']:.3f}), NMI {m['nmi']:.3f}, ARI {m['ari']:.3f}")
+    for method in METHODS:
+        if f"{method}_cf_validity" in m:
+            print(f"{prefix}counterfactuals ({method}): validity "
+                  f"{m[f'{method}_cf_validity']:.3f}, mean L2 {m[f'{method}_cf_l2']:.3f}, "
+                  f"mean steps {m[f'{method}_cf_steps']:.1f}")
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -155,8 +161,7 @@ def _print_sweep(outcome, spec) -> None:
               + ", ".join(f"{k}={v}" for k, v in b.values.items()))
         print(f"best config: sweep/best_config.yaml in the parent run (swav-ray train takes it "
               f"as is)")
-    for key, value in sorted(outcome.best_metrics.items()):
-        print(f"  best trial {key}: {value:.4f}")
+    _print_evaluation(outcome.best_metrics, prefix="best trial ")
     uri = outcome.tracking_uri
     print(f"MLflow parent run id: {outcome.parent_run_id}")
     print(f"view it: mlflow ui --backend-store-uri {uri}" if not uri.startswith("http")

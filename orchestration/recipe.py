@@ -182,8 +182,7 @@ def build_optimization(cfg: ExperimentConfig, model: nn.Module, steps_per_epoch:
     optimizer = build_optimizer(model, o.name, o.lr, o.weight_decay, o.momentum)
     scheduler = build_scheduler(optimizer, total_steps=o.epochs * steps_per_epoch,
                                 warmup_steps=round(o.warmup_epochs * steps_per_epoch),
-                                final_lr_ratio=o.final_lr / o.lr,
-                                start_lr_ratio=o.start_warmup / o.lr)
+                                final_lr=o.final_lr, start_lr=o.start_warmup)
     return optimizer, scheduler
 
 

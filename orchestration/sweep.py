@@ -169,7 +169,7 @@ def _spec(data: dict[str, Any], base: dict[str, Any], source: str) -> SweepSpec:
     if not isinstance(search, dict) or not search:
         raise ConfigError("search: a sweep needs a 'search' mapping of config keys to "
                           "distributions")
-    dims = [_dimension(str(k), v, base) for k, v in search.items()]
+    dims = [_dimension(str(k), v) for k, v in search.items()]
     metric = data.get("metric", "knn_top1")
     if metric not in EPOCH_METRICS:
         raise ConfigError(f"metric: {metric!r} is not reported by trials (they report: "
@@ -192,7 +192,7 @@ def _spec(data: dict[str, Any], base: dict[str, Any], source: str) -> SweepSpec:
         explain_images=int(ev.get("explain_images", 0)), name=data.get("name"), source=source)
 
 
-def _dimension(key: str, spec: Any, base: dict[str, Any]) -> Dimension:
+def _dimension(key: str, spec: Any) -> Dimension:
     where = f"search.{key}"
     defaults = ExperimentConfig().to_dict()
     section, _, leaf = key.partition(".")

@@ -45,6 +45,15 @@ def resolve_tracking_uri(configured: str | None) -> str:
     return uri
 
 
+def artifact_root(uri: str) -> str | None:
+    """Where a new experiment keeps its artifacts: beside a SQLite store (``mlruns/`` next to
+    the database file, not under whatever directory the process runs in); the server decides
+    for other URIs."""
+    if not uri.startswith("sqlite:///"):
+        return None
+    return str(Path(uri[len("sqlite:///"):]).parent / "mlruns")
+
+
 def check_reachable(uri: str, timeout: float = 5.0) -> None:
     """Fail fast (one line) when an HTTP tracking server does not answer."""
     if not uri.startswith(("http://", "https://")):
@@ -112,7 +121,8 @@ class TrackedRun:
             return cls(uri, run_id, resumed=True)
         experiment = client.get_experiment_by_name(cfg.tracking.experiment_name)
         experiment_id = (experiment.experiment_id if experiment is not None
-                         else client.create_experiment(cfg.tracking.experiment_name))
+                         else client.create_experiment(cfg.tracking.experiment_name,
+                                                       artifact_location=artifact_root(uri)))
         tags = {"mlflow.runName": run_name, **environment_tags(cfg), **(extra_tags or {})}
         if parent_run_id:
             tags["mlflow.parentRunId"] = parent_run_id

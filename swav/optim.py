@@ -28,13 +28,14 @@ import math
 from typing import Any, Callable, Iterable, Optional, Union
 
 import torch
-from torch.optim.lr_scheduler import LambdaLR
+from torch.optim.lr_scheduler import LRScheduler
 
 __all__ = [
     "LARS",
     "param_groups",
     "build_optimizer",
     "warmup_cosine",
+    "WarmupCosine",
     "build_scheduler",
     "OPTIMIZER_NAMES",
 ]
@@ -291,28 +292,39 @@ def warmup_cosine(
     return float(final_lr + 0.5 * (base_lr - final_lr) * (1.0 + math.cos(math.pi * progress)))
 
 
+class WarmupCosine(LRScheduler):
+    """Per-iteration :func:`warmup_cosine` schedule with absolute rates: each group goes from
+    ``start_lr`` to its own initial lr (the peak) and decays to ``final_lr``."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, total_steps: int, warmup_steps: int,
+                 final_lr: float, start_lr: float) -> None:
+        self.total_steps, self.warmup_steps = total_steps, warmup_steps
+        self.final_lr, self.start_lr = final_lr, start_lr
+        super().__init__(optimizer)
+
+    def get_lr(self) -> list[float]:
+        return [warmup_cosine(self.last_epoch, self.total_steps, self.warmup_steps, base,
+                              self.final_lr, self.start_lr) for base in self.base_lrs]
+
+
 def build_scheduler(
     optimizer: torch.optim.Optimizer,
     total_steps: int,
     warmup_steps: int = 0,
-    final_lr_ratio: float = 0.0,
-    start_lr_ratio: float = 0.0,
-) -> LambdaLR:
+    final_lr: float = 0.0,
+    start_lr: float = 0.0,
+) -> WarmupCosine:
     """Per-iteration warmup + cosine scheduler (call ``.step()`` every batch).
 
-    Each group's learning rate is its initial lr multiplied by
-    ``warmup_cosine(step, total_steps, warmup_steps, 1.0, final_lr_ratio,
-    start_lr_ratio)``.
+    Each group's learning rate follows ``warmup_cosine(step, total_steps, warmup_steps,
+    base_lr=<the group's initial lr>, final_lr, start_lr)``, as in ``main_swav.py``.
 
     Args:
-        optimizer: the optimizer to schedule.
+        optimizer: the optimizer to schedule (its lr is the peak, reached after warmup).
         total_steps: total number of iterations (>= 1).
         warmup_steps: warmup iterations, ``0 <= warmup_steps <= total_steps``.
-        final_lr_ratio: final lr as a fraction of each group's initial lr.
-        start_lr_ratio: warmup start lr as a fraction of each group's initial lr.
-
-    Returns:
-        A :class:`torch.optim.lr_scheduler.LambdaLR`.
+        final_lr: learning rate at and after ``total_steps``.
+        start_lr: learning rate at step 0 of the warmup.
 
     Raises:
         ValueError: with a message starting with the offending field name.
@@ -323,15 +335,7 @@ def build_scheduler(
         raise ValueError(
             f"warmup_steps: must be in [0, total_steps={total_steps}], got {warmup_steps}"
         )
-
-    def _factor(step: int) -> float:
-        return warmup_cosine(
-            step,
-            total_steps,
-            warmup_steps,
-            base_lr=1.0,
-            final_lr=final_lr_ratio,
-            start_lr=start_lr_ratio,
-        )
-
-    return LambdaLR(optimizer, lr_lambda=_factor)
+    for name, value in (("final_lr", final_lr), ("start_lr", start_lr)):
+        if not value >= 0:
+            raise ValueError(f"{name}: must be >= 0, got {value}")
+    return WarmupCosine(optimizer, total_steps, warmup_steps, final_lr, start_lr)

@@ -32,3 +32,29 @@ def test_summary_without_evaluation_has_no_evaluation_lines(capsys):
     out = capsys.readouterr().out
     assert "finished: {'epoch': 1, 'loss': 4.1}" in out
     assert "evaluation" not in out and "counterfactuals" not in out
+
+
+def test_sweep_summary_shows_the_table_the_best_trial_and_its_evaluation(capsys):
+    from orchestration.cli import _print_sweep
+    from orchestration.sweep import Dimension, SweepSpec
+    from orchestration.sweep_report import TrialRow
+
+    spec = SweepSpec(base={}, dimensions=[Dimension("swav.epsilon", "grid", [0.03, 0.05])])
+    rows = [TrialRow("aaaaa_00000", "r0", {"swav.epsilon": 0.03}, 0.91, 12, 12, "finished", {}),
+            TrialRow("aaaaa_00001", "r1", {"swav.epsilon": 0.05}, 0.85, 3, 12, "stopped", {})]
+    outcome = SimpleNamespace(name="s", rows=rows, best=rows[0], parent_run_id="p1",
+                              tracking_uri="sqlite:////tmp/m.db",
+                              best_metrics={"knn_top1": 0.92, "knn_top1_random_init": 0.9,
+                                            "linear_top1": 0.95, "linear_top1_random_init": 0.9,
+                                            "nmi": 0.7, "ari": 0.4})
+    _print_sweep(outcome, spec)
+    out = capsys.readouterr().out.splitlines()
+    header = next(i for i, line in enumerate(out) if line.strip().startswith("trial"))
+    assert out[header].split() == ["trial", "swav.epsilon", "knn_top1", "epochs", "status"]
+    assert out[header + 1].split() == ["*", "aaaaa_00000", "0.03", "0.9100", "12/12", "finished"]
+    assert out[header + 2].split() == ["aaaaa_00001", "0.05", "0.8500", "3/12", "stopped"]
+    assert any(line.startswith("best: trial aaaaa_00000 (MLflow run r0), knn_top1 0.9100")
+               for line in out)
+    assert "best trial evaluation (held-out): kNN top-1 0.920 (random init 0.900), linear " \
+           "top-1 0.950 (random init 0.900), NMI 0.700, ARI 0.400" in out
+    assert "MLflow parent run id: p1" in out

@@ -260,11 +260,11 @@ def test_warmup_cosine_values() -> None:
 
 def _make_sched(
     lr: float = 0.4,
-) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR, Callable[[int], float]]:
+) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler, Callable[[int], float]]:
     model = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.BatchNorm1d(2))
     opt = build_optimizer(model, "lars", lr=lr)
     sched = build_scheduler(
-        opt, total_steps=20, warmup_steps=4, final_lr_ratio=0.01, start_lr_ratio=0.1
+        opt, total_steps=20, warmup_steps=4, final_lr=0.01 * lr, start_lr=0.1 * lr
     )
 
     def expected(step: int) -> float:
@@ -319,6 +319,8 @@ def test_scheduler_state_dict_round_trip() -> None:
         ({"total_steps": 0}, "total_steps"),
         ({"warmup_steps": -1}, "warmup_steps"),
         ({"total_steps": 5, "warmup_steps": 6}, "warmup_steps"),
+        ({"final_lr": -0.1}, "final_lr"),
+        ({"start_lr": -1.0}, "start_lr"),
     ],
 )
 def test_build_scheduler_validation(kwargs: dict[str, Any], field: str) -> None:
