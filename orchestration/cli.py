@@ -137,6 +137,10 @@ def cmd_tune(args: argparse.Namespace) -> int:
         if connected:
             ray.shutdown()
     _print_sweep(outcome, spec)
+    if outcome.unfinished:
+        print(f"swav-ray: sweep interrupted: {outcome.unfinished} trials did not finish; "
+              f"continue with swav-ray tune --resume {outcome.name}", file=sys.stderr)
+        return 1
     return 0
 
 

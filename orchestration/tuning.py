@@ -50,6 +50,7 @@ class SweepOutcome:
     best: Any | None
     best_config: dict[str, Any] | None
     best_metrics: dict[str, float] = field(default_factory=dict)
+    unfinished: int = 0  # trials an interruption left unfinished (--resume continues them)
 
 
 def trial_resources(cfg: ExperimentConfig) -> dict[str, float]:
@@ -157,21 +158,22 @@ class TrialRunStatus(tune.Callback):
         self.parent = parent_run_id
 
     def on_trial_complete(self, iteration, trials, trial, **info) -> None:
-        self._end(trial.trial_id, "KILLED")
+        end_trial_runs(_LIVE_URIS[self.parent], self.parent, "KILLED", trial.trial_id)
 
     def on_trial_error(self, iteration, trials, trial, **info) -> None:
-        self._end(trial.trial_id, "FAILED")
+        end_trial_runs(_LIVE_URIS[self.parent], self.parent, "FAILED", trial.trial_id)
 
-    def _end(self, trial_id: str, status: str) -> None:
-        client = MlflowClient(_LIVE_URIS[self.parent])
-        parent = client.get_run(self.parent)
-        runs = client.search_runs(
-            [parent.info.experiment_id],
-            filter_string=f"tags.mlflow.parentRunId = '{self.parent}' and "
-                          f"tags.trial_id = '{trial_id}'")
-        for run in runs:
-            if run.info.status == "RUNNING":
-                client.set_terminated(run.info.run_id, status=status)
+
+def end_trial_runs(uri: str, parent_run_id: str, status: str, trial_id: str | None = None
+                   ) -> None:
+    """End the sweep's child runs (one trial's, or all) that are still RUNNING."""
+    client = MlflowClient(uri)
+    parent = client.get_run(parent_run_id)
+    query = f"tags.mlflow.parentRunId = '{parent_run_id}' and attributes.status = 'RUNNING'"
+    if trial_id is not None:
+        query += f" and tags.trial_id = '{trial_id}'"
+    for run in client.search_runs([parent.info.experiment_id], filter_string=query):
+        client.set_terminated(run.info.run_id, status=status)
 
 
 class SweepProgress(tune.Callback):
@@ -268,14 +270,20 @@ def run_sweep(spec: SweepSpec, name: str | None = None, resume: bool = False,
         write_text(f"{sweep_dir}/{SPEC_FILE}", yaml.safe_dump(spec.to_dict(), sort_keys=False))
         try:
             grid = _fit(spec, name, root, parent, live_uri, max_concurrent, resume, progress)
+            # Trials Tune never ended (an interrupted sweep): their runs are not left RUNNING.
+            unfinished = len(grid) - grid.num_terminated - grid.num_errors
+            end_trial_runs(live_uri, parent.run_id, "KILLED")
             rows = trial_rows(grid, spec, MlflowClient(live_uri), parent.run_id)
             best, best_config = log_sweep_results(parent, spec, rows)
-            best_metrics = _evaluate_best(spec, best, best_config, live_uri)
+            best_metrics = {} if unfinished else _evaluate_best(spec, best, best_config,
+                                                                 live_uri)
         except BaseException:
             parent.end_if_running("FAILED")
+            end_trial_runs(live_uri, parent.run_id, "KILLED")
             raise
-        parent.end("FINISHED")
-    return SweepOutcome(name, parent.run_id, uri, rows, best, best_config, best_metrics)
+        parent.end("KILLED" if unfinished else "FINISHED")
+    return SweepOutcome(name, parent.run_id, uri, rows, best, best_config, best_metrics,
+                        unfinished)
 
 
 def _fit(spec: SweepSpec, name: str, root: str, parent: TrackedRun, uri: str,
