@@ -79,6 +79,12 @@ def concurrent_trials(spec: SweepSpec) -> int:
     return min(most, spec.max_concurrent_trials or most)
 
 
+def max_epochs(spec: SweepSpec) -> int:
+    """The most epochs a trial of the sweep trains (``optim.epochs`` may be searched)."""
+    epochs = {d.key: d for d in spec.dimensions}.get("optim.epochs")
+    return max(epochs.representatives()) if epochs else spec.base_config().optim.epochs
+
+
 def _distribution(dim, grid_searcher: bool):
     if dim.kind == "grid" or (grid_searcher and dim.kind == "choice"):
         return tune.grid_search(dim.values)
@@ -96,9 +102,7 @@ def _tune_config(spec: SweepSpec, max_concurrent: int) -> tune.TuneConfig:
 
     s = spec.scheduler
     if s["name"] == "asha":
-        epochs = {d.key: d for d in spec.dimensions}.get("optim.epochs")
-        max_t = max(epochs.representatives()) if epochs else spec.base_config().optim.epochs
-        scheduler = ASHAScheduler(time_attr="epochs_done", max_t=max_t,
+        scheduler = ASHAScheduler(time_attr="epochs_done", max_t=max_epochs(spec),
                                   grace_period=s.get("grace_period", 1),
                                   reduction_factor=s.get("reduction_factor", 2))
     else:
@@ -295,10 +299,8 @@ def _fit(spec: SweepSpec, name: str, root: str, parent: TrackedRun, uri: str,
                                     {"CPU": DRIVER_CPU})
     callbacks = [TrialRunStatus(parent.run_id)]
     if progress:  # (a restored sweep keeps the callbacks it was started with)
-        epochs = {d.key: d for d in spec.dimensions}.get("optim.epochs")
-        per_trial = max(epochs.representatives()) if epochs else spec.base_config().optim.epochs
         grid = math.prod(len(d.values) for d in spec.dimensions if d.kind == "grid")
-        callbacks.append(SweepProgress(spec, per_trial * grid * spec.num_samples))
+        callbacks.append(SweepProgress(spec, max_epochs(spec) * grid * spec.num_samples))
     if resume and tune.Tuner.can_restore(sweep_dir_of(root, name)):
         tuner = tune.Tuner.restore(sweep_dir_of(root, name), trainable, resume_unfinished=True,
                                    resume_errored=True)
