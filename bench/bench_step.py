@@ -3,10 +3,16 @@
 Measures what one worker's GPU (or CPU) sustains for the full step: prototype normalisation,
 multi-resolution forward, queue, Sinkhorn, loss, backward, optimiser.  The engine is built by the
 recipe every run uses (``orchestration.recipe``) from the config defaults plus the flags below
-(or any dotted override after them).  Prints one JSON line per repeat and the median.
+(or any dotted override after them).  ``--rows`` adds peers measured in the same process, rows
+alternating every repeat: ``lightly`` (lightly's SwaV parts, one backbone pass per resolution
+group, SGD; ``bench/lightly_peer.py``), ``ours-sgd`` (our engine with SGD, the same optimiser as
+that peer) and ``ours-compile`` (``torch.compile`` of backbone and head).  Prints one JSON line per
+row and repeat and the medians.
 
     python bench/bench_step.py --device cuda --backbone resnet50 --batch-size 64 \
         --crops 2x224,6x96 --prototypes 3000 --queue 3840 --optimizer lars
+    python bench/bench_step.py --backbone resnet18 --cifar-stem --batch-size 256 \
+        --crops 2x32,4x16 --channels-last --rows ours,ours-sgd,lightly --repeats 2
 """
 
 from __future__ import annotations
@@ -36,6 +42,15 @@ def crop_overrides(text: str) -> list[str]:
             f"crops.min_scale_crops={lows}", f"crops.max_scale_crops={highs}"]
 
 
+def cfg_overrides(args) -> list[str]:
+    return [f"model.backbone={args.backbone}", f"model.cifar_stem={args.cifar_stem}",
+            f"model.n_prototypes={args.prototypes}", f"model.channels_last={args.channels_last}",
+            f"optim.name={args.optimizer}", "optim.lr=0.6", "optim.warmup_epochs=0",
+            f"optim.batch_size={args.batch_size}", "scaling.num_workers=1",
+            f"swav.queue_length={args.queue}", "swav.epoch_queue_starts=0",
+            "swav.freeze_prototypes_iters=0", *crop_overrides(args.crops), *args.overrides]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -51,51 +66,73 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--rows", default="ours", help="ours, ours-sgd, ours-compile, lightly")
     ap.add_argument("overrides", nargs="*", help="further dotted config overrides")
     args = ap.parse_args()
     device = torch.device(args.device)
-    cfg: ExperimentConfig = build_config({}, [
-        f"model.backbone={args.backbone}", f"model.cifar_stem={args.cifar_stem}",
-        f"model.n_prototypes={args.prototypes}", f"model.channels_last={args.channels_last}",
-        f"optim.name={args.optimizer}", "optim.lr=0.6", "optim.warmup_epochs=0",
-        f"optim.batch_size={args.batch_size}", "scaling.num_workers=1",
-        f"swav.queue_length={args.queue}", "swav.epoch_queue_starts=0",
-        "swav.freeze_prototypes_iters=0", *crop_overrides(args.crops), *args.overrides])
-    total = (args.warmup + args.steps) * args.repeats
-    engine = build_engine(cfg, total, device, args.batch_size, amp=not args.no_amp)
-    engine.start_queue(epoch=0)
+    cfg: ExperimentConfig = build_config({}, cfg_overrides(args))
+    rows = args.rows.split(",")
+    steppers = {row: make_step(row, cfg, args, device) for row in rows}
     batch = [torch.randn(n * args.batch_size, 3, s, s, device=device)
              for n, s in zip(cfg.crops.nmb_crops, cfg.crops.size_crops)]
-    while engine.queue is not None and not engine.queue.full:  # the steady state: a full queue
-        engine.step(batch)
-
-    def sync() -> None:
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-
-    rates = []
+    if args.channels_last:  # crops arrive channels-last (the GPU multi-crop writes them so)
+        batch = [b.contiguous(memory_format=torch.channels_last) for b in batch]
+    rates: dict[str, list[float]] = {row: [] for row in rows}
     for repeat in range(args.repeats):
-        for _ in range(args.warmup):
-            engine.step(batch)
-        sync()
-        start = time.perf_counter()
-        for _ in range(args.steps):
-            loss, _ = engine.step(batch)
-        sync()
-        seconds = time.perf_counter() - start
-        rate = args.steps * args.batch_size / seconds
-        rates.append(rate)
-        print(json.dumps({"repeat": repeat, "images_per_s": round(rate, 1),
-                          "ms_per_step": round(1000 * seconds / args.steps, 2),
-                          "loss": round(float(loss), 4)}), flush=True)
+        for row in rows:
+            rate, ms, loss = measure(steppers[row], batch, args, device)
+            rates[row].append(rate)
+            print(json.dumps({"row": row, "repeat": repeat, "images_per_s": round(rate, 1),
+                              "ms_per_step": round(ms, 2), "loss": round(loss, 4)}), flush=True)
     peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
+    medians = {row: round(statistics.median(r), 1) for row, r in rates.items()}
     print(json.dumps({
         "backbone": args.backbone, "device": torch.cuda.get_device_name() if device.type == "cuda"
         else "cpu", "batch_size": args.batch_size, "crops": args.crops, "K": args.prototypes,
         "queue": args.queue, "amp": not args.no_amp, "channels_last": args.channels_last,
-        "median_images_per_s": round(statistics.median(rates), 1),
+        "optimizer": args.optimizer, "median_images_per_s": medians,
         "peak_mem_gib": round(peak, 2), "torch": torch.__version__,
     }))
+
+
+def make_step(row: str, cfg: ExperimentConfig, args, device: torch.device):
+    """A ``step(crop_groups) -> loss`` callable for one row, warmed up to its steady state."""
+    total = (args.warmup + args.steps) * args.repeats + 64
+    if row == "lightly":
+        from lightly_peer import grouped_step
+
+        return grouped_step(args.backbone, args.cifar_stem, args.prototypes,
+                            cfg.crops.nmb_crops, lr=0.1, device=device,
+                            channels_last=args.channels_last)
+    if row == "ours-sgd":
+        cfg = build_config({}, [*cfg_overrides(args), "optim.name=sgd"])
+    engine = build_engine(cfg, total, device, args.batch_size, amp=not args.no_amp)
+    if row == "ours-compile":
+        engine.net.backbone.compile()
+        engine.net.projection_head.compile()
+    engine.start_queue(epoch=0)
+    fill = [torch.randn(n * args.batch_size, 3, s, s, device=device)
+            for n, s in zip(cfg.crops.nmb_crops, cfg.crops.size_crops)]
+    while engine.queue is not None and not engine.queue.full:  # the steady state: a full queue
+        engine.step(fill)
+    return lambda groups: engine.step(groups)[0]
+
+
+def measure(step, batch, args, device: torch.device) -> tuple[float, float, float]:
+    """(images/s, ms per step, last loss) of ``args.steps`` steps after ``args.warmup``."""
+    def sync() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
+    for _ in range(args.warmup):
+        step(batch)
+    sync()
+    start = time.perf_counter()
+    for _ in range(args.steps):
+        loss = step(batch)
+    sync()
+    seconds = time.perf_counter() - start
+    return args.steps * args.batch_size / seconds, 1000 * seconds / args.steps, float(loss)
 
 
 if __name__ == "__main__":

@@ -72,6 +72,9 @@ class CropConfig:
     color_strength: float = 1.0
     blur_prob: float = 0.5
     flip_prob: float = 0.5  # 0 for data where a mirror image is another thing (digits, text)
+    # Where crops are made: cpu = PIL in loader workers; gpu = batched on the training device
+    # (swav.batch_multicrop); auto = gpu when the run trains on a GPU.
+    device: str = "auto"
     mean: list[float] = field(default_factory=lambda: [0.485, 0.456, 0.406])
     std: list[float] = field(default_factory=lambda: [0.228, 0.224, 0.225])
 
@@ -314,6 +317,8 @@ def _check(condition: bool, key: str, message: str) -> None:
     if not condition:
         raise ConfigError(f"{key}: {message}")
 
+CROP_DEVICES = ("auto", "cpu", "gpu")
+
 
 def validate(cfg: ExperimentConfig) -> None:
     """Fail fast on a bad value, naming its key. Builds the pure SwAV components once, through
@@ -339,6 +344,8 @@ def validate(cfg: ExperimentConfig) -> None:
     _check(o.epochs >= 1, "optim.epochs", f"must be >= 1, got {o.epochs}")
     _check(0 <= o.warmup_epochs <= o.epochs, "optim.warmup_epochs",
            f"must be in [0, optim.epochs={o.epochs}], got {o.warmup_epochs}")
+    _check(cfg.crops.device in CROP_DEVICES, "crops.device",
+           f"expected {', '.join(CROP_DEVICES)}, got {cfg.crops.device!r}")
     _check(d.source in DATA_SOURCES, "data.source",
            f"unknown source {d.source!r}, expected one of {', '.join(DATA_SOURCES)}")
     if d.source in ("imagefolder", "parquet"):

@@ -37,11 +37,14 @@ from swav.data import (
     shard,
     subset,
 )
+from swav.batch_multicrop import BatchMultiCrop
+from swav.data import Batch
 from swav.engine import EpochStats, SwAVEngine, convert_sync_batchnorm
 from swav.loss import SwAVLoss
 from swav.model import SwAVModel, build_model
 from swav.multicrop import MultiCropTransform
 from swav.optim import build_optimizer, build_scheduler
+from swav.raw_batches import RawBatch, ResidentBatches, collate_uint8, resident_images, to_uint8
 
 if TYPE_CHECKING:
     from orchestration.config import ExperimentConfig
@@ -49,9 +52,11 @@ if TYPE_CHECKING:
 __all__ = [
     "EvalSets",
     "Training",
+    "batch_crop_transform",
     "build_loss",
     "build_training",
     "crop_transform",
+    "crops_on_device",
     "eval_loaders",
     "eval_sets",
     "initial_model",
@@ -80,6 +85,23 @@ def crop_transform(cfg: ExperimentConfig) -> MultiCropTransform:
                               blur_prob=c.blur_prob, flip_prob=c.flip_prob)
 
 
+def crops_on_device(cfg: ExperimentConfig, device: torch.device) -> bool:
+    """``crops.device``: batched crops on the training device (auto: when it is a GPU)."""
+    return cfg.crops.device == "gpu" or (cfg.crops.device == "auto" and device.type == "cuda")
+
+
+def batch_crop_transform(cfg: ExperimentConfig, device: torch.device,
+                         seed: int = 0) -> BatchMultiCrop:
+    """Multi-crop on the device, in the memory format the engine feeds the model."""
+    c = cfg.crops
+    channels_last = cfg.model.channels_last and device.type == "cuda"
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    return BatchMultiCrop(c.nmb_crops, c.size_crops, c.min_scale_crops, c.max_scale_crops,
+                          mean=c.mean, std=c.std, color_strength=c.color_strength,
+                          blur_prob=c.blur_prob, flip_prob=c.flip_prob, seed=seed,
+                          memory_format=memory_format)
+
+
 def plain_transform(cfg: ExperimentConfig) -> Callable:
     """The evaluation view of the config's images (no augmentation)."""
     return eval_transform(cfg.data.eval_size or cfg.crops.size_crops[0], cfg.crops.mean,
@@ -102,17 +124,26 @@ def _loaded(dataset: Dataset) -> Dataset:
 
 
 def train_loader(cfg: ExperimentConfig, splits: SourceSplits, rank: int, world: int,
-                 device: torch.device) -> DataLoader:
-    """Multi-crop batches of this process's contiguous shard of the training set."""
+                 device: torch.device) -> DataLoader | ResidentBatches:
+    """Batches of this process's contiguous shard of the training set: multi-crop batches made
+    by loader workers, or (crops on the device) uint8 images, resident on the device when the
+    shard fits (:func:`swav.raw_batches.resident_images`), else decoded by loader workers."""
     batch = per_process_batch(cfg, world)
     own = _loaded(shard(splits.train, rank, world))
     if len(own) < batch:  # type: ignore[arg-type]
         raise ValueError(f"optim.batch_size: {batch} images per step exceed the {len(own)} "
                          f"images of each worker's shard")
     workers = cfg.data.loader_workers
-    return DataLoader(Transformed(own, crop_transform(cfg)), batch_size=batch, shuffle=True,
-                      drop_last=True, collate_fn=collate_skipping_corrupt,
-                      generator=torch.Generator().manual_seed(cfg.scaling.seed + rank),
+    seed = cfg.scaling.seed + rank
+    on_device = crops_on_device(cfg, device)
+    if on_device:
+        resident = resident_images(own, workers)
+        if resident is not None:
+            return ResidentBatches(resident[0], batch, device, seed, dropped=resident[1])
+    dataset = Transformed(own, to_uint8 if on_device else crop_transform(cfg))
+    return DataLoader(dataset, batch_size=batch, shuffle=True, drop_last=True,
+                      collate_fn=collate_uint8 if on_device else collate_skipping_corrupt,
+                      generator=torch.Generator().manual_seed(seed),
                       num_workers=workers, persistent_workers=workers > 0,
                       pin_memory=device.type == "cuda")
 
@@ -216,18 +247,31 @@ class Training:
     cfg: Any
     rank: int
     engine: SwAVEngine
-    loader: DataLoader
+    loader: DataLoader | ResidentBatches
     evaluation: tuple[DataLoader, DataLoader, int] | None  # bank, held-out, classes (own shards)
+    augment: BatchMultiCrop | None = None  # crops made on the device from uint8 batches
 
     @property
     def steps_per_epoch(self) -> int:
         return len(self.loader)
 
-    def run_epoch(self, epoch: int, on_step: Callable[[int, float], None] | None = None
+    def run_epoch(self, epoch: int, on_step: Callable[[int, torch.Tensor], None] | None = None
                   ) -> EpochStats:
-        # The shuffling order is a function of (seed, rank, epoch): identical after a resume.
-        self.loader.generator.manual_seed((self.cfg.scaling.seed + self.rank) * 100_003 + epoch)
-        return self.engine.train_epoch(self.loader, epoch, on_step=on_step)
+        # The shuffling order and the crops are a function of (seed, rank, epoch): identical
+        # after a resume.
+        seed = (self.cfg.scaling.seed + self.rank) * 100_003 + epoch
+        self.loader.generator.manual_seed(seed)
+        batches: Any = self.loader
+        if self.augment is not None:
+            self.augment.reseed(seed)
+            batches = (self._crops(raw) for raw in self.loader)
+        return self.engine.train_epoch(batches, epoch, on_step=on_step)
+
+    def _crops(self, raw: RawBatch) -> Batch:
+        device = self.engine.device
+        images = raw.images.to(device, non_blocking=True)
+        sizes = None if raw.sizes is None else raw.sizes.to(device, non_blocking=True)
+        return Batch(self.augment(images, sizes), raw.labels, raw.corrupt)  # type: ignore[misc]
 
 
 def build_training(cfg: ExperimentConfig, rank: int = 0, world: int = 1,
@@ -246,7 +290,8 @@ def build_training(cfg: ExperimentConfig, rank: int = 0, world: int = 1,
     evaluation = None
     if sets is not None:
         evaluation = (*eval_loaders(cfg, sets, rank, world), sets.n_classes)
-    return Training(cfg, rank, engine, loader, evaluation)
+    augment = batch_crop_transform(cfg, device) if crops_on_device(cfg, device) else None
+    return Training(cfg, rank, engine, loader, evaluation, augment)
 
 
 # -- validation -------------------------------------------------------------------------------

@@ -180,11 +180,11 @@ def _progress(rank: int, epoch: int, total: int, first_iteration: int):
     marks = {max(1, round(total * f)) for f in (0.25, 0.5, 0.75, 1.0)}
     start = time.perf_counter()
 
-    def on_step(iteration: int, loss: float) -> None:
+    def on_step(iteration: int, loss: torch.Tensor) -> None:
         done = iteration - first_iteration  # the engine counts the step before calling back
         if done in marks:
             # sys.stdout.write, not print: Ray Train patches print() and would show it twice.
-            sys.stdout.write(f"epoch {epoch} [{done}/{total}] loss {loss:.4f} "
+            sys.stdout.write(f"epoch {epoch} [{done}/{total}] loss {float(loss):.4f} "
                              f"{time.perf_counter() - start:.1f}s\n")
             sys.stdout.flush()
 

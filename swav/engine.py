@@ -181,14 +181,19 @@ class SwAVEngine:
         self,
         loader: Iterable,
         epoch: int,
-        on_step: Callable[[int, float], None] | None = None,
+        on_step: Callable[[int, torch.Tensor], None] | None = None,
     ) -> EpochStats:
-        """Train over ``loader``: :class:`swav.data.Batch`, ``(crop_groups, labels)`` or groups."""
+        """Train over ``loader``: :class:`swav.data.Batch`, ``(crop_groups, labels)`` or groups.
+
+        ``on_step(iteration, loss)`` gets the loss as a device tensor (``float()`` it only when
+        needed: each conversion waits for the GPU)."""
         self.model.train()
         self.start_queue(epoch)
         k = self.net.prototypes.sizes[0]
-        counts = torch.zeros(k, dtype=torch.float64)
-        loss_sum, steps, images, corrupt = 0.0, 0, 0, 0
+        # Figures accumulate on the device: no host synchronisation inside the loop.
+        counts = torch.zeros(k, dtype=torch.long, device=self.device)
+        loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
+        steps, images, corrupt = 0, 0, 0
         lr = self.optimizer.param_groups[0]["lr"]
         start = time.perf_counter()
         for batch in loader:
@@ -198,17 +203,18 @@ class SwAVEngine:
                 crops = batch[0] if isinstance(batch, tuple) else batch
             lr = self.optimizer.param_groups[0]["lr"]
             loss, codes = self.step(crops)
-            assigned = codes[0].argmax(dim=1).cpu()
-            counts += torch.bincount(assigned, minlength=k).double()
-            loss_sum += float(loss)
+            assigned = codes[0].argmax(dim=1)  # (bincount would wait for the GPU to size itself)
+            counts.index_add_(0, assigned, torch.ones_like(assigned))
+            loss_sum += loss
             steps += 1
-            images += assigned.numel()
+            images += codes[0].shape[0]
             if on_step is not None:
-                on_step(self.iteration, float(loss))
+                on_step(self.iteration, loss)
         seconds = time.perf_counter() - start
         totals = _sum_over_workers(
-            torch.tensor([loss_sum, steps, images, corrupt], dtype=torch.float64), self.device)
-        counts = _sum_over_workers(counts, self.device)
+            torch.tensor([loss_sum.item(), steps, images, corrupt], dtype=torch.float64),
+            self.device)
+        counts = _sum_over_workers(counts.double(), self.device)
         return EpochStats(
             epoch=epoch,
             loss=float(totals[0] / max(totals[1], 1)),

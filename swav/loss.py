@@ -101,10 +101,11 @@ class SwAVLoss(nn.Module):
         all_codes = []
         for i, crop in enumerate(self.crops_for_assign):
             q = self.codes(scores, batch_size, crop, queue_scores[i] if queue_scores else None)
-            others = [t for t in range(self.n_crops) if t != crop]
-            # Cross-entropy of every other crop's prediction against this crop's codes.
-            cross = -(q.unsqueeze(0) * log_p[others]).sum(dim=2).mean(dim=1)
-            total = total + cross.mean()
+            # Cross-entropy of every other crop's prediction against this crop's codes: over
+            # all crops, less this crop's own term (indexing the others by a list would copy the
+            # index to the GPU and wait for it, every step).
+            cross = -(q.unsqueeze(0) * log_p).sum(dim=2).mean(dim=1)
+            total = total + (cross.sum() - cross[crop]) / (self.n_crops - 1)
             all_codes.append(q)
         return total / len(self.crops_for_assign), all_codes
 

@@ -26,7 +26,7 @@ from PIL import Image
 from torchvision import transforms as T
 from torchvision.transforms import functional as TF
 
-__all__ = ["MultiCropTransform", "multicrop_collate"]
+__all__ = ["MultiCropTransform", "blur_kernel_size", "check_multicrop_args", "multicrop_collate"]
 
 IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
 IMAGENET_STD: tuple[float, float, float] = (0.228, 0.224, 0.225)
@@ -96,10 +96,25 @@ def _check_mean_std(mean: Sequence[float], std: Sequence[float]) -> None:
         raise ValueError(f"std: must be 3 finite numbers > 0 (one per RGB channel), got {std!r}")
 
 
+def check_multicrop_args(nmb_crops: Sequence[int], size_crops: Sequence[int],
+                         min_scale_crops: Sequence[float], max_scale_crops: Sequence[float],
+                         mean: Sequence[float], std: Sequence[float], color_strength: float,
+                         **probabilities: float) -> None:
+    """Validate the multi-crop settings (shared by the PIL and the batched tensor paths)."""
+    _check_lists(nmb_crops, size_crops, min_scale_crops, max_scale_crops)
+    _check_counts_and_sizes(nmb_crops, size_crops)
+    _check_scales(min_scale_crops, max_scale_crops)
+    if not _is_real(color_strength) or not color_strength >= 0.0:
+        raise ValueError(f"color_strength: must be >= 0, got {color_strength!r}")
+    for name, p in probabilities.items():
+        _check_probability(name, p)
+    _check_mean_std(mean, std)
+
+
 # --------------------------------------------------------------------------- augmentation
 
 
-def _blur_kernel_size(size: int) -> int:
+def blur_kernel_size(size: int) -> int:
     """Odd Gaussian-blur kernel of about 10% of the crop side, at least 3.
 
     Crops smaller than 3 pixels get a 1-pixel kernel (a no-op): reflect padding cannot pad
@@ -164,20 +179,12 @@ class MultiCropTransform:
         blur_prob: float = 0.5,
         flip_prob: float = 0.5,
     ) -> None:
-        _check_lists(nmb_crops, size_crops, min_scale_crops, max_scale_crops)
-        _check_counts_and_sizes(nmb_crops, size_crops)
-        _check_scales(min_scale_crops, max_scale_crops)
-        if not _is_real(color_strength) or not color_strength >= 0.0:
-            raise ValueError(f"color_strength: must be >= 0, got {color_strength!r}")
-        probs = {
-            "color_prob": color_prob,
-            "grayscale_prob": grayscale_prob,
-            "blur_prob": blur_prob,
-            "flip_prob": flip_prob,
-        }
-        for name, p in probs.items():
-            _check_probability(name, p)
-        _check_mean_std(mean, std)
+        check_multicrop_args(nmb_crops, size_crops, min_scale_crops, max_scale_crops, mean, std,
+                             color_strength, color_prob=color_prob,
+                             grayscale_prob=grayscale_prob, blur_prob=blur_prob,
+                             flip_prob=flip_prob)
+        probs = {"color_prob": color_prob, "grayscale_prob": grayscale_prob,
+                 "blur_prob": blur_prob, "flip_prob": flip_prob}
 
         self._groups = [(int(n), int(s)) for n, s in zip(nmb_crops, size_crops)]
         self._mean = tuple(float(m) for m in mean)
@@ -200,7 +207,7 @@ class MultiCropTransform:
         )
 
     def _crop_transform(self, size: int, scale: tuple[float, float]) -> T.Compose:
-        blur = T.GaussianBlur(kernel_size=_blur_kernel_size(size), sigma=(0.1, 2.0))
+        blur = T.GaussianBlur(kernel_size=blur_kernel_size(size), sigma=(0.1, 2.0))
         return T.Compose(
             [
                 T.RandomResizedCrop(size, scale=scale),

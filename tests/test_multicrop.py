@@ -11,7 +11,7 @@ import torch
 from PIL import Image, ImageDraw
 from sklearn.datasets import load_digits
 
-from swav.multicrop import MultiCropTransform, _blur_kernel_size, multicrop_collate
+from swav.multicrop import MultiCropTransform, blur_kernel_size, multicrop_collate
 
 NO_AUG: dict[str, float] = dict(color_prob=0.0, grayscale_prob=0.0, blur_prob=0.0, flip_prob=0.0)
 IDENTITY_NORM: dict[str, Any] = dict(mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))
@@ -83,7 +83,7 @@ def test_tiny_crops_work_with_blur() -> None:
     ("size", "kernel"), [(1, 1), (2, 1), (3, 3), (16, 3), (32, 3), (50, 5), (96, 9), (224, 23)]
 )
 def test_blur_kernel_is_odd_and_about_ten_percent(size: int, kernel: int) -> None:
-    assert _blur_kernel_size(size) == kernel
+    assert blur_kernel_size(size) == kernel
 
 
 # --------------------------------------------------------------------------- transform: values

@@ -5,16 +5,18 @@ from __future__ import annotations
 import pytest
 import torch
 
-from orchestration.config import load_config
+from orchestration.config import ConfigError, load_config
 from orchestration.recipe import (
     build_training,
     check_components,
+    crops_on_device,
     eval_loaders,
     eval_sets,
     initial_model,
     open_splits,
     per_process_batch,
 )
+from swav.raw_batches import ResidentBatches
 
 TINY = ["data.limit=256", "optim.epochs=2", "optim.batch_size=32", "model.width=8",
         "model.hidden_dim=32", "model.out_dim=16", "model.n_prototypes=20",
@@ -86,3 +88,30 @@ def test_component_checks_name_the_key_and_build_large_models_without_memory():
     cfg.model.backbone = "resnet7"
     with pytest.raises(ValueError, match="^model.backbone"):
         check_components(cfg)
+
+
+def test_crops_on_the_device_follow_the_crops_device_switch():
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    for value, on_cpu, on_cuda in (("auto", False, True), ("cpu", False, False),
+                                   ("gpu", True, True)):
+        cfg = load_config(None, [f"crops.device={value}"])
+        assert (crops_on_device(cfg, cpu), crops_on_device(cfg, cuda)) == (on_cpu, on_cuda)
+    with pytest.raises(ConfigError, match="^crops.device: expected auto, cpu, gpu, got 'tpu'"):
+        load_config(None, ["crops.device=tpu"])
+
+
+def test_crops_on_the_device_train_from_resident_uint8_images_reproducibly():
+    cfg = load_config(None, [*TINY, "crops.device=gpu"])
+    runs = []
+    for _ in range(2):
+        training = build_training(cfg)
+        assert isinstance(training.loader, ResidentBatches) and training.augment is not None
+        assert tuple(training.loader.images.shape[1:]) == (3, 8, 8)  # the digits, decoded once
+        assert training.steps_per_epoch == 256 // 64
+        stats = [training.run_epoch(epoch) for epoch in range(2)]
+        assert stats[0].images == 256 and stats[0].corrupt_images == 0
+        runs.append([s.loss for s in stats])
+    assert runs[0] == runs[1]  # shuffle and crops are functions of (seed, rank, epoch)
+    assert runs[0][1] < runs[0][0]
+    crops = training._crops(next(iter(training.loader))).crops
+    assert [tuple(c.shape) for c in crops] == [(2 * 64, 3, 16, 16), (4 * 64, 3, 12, 12)]

@@ -1,0 +1,170 @@
+"""Time to accuracy on CIFAR-10: kNN top-1 at fixed marks of wall-clock training time.
+
+Our recipe (an experiment file, trained by the one epoch loop through ``orchestration.recipe``,
+crops on the GPU) and lightly's published CIFAR-10 SwaV recipe (``bench/lightly_peer.py``; needs
+the ``bench`` extra) train on the same Parquet images, on the same GPU, in the same call, each for
+``--budget`` seconds of wall-clock training (data loading included; evaluations pause the clock).
+Ours maps its epoch schedule (``optim.warmup_epochs / optim.epochs``) onto the budget; lightly's
+cosine runs over its published 200 epochs (``--lightly-anneal``: over the budget instead).
+
+kNN (weighted cosine, k=200, T=0.1 as lightly's benchmarks) uses all training images as the bank
+and the test split as queries, each recipe's own normalisation, no augmentation; the same encoders
+at random initialisation give the baseline.  One JSON line per mark and recipe.
+
+    python bench/bench_time_to_accuracy.py --data ../shared/data/cifar10 --budget 120 \
+        --marks 60,120 --recipes ours,lightly
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from orchestration.config import load_config  # noqa: E402
+from orchestration.recipe import build_training, initial_model, open_splits  # noqa: E402
+from swav.evaluation import knn_accuracy  # noqa: E402
+from swav.optim import warmup_cosine  # noqa: E402
+from swav.raw_batches import resident_images  # noqa: E402
+
+IMAGENET = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))  # lightly's normalisation
+
+
+def emit(row: dict) -> None:
+    print(json.dumps(row), flush=True)
+
+
+class Evaluator:
+    """kNN top-1 of an encoder: bank = training images, queries = the test split (on the GPU)."""
+
+    def __init__(self, train: torch.Tensor, y_train: torch.Tensor, test: torch.Tensor,
+                 y_test: torch.Tensor, device: torch.device, k: int, t: float) -> None:
+        self.sets = [(train.to(device), y_train), (test.to(device), y_test)]
+        self.device, self.k, self.t = device, k, t
+
+    @torch.no_grad()
+    def features(self, encoder, images: torch.Tensor, mean, std) -> torch.Tensor:
+        m = torch.tensor(mean, device=self.device).view(1, 3, 1, 1)
+        s = torch.tensor(std, device=self.device).view(1, 3, 1, 1)
+        out = []
+        for chunk in images.split(1024):
+            x = ((chunk.float() / 255 - m) / s).contiguous(memory_format=torch.channels_last)
+            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
+                out.append(F.normalize(encoder(x).float(), dim=1))
+        return torch.cat(out)
+
+    def knn(self, encoder, mean, std) -> float:
+        was = encoder.training
+        encoder.eval()
+        (xtr, ytr), (xte, yte) = self.sets
+        result = knn_accuracy(self.features(encoder, xtr, mean, std), ytr.to(self.device),
+                              self.features(encoder, xte, mean, std), yte.to(self.device),
+                              self.k, self.t, 10)
+        encoder.train(was)
+        return round(float(result["knn_top1"]), 4)
+
+
+def train_ours(cfg, budget: float, marks: list[float], evaluate, device) -> dict:
+    """The experiment through the one epoch loop; LR schedule mapped onto the time budget."""
+    setup = time.perf_counter()
+    training = build_training(cfg, device=device)
+    engine, o = training.engine, cfg.optim
+    emit({"recipe": "ours", "setup_s": round(time.perf_counter() - setup, 1),
+          "steps_per_epoch": training.steps_per_epoch, "loader": type(training.loader).__name__})
+    clock = {"trained": 0.0, "last": time.perf_counter()}
+    warm = o.warmup_epochs / o.epochs
+
+    def on_step(iteration: int, loss) -> None:  # the LR of the next step, from the time spent
+        now = time.perf_counter()
+        clock["trained"] += now - clock["last"]
+        clock["last"] = now
+        progress = min(clock["trained"] / budget, 1.0)
+        lr = warmup_cosine(int(progress * 1e6), 1_000_000, int(warm * 1e6), o.lr, o.final_lr,
+                           o.start_warmup)
+        for group in engine.optimizer.param_groups:
+            group["lr"] = lr
+
+    pending, epoch, images = sorted(marks), 0, 0
+    on_step(0, None)
+    while clock["trained"] < budget:
+        stats = training.run_epoch(epoch, on_step=on_step)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        on_step(0, None)
+        images += stats.images
+        epoch += 1
+        while pending and clock["trained"] >= pending[0]:
+            mark = pending.pop(0)
+            emit({"recipe": "ours", "mark_s": mark, "trained_s": round(clock["trained"], 1),
+                  "epochs": epoch, "loss": round(stats.loss, 4),
+                  "images_per_s": round(images / clock["trained"]),
+                  "knn_top1": evaluate(engine.net.backbone)})
+            clock["last"] = time.perf_counter()
+    return {"epochs": epoch, "images_per_s": round(images / clock["trained"])}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--data", required=True, help="folder with train.parquet and test.parquet")
+    ap.add_argument("--config", default="experiments/cifar10_wallclock.yaml")
+    ap.add_argument("--budget", type=float, default=120.0)
+    ap.add_argument("--marks", default="60,120")
+    ap.add_argument("--recipes", default="ours,lightly")
+    ap.add_argument("--workers", type=int, default=15, help="loader processes (decode; lightly)")
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--lightly-anneal", action="store_true", help="lightly's cosine over budget")
+    ap.add_argument("--eval-limit", type=int, default=None, help="smoke tests: fewer kNN images")
+    ap.add_argument("--knn-k", type=int, default=200)
+    ap.add_argument("--knn-t", type=float, default=0.1)
+    ap.add_argument("overrides", nargs="*", help="dotted overrides of our experiment")
+    args = ap.parse_args()
+    device = torch.device(args.device)
+    marks = [float(m) for m in args.marks.split(",")]
+    cfg = load_config(args.config, [f"data.path={args.data}", "data.source=parquet",
+                                    f"data.loader_workers={args.workers}", *args.overrides])
+    splits = open_splits(cfg)
+    t0 = time.perf_counter()
+    train_u8, _ = resident_images(splits.train, args.workers)
+    test_u8, _ = resident_images(splits.heldout, args.workers)
+    y_train = torch.tensor(splits.train.labels())
+    y_test = torch.tensor(splits.heldout.labels())
+    emit({"decoded": [len(train_u8), len(test_u8)], "seconds": round(time.perf_counter() - t0, 1),
+          "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+          "torch": torch.__version__})
+    n = args.eval_limit
+    ev = Evaluator(train_u8[:n], y_train[:n], test_u8[:n], y_test[:n], device, args.knn_k,
+                   args.knn_t)
+    ours_norm = (cfg.crops.mean, cfg.crops.std)
+    for recipe in args.recipes.split(","):
+        if recipe == "ours":
+            emit({"recipe": "ours", "mark_s": 0, "random_init_knn_top1":
+                  ev.knn(initial_model(cfg).backbone.to(device), *ours_norm)})
+            summary = train_ours(cfg, args.budget, marks, lambda enc: ev.knn(enc, *ours_norm),
+                                 device)
+        else:
+            from lightly_peer import LightlySwaV, published_cifar10
+
+            torch.manual_seed(cfg.scaling.seed)
+            emit({"recipe": "lightly", "mark_s": 0, "random_init_knn_top1":
+                  ev.knn(LightlySwaV("resnet18").backbone.to(device), *IMAGENET)})
+            rows = {"images": 0}
+
+            def on_mark(mark: float, backbone) -> None:
+                emit({"recipe": "lightly", "mark_s": mark, "knn_top1": ev.knn(backbone, *IMAGENET)})
+
+            published_cifar10(train_u8, args.budget, device, workers=args.workers, marks=marks,
+                              on_mark=on_mark, seed=cfg.scaling.seed, stats=rows,
+                              schedule_epochs=None if args.lightly_anneal else 200)
+            summary = rows
+        emit({"recipe": recipe, "summary": summary})
+
+
+if __name__ == "__main__":
+    main()

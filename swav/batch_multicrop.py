@@ -1,0 +1,256 @@
+"""SwAV multi-crop on a batch of uint8 images, on the training device, one random draw per crop.
+
+The same augmentation as :class:`swav.multicrop.MultiCropTransform` (Caron et al., 2020, Sec. 3.2;
+facebookresearch/swav ``src/multicropdataset.py``): ``RandomResizedCrop``, horizontal flip, colour
+jitter applied with ``color_prob`` in a random order of its four operations, random grayscale,
+Gaussian blur, ``Normalize``.  Here every crop of every image still draws its own parameters, but
+all crops of a resolution group are produced together:
+
+* the crop boxes follow ``torchvision``'s ``RandomResizedCrop.get_params`` (10 attempts of a
+  log-uniform aspect ratio and uniform area scale, then a centre-crop fallback) and are resampled
+  in one :func:`torchvision.ops.roi_align` call per resolution (bilinear, adaptive sampling grid,
+  so downscaling averages like an antialiased resize);
+* colour operations use per-crop factors (brightness, contrast, saturation as blends, hue as a
+  rotation in HSV, the formulas of ``torchvision.transforms.functional``);
+* the blur is a per-crop separable Gaussian (grouped convolution, reflect padding).
+
+``torchvision.transforms.v2`` applied to a batch would share one set of parameters across the
+batch, which would give SwAV's swapped prediction identical views of different images.
+
+Input: ``uint8`` images ``[B, 3, H, W]`` (optionally ``sizes [B, 2]``, the valid ``(h, w)`` of
+each image when a batch of different sizes is padded to one shape; the padding must replicate
+each image's last row and column, as :func:`swav.raw_batches.collate_uint8` does, because
+bilinear sampling at a crop's border reads up to half a pixel beyond it).  Output: one float tensor
+per resolution group, crop-major (rows ``B*i .. B*(i+1)-1`` hold crop ``i`` of every image), the
+layout :func:`swav.multicrop.multicrop_collate` gives.  Runs on any device; reproducible for a
+given seed on a given device.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torchvision.ops import roi_align
+
+from swav.multicrop import IMAGENET_MEAN, IMAGENET_STD, blur_kernel_size, check_multicrop_args
+
+__all__ = ["BatchMultiCrop", "crop_boxes"]
+
+GRAY = (0.2989, 0.587, 0.114)  # torchvision's rgb_to_grayscale weights
+RATIO = (3.0 / 4.0, 4.0 / 3.0)
+ATTEMPTS = 10
+
+
+def _uniform(shape: tuple[int, ...], lo: float, hi: float, gen: torch.Generator,
+             device: torch.device) -> torch.Tensor:
+    return torch.rand(shape, generator=gen, device=device) * (hi - lo) + lo
+
+
+def crop_boxes(heights: torch.Tensor, widths: torch.Tensor, scale: tuple[float, float],
+               gen: torch.Generator, ratio: tuple[float, float] = RATIO) -> torch.Tensor:
+    """``RandomResizedCrop`` boxes ``[N, 4]`` as ``(x1, y1, x2, y2)`` pixel edges, one per image.
+
+    The distribution of ``torchvision``'s ``get_params``: up to 10 attempts of area
+    ``U(scale) * h * w`` and aspect ``exp(U(log ratio))``, the first that fits is placed uniformly
+    (integer offsets); none fits: the largest centred crop within ``ratio``.
+    """
+    device = heights.device
+    n = heights.shape[0]
+    h, w = heights.double()[:, None], widths.double()[:, None]
+    area = h * w * _uniform((n, ATTEMPTS), scale[0], scale[1], gen, device).double()
+    log_r = _uniform((n, ATTEMPTS), math.log(ratio[0]), math.log(ratio[1]), gen, device)
+    aspect = torch.exp(log_r.double())
+    cw = torch.round(torch.sqrt(area * aspect))
+    ch = torch.round(torch.sqrt(area / aspect))
+    fits = (cw > 0) & (cw <= w) & (ch > 0) & (ch <= h)
+    first = fits.to(torch.uint8).argmax(dim=1, keepdim=True)
+    found = fits.any(dim=1)
+    cw, ch = cw.gather(1, first)[:, 0], ch.gather(1, first)[:, 0]
+    h, w = h[:, 0], w[:, 0]
+    # Fallback: the whole image, or its largest centred crop of the nearest allowed aspect.
+    in_ratio = w / h
+    fw = torch.where(in_ratio > ratio[1], torch.round(h * ratio[1]), w)
+    fh = torch.where(in_ratio < ratio[0], torch.round(w / ratio[0]), h)
+    cw, ch = torch.where(found, cw, fw), torch.where(found, ch, fh)
+    u = torch.rand((n, 2), generator=gen, device=device).double()
+    top = torch.where(found, torch.floor(u[:, 0] * (h - ch + 1)), torch.floor((h - ch) / 2))
+    left = torch.where(found, torch.floor(u[:, 1] * (w - cw + 1)), torch.floor((w - cw) / 2))
+    return torch.stack([left, top, left + cw, top + ch], dim=1).float()
+
+
+# -- colour, on float images in [0, 1], one factor per crop ------------------------------------
+
+def _gray(x: torch.Tensor) -> torch.Tensor:
+    r, g, b = x.unbind(dim=1)
+    return (GRAY[0] * r + GRAY[1] * g + GRAY[2] * b).unsqueeze(1)
+
+
+def _blend(x: torch.Tensor, other: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+    f = factor.view(-1, 1, 1, 1)
+    return (f * x + (1.0 - f) * other).clamp_(0.0, 1.0)
+
+
+def _rgb_to_hsv(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    r, g, b = x.unbind(dim=1)
+    maxc, minc = x.amax(dim=1), x.amin(dim=1)
+    delta = maxc - minc
+    grey = delta == 0
+    sat = delta / torch.where(grey, torch.ones_like(maxc), maxc)
+    d = torch.where(grey, torch.ones_like(delta), delta)
+    rc, gc, bc = (maxc - r) / d, (maxc - g) / d, (maxc - b) / d
+    hue = torch.where(maxc == r, bc - gc,
+                      torch.where(maxc == g, 2.0 + rc - bc, 4.0 + gc - rc))
+    hue = torch.where(grey, torch.zeros_like(hue), hue)
+    return torch.remainder(hue / 6.0, 1.0), sat, maxc
+
+
+def _hsv_to_rgb(hue: torch.Tensor, sat: torch.Tensor, val: torch.Tensor) -> torch.Tensor:
+    h6 = hue * 6.0
+    sector = torch.floor(h6)
+    f = h6 - sector
+    sector = sector.long() % 6
+    p = (val * (1.0 - sat)).clamp(0.0, 1.0)
+    q = (val * (1.0 - sat * f)).clamp(0.0, 1.0)
+    t = (val * (1.0 - sat * (1.0 - f))).clamp(0.0, 1.0)
+    # (r, g, b) per sector 0..5: (v,t,p) (q,v,p) (p,v,t) (p,q,v) (t,p,v) (v,p,q)
+    table = torch.stack([torch.stack(c, dim=1) for c in (
+        (val, t, p), (q, val, p), (p, val, t), (p, q, val), (t, p, val), (val, p, q))], dim=1)
+    return table.gather(1, sector[:, None, None].expand(-1, 1, 3, -1, -1)).squeeze(1)
+
+
+def _adjust_hue(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+    hue, sat, val = _rgb_to_hsv(x)
+    return _hsv_to_rgb(torch.remainder(hue + shift.view(-1, 1, 1), 1.0), sat, val)
+
+
+def _jitter_op(op: int, x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+    if op == 0:  # brightness
+        return (x * factor.view(-1, 1, 1, 1)).clamp_(0.0, 1.0)
+    if op == 1:  # contrast: blend with the mean grey level of each image
+        return _blend(x, _gray(x).mean(dim=(1, 2, 3), keepdim=True), factor)
+    if op == 2:  # saturation: blend with the grey image
+        return _blend(x, _gray(x), factor)
+    return _adjust_hue(x, factor)
+
+
+def _gaussian_blur(x: torch.Tensor, sigma: torch.Tensor, kernel: int) -> torch.Tensor:
+    n, c, h, w = x.shape
+    half = kernel // 2
+    pos = torch.arange(kernel, device=x.device, dtype=x.dtype) - half
+    weights = torch.exp(-0.5 * (pos[None, :] / sigma[:, None]) ** 2)
+    weights = (weights / weights.sum(dim=1, keepdim=True)).repeat_interleave(c, dim=0)
+    y = F.pad(x.reshape(1, n * c, h, w), (half, half, half, half), mode="reflect")
+    y = F.conv2d(y, weights.view(n * c, 1, kernel, 1), groups=n * c)
+    y = F.conv2d(y, weights.view(n * c, 1, 1, kernel), groups=n * c)
+    return y.view(n, c, h, w)
+
+
+class BatchMultiCrop:
+    """Multi-crop a uint8 batch on its device; the arguments of :class:`MultiCropTransform`.
+
+    ``seed`` seeds a generator on the device of the first batch; :meth:`reseed` restarts it (the
+    epoch loop does so per epoch, so a resumed run draws the same crops).
+    """
+
+    def __init__(self, nmb_crops: Sequence[int], size_crops: Sequence[int],
+                 min_scale_crops: Sequence[float], max_scale_crops: Sequence[float],
+                 mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD,
+                 color_strength: float = 1.0, color_prob: float = 0.8,
+                 grayscale_prob: float = 0.2, blur_prob: float = 0.5, flip_prob: float = 0.5,
+                 seed: int = 0, memory_format: torch.memory_format = torch.contiguous_format
+                 ) -> None:
+        check_multicrop_args(nmb_crops, size_crops, min_scale_crops, max_scale_crops, mean, std,
+                             color_strength, color_prob=color_prob,
+                             grayscale_prob=grayscale_prob, blur_prob=blur_prob,
+                             flip_prob=flip_prob)
+        self.groups = [(int(n), int(s)) for n, s in zip(nmb_crops, size_crops)]
+        self.scales = [(float(lo), float(hi)) for lo, hi in zip(min_scale_crops, max_scale_crops)]
+        self.mean, self.std = tuple(map(float, mean)), tuple(map(float, std))
+        s = float(color_strength)
+        self.jitter = (0.8 * s, 0.8 * s, 0.8 * s, 0.2 * s)  # brightness, contrast, saturation, hue
+        self.color_prob, self.grayscale_prob = float(color_prob), float(grayscale_prob)
+        self.blur_prob, self.flip_prob = float(blur_prob), float(flip_prob)
+        self.memory_format = memory_format
+        self._seed = int(seed)
+        self._gen: torch.Generator | None = None
+        self._stats: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    @property
+    def n_crops(self) -> int:
+        return sum(n for n, _ in self.groups)
+
+    def reseed(self, seed: int) -> None:
+        self._seed, self._gen = int(seed), None
+
+    def _generator(self, device: torch.device) -> torch.Generator:
+        if self._gen is None or self._gen.device != device:
+            self._gen = torch.Generator(device=device)
+            self._gen.manual_seed(self._seed)
+        return self._gen
+
+    def __call__(self, images: torch.Tensor, sizes: torch.Tensor | None = None
+                 ) -> list[torch.Tensor]:
+        if images.dtype != torch.uint8 or images.dim() != 4 or images.shape[1] not in (1, 3):
+            raise TypeError(f"images: expected uint8 [B, 3, H, W], got {images.dtype} "
+                            f"{tuple(images.shape)}")
+        gen = self._generator(images.device)
+        x = images.float().div_(255.0)
+        if x.shape[1] == 1:
+            x = x.expand(-1, 3, -1, -1)
+        b = x.shape[0]
+        if sizes is None:  # (no torch.tensor(list, device=...): a host copy waits for the GPU)
+            sizes = torch.stack([torch.full((b,), x.shape[2], device=x.device),
+                                 torch.full((b,), x.shape[3], device=x.device)], dim=1)
+        sizes = sizes.to(x.device)
+        out = []
+        for (count, size), scale in zip(self.groups, self.scales):
+            n = count * b
+            index = torch.arange(b, device=x.device).repeat(count)  # crop-major rows
+            boxes = crop_boxes(sizes[index, 0], sizes[index, 1], scale, gen)
+            rois = torch.cat([index[:, None].float(), boxes], dim=1)
+            crops = roi_align(x, rois, output_size=(size, size), spatial_scale=1.0,
+                              sampling_ratio=-1, aligned=True)
+            out.append(self._augment(crops, size, n, gen))
+        return out
+
+    def _augment(self, x: torch.Tensor, size: int, n: int, gen: torch.Generator) -> torch.Tensor:
+        dev = x.device
+        flip = torch.rand(n, generator=gen, device=dev) < self.flip_prob
+        x = torch.where(flip.view(-1, 1, 1, 1), x.flip(-1), x)
+        x = self._color_jitter(x, n, gen)
+        gray = torch.rand(n, generator=gen, device=dev) < self.grayscale_prob
+        x = torch.where(gray.view(-1, 1, 1, 1), _gray(x).expand_as(x), x)
+        kernel = blur_kernel_size(size)
+        if self.blur_prob > 0 and kernel > 1:
+            blur = torch.rand(n, generator=gen, device=dev) < self.blur_prob
+            sigma = _uniform((n,), 0.1, 2.0, gen, dev)
+            x = torch.where(blur.view(-1, 1, 1, 1), _gaussian_blur(x, sigma, kernel), x)
+        mean, std = self._mean_std(dev)
+        return ((x - mean) / std).contiguous(memory_format=self.memory_format)
+
+    def _mean_std(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """Normalisation constants, copied to the device once."""
+        if device not in self._stats:
+            self._stats[device] = (torch.tensor(self.mean, device=device).view(1, 3, 1, 1),
+                                   torch.tensor(self.std, device=device).view(1, 3, 1, 1))
+        return self._stats[device]
+
+    def _color_jitter(self, x: torch.Tensor, n: int, gen: torch.Generator) -> torch.Tensor:
+        if self.color_prob == 0 or not any(self.jitter):
+            return x
+        dev = x.device
+        apply = torch.rand(n, generator=gen, device=dev) < self.color_prob
+        b, c, s, h = self.jitter
+        factors = [_uniform((n,), max(0.0, 1 - v), 1 + v, gen, dev) for v in (b, c, s)]
+        factors.append(_uniform((n,), -h, h, gen, dev))
+        order = torch.rand((n, 4), generator=gen, device=dev).argsort(dim=1)  # random op order
+        active = [v > 0 for v in self.jitter]
+        for slot in range(4):
+            for op in range(4):
+                if active[op]:
+                    chosen = (apply & (order[:, slot] == op)).view(-1, 1, 1, 1)
+                    x = torch.where(chosen, _jitter_op(op, x, factors[op]), x)
+        return x
