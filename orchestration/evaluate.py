@@ -1,7 +1,8 @@
 """``swav-ray evaluate`` / ``swav-ray explain``: evaluate a tracked model and log into its run.
 
-Both load the model (``runs:/<id>/model``) and the experiment config (``config.yaml``) from the
-MLflow run, rebuild the data source's training and held-out sets with the evaluation transform,
+Both rebuild the model from the run's experiment config (``config.yaml``), load its weights from
+the run's final checkpoint (``checkpoints/state.pt``, with ``weights_only``: nothing is
+unpickled), rebuild the data source's training and held-out sets with the evaluation transform,
 and log metrics and figures back into the *same* run:
 
 * evaluate: kNN and linear top-1/top-5 of the trained encoder and of the same architecture at
@@ -20,13 +21,13 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import mlflow
 import torch
 import yaml
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from torch.utils.data import DataLoader, Dataset
 
+from orchestration.checkpoints import STATE_FILE, CheckpointError, load_state
 from orchestration.config import ConfigError, ExperimentConfig, from_dict
 from orchestration.recipe import EvalSets, eval_loaders, eval_sets, initial_model, open_splits
 from orchestration.tracking import CONFIG_ARTIFACT, resolve_tracking_uri
@@ -42,6 +43,8 @@ from swav.model import SwAVModel
 from swav.viz import counterfactual_panel, embedding_plot, prototype_grid
 
 __all__ = ["TrackedModel", "evaluate_run", "explain_run", "open_tracked_model"]
+
+WEIGHTS_ARTIFACT = f"checkpoints/{STATE_FILE}"  # logged by run_training with the model
 
 
 class TrackedModel:
@@ -74,14 +77,21 @@ def open_tracked_model(run_id: str, tracking_uri: str | None = None,
     missing = ConfigError(f"run-id: run {run_id} has no logged model (did its training finish?)")
     if CONFIG_ARTIFACT not in {a.path for a in client.list_artifacts(run_id)}:
         raise missing
-    mlflow.set_tracking_uri(uri)
-    try:  # MLflow 3 keeps models as LoggedModels; runs:/<id>/model still resolves to them
-        model = mlflow.pytorch.load_model(f"runs:/{run_id}/model", map_location=torch.device(device))
-    except (MlflowException, OSError):
-        raise missing from None
     with tempfile.TemporaryDirectory() as tmp:
         cfg = from_dict(yaml.safe_load(Path(client.download_artifacts(
             run_id, CONFIG_ARTIFACT, tmp)).read_text()))
+        try:
+            weights = client.download_artifacts(run_id, WEIGHTS_ARTIFACT, tmp)
+        except (MlflowException, OSError):
+            raise missing from None
+        # Rebuilt from the config and a state dict loaded with weights_only=True: nothing in the
+        # run's artifacts is unpickled (MLflow's logged model stays for mlflow.pytorch users).
+        try:
+            state = load_state(weights)
+        except CheckpointError as err:
+            raise ConfigError(str(err)) from None
+    model = initial_model(cfg)
+    model.load_state_dict(state["engine"]["model"])
     return TrackedModel(client, run_id, model.to(device).eval(), cfg)
 
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import logging
 import os
-import random
 import sys
 import tempfile
 import time
@@ -22,7 +21,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import ray
 import ray.train
 import ray.train.torch
@@ -30,6 +28,14 @@ import torch
 import torch.distributed as dist
 from ray.train import CheckpointConfig, FailureConfig, RunConfig
 
+from orchestration.checkpoints import (
+    STATE_FILE,
+    CheckpointError,
+    load_state,
+    rng_state,
+    save_state,
+    set_rng_state,
+)
 from orchestration.config import ConfigError, ExperimentConfig, from_dict
 from orchestration.metrics import epoch_report
 from orchestration.recipe import Training, build_training, initial_model
@@ -41,7 +47,6 @@ from swav.model import SwAVModel
 __all__ = ["TrainOutcome", "check_cluster_resources", "run_training", "train_loop_per_worker"]
 
 log = logging.getLogger(__name__)
-STATE_FILE = "state.pt"
 FAILURE_MARKER = "injected_failure"
 
 
@@ -76,32 +81,12 @@ def distributed_knn(model: SwAVModel, evaluation, cfg: ExperimentConfig,
     return float(counts[0] / counts[1])
 
 
-def _rng_state() -> dict[str, Any]:
-    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(),
-            "python": random.getstate(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
-
-
-def _set_rng_state(state: dict[str, Any]) -> None:
-    torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
-    random.setstate(state["python"])
-    if state.get("cuda") and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
 def _all_rng_states() -> list[dict[str, Any]]:
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         states: list[Any] = [None] * dist.get_world_size()
-        dist.all_gather_object(states, _rng_state())
+        dist.all_gather_object(states, rng_state())
         return states
-    return [_rng_state()]
-
-
-def _save_checkpoint(directory: Path, engine: SwAVEngine, epoch: int, rng: list, cfg: dict) -> None:
-    tmp = directory / (STATE_FILE + ".tmp")
-    torch.save({"engine": engine.state_dict(), "epoch": epoch, "rng": rng, "config": cfg}, tmp)
-    os.replace(tmp, directory / STATE_FILE)  # atomic: a reader sees the old file or the new one
+    return [rng_state()]
 
 
 def _maybe_fail(cfg: ExperimentConfig, epoch: int, rank: int, run_dir: str | None) -> None:
@@ -144,23 +129,49 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         with tempfile.TemporaryDirectory() as tmp:
             ckpt = None
             if rank == 0:
-                _save_checkpoint(Path(tmp), engine, epoch, rng, config["cfg"])
+                save_state(Path(tmp), {"engine": engine.state_dict(), "epoch": epoch, "rng": rng,
+                                       "config": config["cfg"]})
                 ckpt = ray.train.Checkpoint.from_directory(tmp)
-            ray.train.report(report, checkpoint=ckpt)
+            # Named by epoch: the previous checkpoint (a fallback) is the next name down.
+            ray.train.report(report, checkpoint=ckpt,
+                             checkpoint_dir_name=f"checkpoint_epoch{epoch:06d}")
 
 
 def _restore(engine: SwAVEngine, rank: int) -> int:
-    """Load Ray Train's latest checkpoint into the engine; the first epoch still to run."""
+    """Load the newest readable checkpoint into the engine; the first epoch still to run."""
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is None:
         return 0
-    with checkpoint.as_directory() as directory:
-        state = torch.load(Path(directory) / STATE_FILE, map_location="cpu", weights_only=False)
-    engine.load_state_dict(state["engine"])
-    _set_rng_state(state["rng"][rank])
-    if rank == 0:
-        log.warning("resumed from the checkpoint of epoch %d", state["epoch"])
-    return state["epoch"] + 1
+    errors: list[str] = []
+    for candidate in _newest_first(checkpoint):
+        with candidate.as_directory() as directory:
+            try:
+                state = load_state(Path(directory) / STATE_FILE)
+            except CheckpointError as err:
+                errors.append(str(err))
+                continue
+        engine.load_state_dict(state["engine"])
+        set_rng_state(state["rng"][rank])
+        if rank == 0:
+            for error in errors:
+                log.warning("%s; using an older checkpoint", error)
+            log.warning("resumed from the checkpoint of epoch %d", state["epoch"])
+        return state["epoch"] + 1
+    raise CheckpointError("; ".join(errors))
+
+
+def _newest_first(latest: ray.train.Checkpoint) -> list[ray.train.Checkpoint]:
+    """The latest checkpoint, then the older ones Ray kept beside it (``num_to_keep``)."""
+    import pyarrow.fs as pafs
+
+    parent, _, own = latest.path.rstrip("/").rpartition("/")
+    try:
+        infos = latest.filesystem.get_file_info(pafs.FileSelector(parent))
+    except OSError:
+        return [latest]
+    older = sorted((i.path for i in infos if i.type == pafs.FileType.Directory
+                    and i.base_name.startswith("checkpoint_") and i.base_name < own), reverse=True)
+    return [latest, *(ray.train.Checkpoint(p, filesystem=latest.filesystem) for p in older)]
 
 
 def _epoch_knn(training: Training, epoch: int, device: torch.device) -> float | None:
@@ -262,7 +273,7 @@ def run_training(
             raise RuntimeError("training ended without a checkpoint")
         with result.checkpoint.as_directory() as directory:
             state_path = Path(directory) / STATE_FILE
-            state = torch.load(state_path, map_location="cpu", weights_only=False)
+            state = load_state(state_path)
             if cfg.tracking.log_model:
                 model = initial_model(cfg)
                 model.load_state_dict(state["engine"]["model"])

@@ -19,7 +19,8 @@ import yaml
 from mlflow.tracking import MlflowClient
 
 from orchestration.config import ConfigError, from_dict, load_config
-from orchestration.train import FAILURE_MARKER, STATE_FILE, run_training
+from orchestration.checkpoints import STATE_FILE
+from orchestration.train import FAILURE_MARKER, run_training
 from swav.model import SwAVModel
 from swav.sinkhorn import sinkhorn
 
@@ -37,7 +38,7 @@ def tiny(tmp: Path, *extra: str):
 
 
 def final_weights(outcome) -> dict[str, torch.Tensor]:
-    state = torch.load(Path(outcome.checkpoint_path) / STATE_FILE, weights_only=False)
+    state = torch.load(Path(outcome.checkpoint_path) / STATE_FILE, weights_only=True)
     return state["engine"]["model"]
 
 
@@ -121,6 +122,24 @@ def test_an_interrupted_run_resumes_when_started_again_with_the_same_name(straig
     assert again.run_id == run.info.run_id
     assert client.get_run(again.run_id).info.status == "FINISHED"
     assert [m.step for m in client.get_metric_history(again.run_id, "loss")] == [0, 1, 2, 3]
+    resumed, straight_weights = final_weights(again), final_weights(uninterrupted)
+    for name in straight_weights:
+        torch.testing.assert_close(resumed[name], straight_weights[name], rtol=0, atol=0, msg=name)
+
+
+def test_a_resume_whose_newest_checkpoint_is_truncated_continues_from_the_previous_one(
+        straight, tmp_path):
+    """A kill or a full disk mid-upload can leave the newest checkpoint torn: the resume takes
+    the previous one Ray kept and still ends with the uninterrupted weights."""
+    _, _, uninterrupted = straight
+    dying = tiny(tmp_path, "scaling.run_name=torn", "fail_at_epoch=3", "scaling.max_failures=0")
+    with pytest.raises(Exception):
+        run_training(dying)
+    kept = sorted((tmp_path / "runs" / "torn").glob("checkpoint_epoch*"))
+    assert len(kept) >= 2, kept
+    newest = kept[-1] / STATE_FILE
+    newest.write_bytes(newest.read_bytes()[:200])
+    again = run_training(tiny(tmp_path, "scaling.run_name=torn"))
     resumed, straight_weights = final_weights(again), final_weights(uninterrupted)
     for name in straight_weights:
         torch.testing.assert_close(resumed[name], straight_weights[name], rtol=0, atol=0, msg=name)
@@ -258,14 +277,29 @@ def test_parquet_run_skips_a_corrupt_image_and_stops_past_the_allowed_share(ray_
                           "data.max_corrupt_fraction=0.0"))
 
 
-def test_evaluate_and_explain_log_into_the_run_and_reject_bad_input(straight, tmp_path):
+def test_evaluate_and_explain_log_into_the_run_and_reject_bad_input(straight, tmp_path,
+                                                                   monkeypatch):
     from orchestration.evaluate import evaluate_run, explain_run, open_tracked_model
     from orchestration.recipe import eval_loaders, eval_sets, open_splits
     from swav.counterfactual import nearest_other_prototype, populated_prototypes
     from swav.evaluation import assign_with_scores
 
     _, _, outcome = straight
+    # Nothing the run stores is unpickled: every torch.load is weights_only, MLflow's pickled
+    # model is never loaded.
+    real_load, loads = torch.load, []
+
+    def checked_load(*args, **kwargs):
+        loads.append(kwargs.get("weights_only"))
+        return real_load(*args, **kwargs)
+
+    def no_pickles(*args, **kwargs):
+        raise AssertionError("mlflow.pytorch.load_model unpickles a module")
+
+    monkeypatch.setattr(torch, "load", checked_load)
+    monkeypatch.setattr(mlflow.pytorch, "load_model", no_pickles)
     metrics = evaluate_run(outcome.run_id, outcome.tracking_uri, "cpu")
+    assert loads and all(w is True for w in loads)
     for key in ("knn_top1", "knn_top5", "linear_top1", "linear_top5", "knn_top1_random_init",
                 "linear_top1_random_init", "nmi", "ari", "purity", "used_prototypes",
                 "assignment_entropy"):
