@@ -320,6 +320,36 @@ def _check(condition: bool, key: str, message: str) -> None:
 CROP_DEVICES = ("auto", "cpu", "gpu")
 
 
+# What a resume (the same scaling.run_name again) may change: how long it trains, where results
+# go and how they are evaluated, failures tolerated, loader processes and where crops are made.
+# Anything else would silently continue a different experiment under the old run's params.
+RESUMABLE = ("optim.epochs", "tracking.", "eval.", "scaling.max_failures",
+             "scaling.cpus_per_worker", "data.loader_workers", "crops.device", "fail_at_epoch")
+
+
+def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def resume_changes(stored: dict[str, Any], new: dict[str, Any]) -> tuple[list[str], list[str]]:
+    """Differences between a run's stored config and the one resuming it, as ``key: old -> new``:
+    (those a resume may not make, those it may; see ``RESUMABLE``)."""
+    old, now = _flatten(stored), _flatten(new)
+    refused, allowed = [], []
+    for key in sorted(set(old) | set(now)):
+        before, after = old.get(key, "(absent)"), now.get(key, "(absent)")
+        if before != after:
+            change = f"{key}: {before!r} -> {after!r}"
+            (allowed if key.startswith(RESUMABLE) else refused).append(change)
+    return refused, allowed
+
+
 def validate(cfg: ExperimentConfig) -> None:
     """Fail fast on a bad value, naming its key. Builds the pure SwAV components once, through
     the same recipe the run uses."""

@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 import platform
 import subprocess
+import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -23,10 +24,11 @@ from typing import Any
 import mlflow
 import yaml
 from mlflow.entities import Metric, Param, RunStatus
+from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from ray.train import UserCallback
 
-from orchestration.config import ConfigError, ExperimentConfig
+from orchestration.config import ConfigError, ExperimentConfig, resume_changes
 from orchestration.metrics import loggable
 
 __all__ = ["EpochMetricsLogger", "TrackedRun", "resolve_tracking_uri"]
@@ -92,6 +94,25 @@ def environment_tags(cfg: ExperimentConfig) -> dict[str, str]:
     }
 
 
+def _check_resume(client: MlflowClient, run_id: str, cfg: ExperimentConfig,
+                  run_name: str) -> list[str]:
+    """Refuse to resume a run under a config that trains something else (ConfigError listing
+    the keys); returns the permitted changes (``RESUMABLE``) to record on the run."""
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            path = client.download_artifacts(run_id, CONFIG_ARTIFACT, tmp)
+        except (MlflowException, OSError):
+            return []  # a run from before configs were stored: nothing to compare with
+        stored = yaml.safe_load(Path(path).read_text())
+    refused, allowed = resume_changes(stored, cfg.to_dict())
+    if refused:
+        raise ConfigError(
+            f"scaling.run_name: run {run_name!r} exists with another config, so it cannot be "
+            f"resumed with this one ({'; '.join(refused)}); choose another scaling.run_name, or "
+            f"resume with the stored values")
+    return allowed
+
+
 class TrackedRun:
     """The MLflow run of one training run (created, or resumed from ``run_dir``)."""
 
@@ -116,8 +137,11 @@ class TrackedRun:
         client = MlflowClient(uri)
         run_id = read_text(f"{run_dir}/{RUN_ID_FILE}")
         if run_id:
+            changed = _check_resume(client, run_id, cfg, run_name)
             client.update_run(run_id, status=RunStatus.to_string(RunStatus.RUNNING))
             client.set_tag(run_id, "resumed", "true")
+            if changed:
+                client.set_tag(run_id, "resume_changes", "; ".join(changed)[:5000])
             return cls(uri, run_id, resumed=True)
         experiment = client.get_experiment_by_name(cfg.tracking.experiment_name)
         experiment_id = (experiment.experiment_id if experiment is not None

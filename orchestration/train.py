@@ -150,7 +150,11 @@ def _restore(engine: SwAVEngine, rank: int) -> int:
             except CheckpointError as err:
                 errors.append(str(err))
                 continue
+        # The schedule's length is the config's: a resume may extend optim.epochs, and the
+        # cosine then stretches from the current iteration to the new end.
+        total, warmup = engine.scheduler.total_steps, engine.scheduler.warmup_steps
         engine.load_state_dict(state["engine"])
+        engine.scheduler.total_steps, engine.scheduler.warmup_steps = total, warmup
         set_rng_state(state["rng"][rank])
         if rank == 0:
             for error in errors:

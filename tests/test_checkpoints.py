@@ -34,6 +34,7 @@ class _Planted:
         return (os.system, (f"touch {self.marker}",))
 
 
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol")
 def test_a_crafted_checkpoint_cannot_run_code(tmp_path):
     marker, path = tmp_path / "pwned", tmp_path / STATE_FILE
     torch.save({"engine": _Planted(marker), "epoch": 3}, path)

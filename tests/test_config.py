@@ -107,3 +107,20 @@ def test_missing_or_broken_files(tmp_path):
         load_config(bad)
     with pytest.raises(ConfigError, match="overrides are dotted key=value"):
         load_config(None, ["optim.lr"])
+
+
+def test_a_resume_may_change_only_the_keys_that_do_not_change_the_experiment():
+    from orchestration.config import resume_changes
+
+    stored = load_config(None, ["data.source=digits"]).to_dict()
+    same = load_config(None, ["optim.epochs=64", "eval.knn_every=2",
+                              "scaling.max_failures=0"]).to_dict()
+    refused, allowed = resume_changes(stored, same)
+    assert refused == []
+    assert allowed == ["eval.knn_every: 1 -> 2", "optim.epochs: 32 -> 64",
+                       "scaling.max_failures: 2 -> 0"]
+    other = load_config(None, ["model.n_prototypes=30", "optim.lr=0.1"]).to_dict()
+    refused, _ = resume_changes(stored, other)
+    assert refused == ["model.n_prototypes: 100 -> 30", "optim.lr: 0.004 -> 0.1"]
+    stored["data"]["gone"] = 1  # a key of an older version: a difference, not a crash
+    assert resume_changes(stored, same)[0] == ["data.gone: 1 -> '(absent)'"]
