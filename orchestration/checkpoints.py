@@ -14,15 +14,14 @@ from __future__ import annotations
 import os
 import pickle
 import random
-from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-__all__ = ["STATE_FILE", "CheckpointError", "load_first_readable", "load_state", "rng_state",
-           "save_state", "set_rng_state"]
+__all__ = ["STATE_FILE", "CheckpointError", "load_state", "rng_state", "save_state",
+           "set_rng_state"]
 
 STATE_FILE = "state.pt"
 
@@ -82,15 +81,3 @@ def load_state(path: str | Path) -> dict[str, Any]:
         text = str(err).strip()
         reason = text.splitlines()[0].split(". ")[0] if text else type(err).__name__
     raise CheckpointError(f"checkpoint: cannot load {path}: {reason}")
-
-
-def load_first_readable(paths: Iterable[str | Path]) -> tuple[dict[str, Any], Path, list[str]]:
-    """The first of ``paths`` (newest first) that loads, its path, and the errors of the ones
-    before it; CheckpointError when none loads."""
-    errors: list[str] = []
-    for path in paths:
-        try:
-            return load_state(path), Path(path), errors
-        except CheckpointError as err:
-            errors.append(str(err))
-    raise CheckpointError("; ".join(errors) or "checkpoint: none to load")
