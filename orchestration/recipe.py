@@ -27,7 +27,9 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
+from swav.batch_multicrop import BatchMultiCrop
 from swav.data import (
+    Batch,
     SourceSplits,
     Transformed,
     collate_eval,
@@ -37,8 +39,6 @@ from swav.data import (
     shard,
     subset,
 )
-from swav.batch_multicrop import BatchMultiCrop
-from swav.data import Batch
 from swav.engine import EpochStats, SwAVEngine, convert_sync_batchnorm
 from swav.loss import SwAVLoss
 from swav.model import SwAVModel, build_model
