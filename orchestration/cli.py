@@ -74,7 +74,13 @@ def _print_evaluation(m: dict, prefix: str = "") -> None:
 
 def cmd_train(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)  # fails here, before Ray, on bad input
+    from orchestration.recipe import check_data
     from orchestration.tracking import check_reachable, resolve_tracking_uri
+
+    try:
+        check_data(cfg)  # columns, labels, shard vs batch: before Ray, not in every worker
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
 
     check_reachable(resolve_tracking_uri(cfg.tracking.tracking_uri))
     import ray

@@ -55,6 +55,7 @@ __all__ = [
     "batch_crop_transform",
     "build_loss",
     "build_training",
+    "check_data",
     "crop_transform",
     "crops_on_device",
     "eval_loaders",
@@ -295,6 +296,28 @@ def build_training(cfg: ExperimentConfig, rank: int = 0, world: int = 1,
 
 
 # -- validation -------------------------------------------------------------------------------
+
+CHEAP_TO_OPEN = ("digits", "parquet", "imagefolder")  # metadata, one column or a file listing
+
+
+def check_data(cfg: ExperimentConfig) -> None:
+    """Open the data source on the driver where that is cheap, so that a missing column,
+    non-integer or missing labels, or a shard smaller than one step fail once, as one line,
+    before Ray starts (in the workers they would fail on every retry)."""
+    d = cfg.data
+    if d.source not in CHEAP_TO_OPEN or (d.path and "://" in d.path):
+        return  # large downloads and remote stores are checked where they are read
+    try:
+        splits = open_splits(cfg)
+    except ValueError as err:
+        raise ValueError(f"data.{err}") from None
+    n, workers = len(splits.train), cfg.scaling.num_workers  # type: ignore[arg-type]
+    if n // workers < cfg.optim.batch_size:
+        raise ValueError(f"optim.batch_size: {cfg.optim.batch_size} images per step exceed the "
+                         f"{n // workers} images of each worker's shard ({n} training images "
+                         f"over {workers} workers)")
+
+
 
 def check_components(cfg: ExperimentConfig) -> None:
     """Build the pure components once (crops, loss, model, optimiser) so that a bad value fails

@@ -180,8 +180,19 @@ class ParquetImageDataset(Dataset):
             return None
         import pyarrow.parquet as pq
 
-        values = [pq.read_table(f, columns=[self.label_column]).column(0).to_numpy()
-                  for f in self.files]
+        import pyarrow as pa
+
+        values = []
+        for f in self.files:
+            column = pq.read_table(f, columns=[self.label_column]).column(0)
+            if not pa.types.is_integer(column.type):
+                raise ValueError(f"label_column: {self.label_column!r} in {f.name} holds "
+                                 f"{column.type}, expected integer class ids (set "
+                                 f"data.label_column=null for images without labels)")
+            if column.null_count:
+                raise ValueError(f"label_column: {self.label_column!r} in {f.name} has "
+                                 f"{column.null_count} missing labels")
+            values.append(column.to_numpy())
         return np.concatenate(values)[self.rows]
 
 

@@ -152,3 +152,20 @@ def test_parquet_train_and_test_files_are_the_training_and_held_out_sets(tmp_pat
     splits = open_source("parquet", str(tmp_path), holdout_fraction=0.5, limit=40)
     assert len(splits.train) == 40 and len(splits.heldout) == 20  # the file split, not 0.5
     assert [splits.heldout[i][1] for i in range(3)] == [int(v) for v in labels[50:53]]
+
+
+def test_parquet_labels_must_be_integer_class_ids_with_none_missing(tmp_path, digits):
+    images, labels = digits
+    blobs = [_jpeg(images[r]) for r in range(6)]
+    for name, column in (("text", pa.array(["3", "1", "4", "1", "5", "9"])),
+                         ("floats", pa.array([3.0, 1.0, 4.0, 1.0, 5.0, 9.0])),
+                         ("nulls", pa.array([3, None, 4, 1, None, 9], pa.int64()))):
+        pq.write_table(pa.table({"image": blobs, "label": column}), tmp_path / f"{name}.parquet")
+    with pytest.raises(ValueError, match=r"^label_column: 'label' in text.parquet holds string"):
+        open_source("parquet", str(tmp_path / "text.parquet"))
+    with pytest.raises(ValueError, match=r"^label_column: 'label' in floats.parquet holds double"):
+        open_source("parquet", str(tmp_path / "floats.parquet"))
+    with pytest.raises(ValueError, match=r"^label_column: 'label' in nulls.parquet has 2 missing"):
+        open_source("parquet", str(tmp_path / "nulls.parquet"))
+    unlabelled = open_source("parquet", str(tmp_path / "text.parquet"), label_column=None)
+    assert unlabelled.n_classes is None and unlabelled.train[0][1] is None

@@ -241,6 +241,42 @@ def test_the_embedded_default_experiment_learns(ray_local, tmp_path):
             "counterfactuals/ce_panel.png", "counterfactuals/logit_panel.png"} <= paths
 
 
+def test_data_that_cannot_train_is_refused_before_ray_starts(tmp_path):
+    """A missing image column, text labels or a shard smaller than one step: one line naming
+    the key, exit 2, in seconds, nothing written (in the workers: retries, then a traceback)."""
+    import time
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    data, run = tmp_path / "data", tmp_path / "run"
+    data.mkdir(), run.mkdir()
+    _digits_parquet(data, set())
+    table = pq.read_table(data / "digits.parquet")
+    pq.write_table(table.rename_columns(["img", "label"]), data / "renamed.parquet")
+    pq.write_table(table.set_column(1, "label", pa.array([str(v) for v in
+                                                           table.column(1).to_pylist()])),
+                   data / "text_labels.parquet")
+    cases = [
+        (["data.source=parquet", f"data.path={data / 'renamed.parquet'}"],
+         "swav-ray: error: data.image_column: 'image' not in renamed.parquet"),
+        (["data.source=parquet", f"data.path={data / 'text_labels.parquet'}"],
+         "swav-ray: error: data.label_column: 'label' in text_labels.parquet holds string, "
+         "expected integer class ids"),
+        (["data.source=parquet", f"data.path={data / 'digits.parquet'}", "optim.batch_size=65"],
+         "swav-ray: error: optim.batch_size: 65 images per step exceed the 64 images of each "
+         "worker's shard (128 training images over 2 workers)"),
+    ]
+    for args, message in cases:
+        start = time.perf_counter()
+        result = _cli(run, *args)
+        assert result.returncode == 2, result.stderr
+        lines = result.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith(message), result.stderr
+        assert time.perf_counter() - start < 20
+    assert list(run.iterdir()) == []
+
+
 def _digits_parquet(directory: Path, corrupt_rows: set[int]) -> None:
     import io
 
