@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -115,3 +117,16 @@ def test_crops_on_the_device_train_from_resident_uint8_images_reproducibly():
     assert runs[0][1] < runs[0][0]
     crops = training._crops(next(iter(training.loader))).crops
     assert [tuple(c.shape) for c in crops] == [(2 * 64, 3, 16, 16), (4 * 64, 3, 12, 12)]
+
+
+def test_crops_on_the_device_from_loader_workers_when_the_shard_is_not_kept(monkeypatch):
+    import orchestration.recipe as recipe
+
+    monkeypatch.setattr(recipe, "resident_images", lambda *args, **kwargs: None)  # too large
+    cfg = load_config(None, [*TINY, "crops.device=gpu"])
+    training = build_training(cfg)
+    assert isinstance(training.loader, torch.utils.data.DataLoader)
+    raw = next(iter(training.loader))
+    assert raw.images.dtype == torch.uint8 and tuple(raw.images.shape) == (64, 3, 8, 8)
+    stats = training.run_epoch(0)
+    assert stats.images == 256 and math.isfinite(stats.loss)
