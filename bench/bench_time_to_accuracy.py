@@ -30,6 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from orchestration.config import load_config  # noqa: E402
 from orchestration.recipe import build_training, initial_model, open_splits  # noqa: E402
+from swav.counterfactual import METHODS, explain, populated_prototypes, prototype_scores  # noqa: E402,E501
 from swav.evaluation import knn_accuracy  # noqa: E402
 from swav.optim import warmup_cosine  # noqa: E402
 from swav.raw_batches import resident_images  # noqa: E402
@@ -71,6 +72,34 @@ class Evaluator:
         return round(float(result["knn_top1"]), 4)
 
 
+@torch.no_grad()
+def _normalised(images: torch.Tensor, mean, std, device) -> torch.Tensor:
+    m = torch.tensor(mean, device=device).view(1, 3, 1, 1)
+    s = torch.tensor(std, device=device).view(1, 3, 1, 1)
+    return (images.to(device).float() / 255 - m) / s
+
+
+def counterfactuals(model, cfg, test_u8: torch.Tensor, n: int, device) -> dict:
+    """``explain``'s default targets on the first ``n`` test images, each method: the nearest
+    other prototype among those populated by the test split (as ``swav-ray explain`` picks)."""
+    model.eval()
+    with torch.no_grad():
+        assigned = torch.cat([prototype_scores(model, _normalised(c, cfg.crops.mean,
+                                                                  cfg.crops.std, device)).argmax(1)
+                              for c in test_u8.split(1024)])
+    populated = populated_prototypes(assigned, model.prototypes.sizes[0]).to(device)
+    images = _normalised(test_u8[:n], cfg.crops.mean, cfg.crops.std, device)
+    out = {"populated": int(populated.sum())}
+    for method in METHODS:
+        t0 = time.perf_counter()
+        result = explain(model, images, method=method, mean=cfg.crops.mean, std=cfg.crops.std,
+                         temperature=cfg.swav.temperature, candidates=populated)
+        out[method] = {**{k: round(float(v), 4) for k, v in result.summary().items()},
+                       "seconds": round(time.perf_counter() - t0, 1)}
+    model.train()
+    return out
+
+
 def train_ours(cfg, budget: float, marks: list[float], evaluate, device) -> dict:
     """The experiment through the one epoch loop; LR schedule mapped onto the time budget."""
     setup = time.perf_counter()
@@ -107,7 +136,7 @@ def train_ours(cfg, budget: float, marks: list[float], evaluate, device) -> dict
                   "images_per_s": round(images / clock["trained"]),
                   "knn_top1": evaluate(engine.net.backbone)})
             clock["last"] = time.perf_counter()
-    return {"epochs": epoch, "images_per_s": round(images / clock["trained"])}
+    return {"epochs": epoch, "images_per_s": round(images / clock["trained"]), "model": engine.net}
 
 
 def main() -> None:
@@ -121,6 +150,8 @@ def main() -> None:
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--lightly-anneal", action="store_true", help="lightly's cosine over budget")
     ap.add_argument("--eval-limit", type=int, default=None, help="smoke tests: fewer kNN images")
+    ap.add_argument("--cf-images", type=int, default=256,
+                    help="counterfactuals of our final model on this many test images (0: none)")
     ap.add_argument("--knn-k", type=int, default=200)
     ap.add_argument("--knn-t", type=float, default=0.1)
     ap.add_argument("overrides", nargs="*", help="dotted overrides of our experiment")
@@ -148,6 +179,11 @@ def main() -> None:
                   ev.knn(initial_model(cfg).backbone.to(device), *ours_norm)})
             summary = train_ours(cfg, args.budget, marks, lambda enc: ev.knn(enc, *ours_norm),
                                  device)
+            model = summary.pop("model")
+            if args.cf_images:
+                emit({"recipe": "ours", "counterfactuals": counterfactuals(
+                    model, cfg, test_u8, args.cf_images, device), "cf_images": args.cf_images})
+            del model
         else:
             from lightly_peer import LightlySwaV, published_cifar10
 

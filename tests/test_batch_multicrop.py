@@ -19,7 +19,7 @@ from swav.batch_multicrop import (
     BatchMultiCrop,
     _adjust_hue,
     _gaussian_blur,
-    _jitter_op,
+    apply_color_jitter,
     crop_boxes,
 )
 from swav.multicrop import MultiCropTransform
@@ -149,13 +149,48 @@ def test_flip_rate_matches_flip_prob_and_a_flip_mirrors_exactly():
     assert abs(is_mirror.float().mean().item() - 0.5) < 0.04  # 4 standard errors
 
 
-@pytest.mark.parametrize("op, reference", [(0, TF.adjust_brightness), (1, TF.adjust_contrast),
-                                           (2, TF.adjust_saturation)])
-def test_colour_operations_equal_torchvision_s(op, reference):
+TV_OPS = (TF.adjust_brightness, TF.adjust_contrast, TF.adjust_saturation, TF.adjust_hue)
+
+
+@pytest.mark.parametrize("op", [0, 1, 2, 3])
+def test_each_colour_operation_alone_equals_torchvision_s(op):
     x = colourful(3).float() / 255
-    factors = torch.tensor([0.3, 1.0, 1.7])
-    expected = torch.stack([reference(img, float(f)) for img, f in zip(x, factors)])
-    torch.testing.assert_close(_jitter_op(op, x, factors), expected, atol=1e-5, rtol=0)
+    factors = torch.tensor([[0.3, 0.3, 0.3, -0.2], [1.0, 1.0, 1.0, 0.05], [1.7, 1.7, 1.7, 0.2]])
+    order = torch.tensor([[op] + [o for o in range(4) if o != op]] * 3)
+    only = torch.zeros(3, 4)
+    only[:, op] = 1  # the other ops get identity factors (shift 0 for hue)
+    f = factors * only + torch.tensor([1.0, 1.0, 1.0, 0.0]) * (1 - only)
+    expected = torch.stack([TV_OPS[op](img, float(v)) for img, v in zip(x, factors[:, op])])
+    got = apply_color_jitter(x, torch.ones(3, dtype=torch.bool), f, order)
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
+
+
+def test_colour_jitter_applies_each_crop_s_ops_in_its_own_order():
+    """All 24 orders, random factors, some crops left alone: torchvision's four functions
+    applied one crop at a time in that crop's order give the same pixels."""
+    import itertools
+
+    orders = torch.tensor(list(itertools.permutations(range(4))) * 2)
+    n = len(orders)
+    g = torch.Generator().manual_seed(3)
+    x = colourful(n).float() / 255
+    factors = torch.cat([0.4 + 1.2 * torch.rand(n, 3, generator=g),
+                         0.4 * torch.rand(n, 1, generator=g) - 0.2], dim=1)
+    apply = torch.rand(n, generator=g) < 0.8
+    expected = []
+    for img, f, order, on in zip(x, factors, orders, apply):
+        for op in order.tolist() if on else []:
+            img = TV_OPS[op](img, float(f[op]))
+        expected.append(img)
+    got = apply_color_jitter(x, apply, factors, orders)
+    torch.testing.assert_close(got, torch.stack(expected), atol=1e-5, rtol=0)
+    expected = []  # no hue jitter configured: the linear ops alone, still in each crop's order
+    for img, f, order, on in zip(x, factors, orders, apply):
+        for op in [o for o in order.tolist() if o != 3] if on else []:
+            img = TV_OPS[op](img, float(f[op]))
+        expected.append(img)
+    torch.testing.assert_close(apply_color_jitter(x, apply, factors, orders, hue=False),
+                               torch.stack(expected), atol=1e-5, rtol=0)
 
 
 def test_hue_rotation_equals_torchvision_s():
