@@ -20,6 +20,7 @@ import math
 import os
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from orchestration.config import ConfigError, ExperimentConfig, load_config
 
@@ -35,21 +36,46 @@ def connect_ray(cfg: ExperimentConfig, extra_cpus: float = 0.0, log_to_driver: b
     if ray.is_initialized():
         return False
     if os.environ.get("RAY_ADDRESS"):
-        ray.init(log_to_driver=log_to_driver)
+        ray.init(log_to_driver=log_to_driver,
+                 logging_level=logging.INFO if log_to_driver else logging.WARNING)
         return True
     sc = cfg.scaling
     needed = sc.num_workers * sc.cpus_per_worker + extra_cpus
     ray.init(address="local", num_cpus=max(os.cpu_count() or 1, math.ceil(needed)),
              num_gpus=None if sc.use_gpu else 0, include_dashboard=True,
-             log_to_driver=log_to_driver)
+             log_to_driver=log_to_driver,
+             logging_level=logging.INFO if log_to_driver else logging.WARNING)
     return True
+
+
+def check_local_capacity(cfg: ExperimentConfig) -> None:
+    """Without RAY_ADDRESS the run starts a Ray instance on this machine: workers beyond its CPUs
+    or GPUs are refused here, before Ray starts (on a cluster, once connected)."""
+    if os.environ.get("RAY_ADDRESS"):
+        return
+    sc = cfg.scaling
+    cpus, need = os.cpu_count() or 1, sc.num_workers * sc.cpus_per_worker
+    if need > cpus:
+        raise ConfigError(f"scaling.num_workers: {sc.num_workers} workers x "
+                          f"{sc.cpus_per_worker:g} CPU need {need:g} CPUs, this machine has "
+                          f"{cpus} (set RAY_ADDRESS to train on a cluster)")
+    if sc.use_gpu:
+        import torch
+
+        gpus = torch.cuda.device_count()
+        if sc.num_workers > gpus:
+            raise ConfigError(f"scaling.use_gpu: {sc.num_workers} workers need "
+                              f"{sc.num_workers} GPUs, this machine has {gpus}")
 
 
 def _print_summary(outcome) -> None:
     uri = outcome.tracking_uri
     m = outcome.metrics
-    shown = {k: m[k] for k in ("epoch", "loss", "knn_top1", "used_prototypes") if k in m}
-    print(f"\nrun {outcome.run_name} finished: {shown}")
+    epochs = int(m["epoch"]) + 1 if "epoch" in m else "?"
+    shown = [f"{k} {m[k]:.4f}" for k in ("loss", "knn_top1") if m.get(k) is not None]
+    if m.get("prototypes_used") is not None:
+        shown.append(f"prototypes_used {m['prototypes_used']:.0f}")
+    print(f"\nrun {outcome.run_name} finished after {epochs} epochs: {', '.join(shown)}")
     _print_evaluation(m)
     print(f"MLflow run id: {outcome.run_id}")
     print(f"checkpoint: {outcome.checkpoint_path}")
@@ -77,6 +103,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from orchestration.recipe import check_data
     from orchestration.tracking import check_reachable, resolve_tracking_uri
 
+    check_local_capacity(cfg)
     try:
         check_data(cfg)  # columns, labels, shard vs batch: before Ray, not in every worker
     except ValueError as err:
@@ -85,25 +112,45 @@ def cmd_train(args: argparse.Namespace) -> int:
     check_reachable(resolve_tracking_uri(cfg.tracking.tracking_uri))
     import ray
 
-    from orchestration.train import run_training
+    from orchestration.failures import TrainingFailed
+    from orchestration.train import default_run_name, run_training
 
-    connected = connect_ray(cfg)
+    experiment = Path(args.config).stem if args.config else "default"
+    name = cfg.scaling.run_name or default_run_name(experiment)
+    tags = {"swav_ray.experiment_file": args.config or "(embedded default)",
+            "swav_ray.overrides": " ".join(args.overrides) or "(none)"}
+    if not args.verbose:  # MLflow's store set-up notes and its pickle warning (see README)
+        logging.getLogger("mlflow").setLevel(logging.WARNING)
+        logging.getLogger("mlflow.pytorch").setLevel(logging.ERROR)
+    connected = connect_ray(cfg, log_to_driver=args.verbose)
     try:
-        outcome = run_training(cfg)
+        outcome = run_training(cfg, run_name=name, tags=tags, console=True)
+    except TrainingFailed as err:  # the run started and failed: what is kept, then the cause
+        print(_failure_report(err), file=sys.stderr)
+        return 2 if err.bad_input else 1
     except ConfigError:
         raise
-    except Exception as err:  # the run failed after it started: say what is kept
+    except Exception as err:  # e.g. the tracking store failed: the run is marked FAILED
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        print(f"swav-ray: error: training failed: {first}\n"
-              f"  the MLflow run is marked FAILED; its checkpoints are kept under "
-              f"{cfg.scaling.storage_path}; run again with the same scaling.run_name to resume",
-              file=sys.stderr)
+        print(f"swav-ray: error: training failed: {first}", file=sys.stderr)
         return 1
     finally:
         if connected:
             ray.shutdown()
     _print_summary(outcome)
     return 0
+
+
+def _failure_report(err) -> str:
+    """Lines for a run that failed after it started; the last one names the cause."""
+    name = err.run_dir.rstrip("/").rpartition("/")[2] if err.run_dir else ""
+    kept = (f"its checkpoints are kept under {err.run_dir}; once the cause is fixed, run "
+            f"again with scaling.run_name={name} to resume" if err.run_dir
+            else "it wrote no checkpoint")
+    retried = "" if err.attempts == 1 else f" after {err.attempts} attempts"
+    why = " (not retried: it fails the same way on every attempt)" if err.not_retryable else ""
+    return (f"swav-ray: the MLflow run is marked FAILED{retried}; {kept}\n"
+            f"swav-ray: error: training failed{why}: {err.cause}")
 
 
 def cmd_tune(args: argparse.Namespace) -> int:
@@ -212,6 +259,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("config", nargs="?", default=None,
                        help="experiment YAML or a name in experiments/ (default: default)")
     train.add_argument("overrides", nargs="*", help="dotted overrides, e.g. optim.lr=0.3")
+    train.add_argument("-v", "--verbose", action="store_true",
+                       help="show Ray's and the workers' own output")
     train.set_defaults(func=cmd_train)
 
     tune_p = sub.add_parser("tune", help="sweep SwAV settings with Ray Tune (trials are Ray "
@@ -258,6 +307,7 @@ def _split_config_and_overrides(args: argparse.Namespace) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     args = build_parser().parse_args(argv)
     _split_config_and_overrides(args)

@@ -122,7 +122,7 @@ class ScalingConfig:
     use_gpu: bool = False
     cpus_per_worker: float = 1.0
     max_failures: int = 2  # worker failures survived (restart from the last checkpoint)
-    storage_path: str = "~/swav-ray/runs"  # local dir, shared FS or s3://... URI
+    storage_path: str = "./runs"  # local dir (relative: to the working directory), shared FS or s3://
     run_name: Union[str, None] = None  # same name + storage_path: resume that run
     seed: int = 0
 
@@ -323,7 +323,7 @@ CROP_DEVICES = ("auto", "cpu", "gpu")
 # What a resume (the same scaling.run_name again) may change: how long it trains, where results
 # go and how they are evaluated, failures tolerated, loader processes and where crops are made.
 # Anything else would silently continue a different experiment under the old run's params.
-RESUMABLE = ("optim.epochs", "tracking.", "eval.", "scaling.max_failures",
+RESUMABLE = ("optim.epochs", "tracking.", "eval.", "scaling.run_name", "scaling.max_failures",
              "scaling.cpus_per_worker", "data.loader_workers", "crops.device", "fail_at_epoch")
 
 

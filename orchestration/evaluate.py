@@ -69,6 +69,10 @@ def open_tracked_model(run_id: str, tracking_uri: str | None = None,
                        device: str | torch.device = "cpu") -> TrackedModel:
     """Model and config of an MLflow run, with clear errors for a missing run or model."""
     uri = resolve_tracking_uri(tracking_uri)
+    if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///"):]).is_file():
+        # MLflow would create an empty store there and then not find the run.
+        raise ConfigError(f"tracking_uri: no MLflow store at {uri[len('sqlite:///'):]}; run "
+                          f"this where the training run's mlflow.db is, or pass --tracking-uri")
     client = MlflowClient(uri)
     try:
         client.get_run(run_id)

@@ -7,13 +7,14 @@ its own contiguous shard, Sinkhorn codes gathered across workers.  Every epoch e
 queue, iteration; the epoch; every rank's RNG state), written to a temporary file and renamed.  A
 worker that dies is replaced (``FailureConfig.max_failures``) and the group resumes from the last
 checkpoint; a new ``swav-ray train`` with the same ``scaling.run_name`` and ``storage_path`` resumes
-too.  The final model goes to MLflow with the PyTorch flavour.
+too.  Errors that cannot succeed on a retry (``orchestration.failures``) stop the run at once.  The final model goes to MLflow with the PyTorch flavour.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import secrets
 import sys
 import tempfile
 import time
@@ -37,14 +38,18 @@ from orchestration.checkpoints import (
     set_rng_state,
 )
 from orchestration.config import ConfigError, ExperimentConfig, from_dict
+from orchestration.failures import TrainingFailed, as_not_retryable, cause_of
 from orchestration.metrics import epoch_report
+from orchestration.progress import ConsoleProgress, ProgressBoard, StepPoster
+from orchestration.run_lock import Heartbeat, RunLock
 from orchestration.recipe import Training, build_training, initial_model
 from orchestration.tracking import EpochMetricsLogger, TrackedRun
 from swav.engine import SwAVEngine
 from swav.evaluation import extract_features, knn_predict
 from swav.model import SwAVModel
 
-__all__ = ["TrainOutcome", "check_cluster_resources", "run_training", "train_loop_per_worker"]
+__all__ = ["TrainOutcome", "check_cluster_resources", "default_run_name", "run_training",
+           "train_loop_per_worker"]
 
 log = logging.getLogger(__name__)
 FAILURE_MARKER = "injected_failure"
@@ -101,6 +106,17 @@ def _maybe_fail(cfg: ExperimentConfig, epoch: int, rank: int, run_dir: str | Non
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
+    """One Ray Train worker; an error no retry can cure leaves as ``NotRetryable``."""
+    try:
+        _train_worker(config)
+    except Exception as err:
+        fatal = as_not_retryable(err)
+        if fatal is None:
+            raise
+        raise fatal from err
+
+
+def _train_worker(config: dict[str, Any]) -> None:
     cfg = from_dict(config["cfg"])
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
@@ -108,6 +124,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     training = build_training(cfg, rank, world, device, wrap=ray.train.torch.prepare_model)
     engine = training.engine
     start_epoch = _restore(engine, rank)
+    board = config.get("board")  # the driver's console (swav-ray train), else None
     # The same encoder before training: the baseline every kNN figure is compared with.
     init_knn = None
     if start_epoch == 0 and training.evaluation is not None:
@@ -115,12 +132,15 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     images_seen = corrupt_seen = 0
     for epoch in range(start_epoch, cfg.optim.epochs):
         _maybe_fail(cfg, epoch, rank, config.get("run_dir"))
-        progress = _progress(rank, epoch, training.steps_per_epoch, engine.iteration)
-        stats = training.run_epoch(epoch, on_step=progress)
+        poster = None
+        if board is not None and rank == 0:
+            poster = StepPoster(board, epoch, training.steps_per_epoch, engine.iteration,
+                                cfg.optim.batch_size)
+        stats = training.run_epoch(epoch, on_step=poster)
         images_seen += stats.images
         corrupt_seen += stats.corrupt_images
         if corrupt_seen > cfg.data.max_corrupt_fraction * images_seen:
-            raise RuntimeError(
+            raise ValueError(
                 f"data: {corrupt_seen} of {images_seen} images failed to decode, more than "
                 f"data.max_corrupt_fraction={cfg.data.max_corrupt_fraction}")
         report = epoch_report(stats, _epoch_knn(training, epoch, device),
@@ -135,6 +155,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             # Named by epoch: the previous checkpoint (a fallback) is the next name down.
             ray.train.report(report, checkpoint=ckpt,
                              checkpoint_dir_name=f"checkpoint_epoch{epoch:06d}")
+        if poster is not None:
+            board.post_epoch.remote(report)
 
 
 def _restore(engine: SwAVEngine, rank: int) -> int:
@@ -188,24 +210,6 @@ def _epoch_knn(training: Training, epoch: int, device: torch.device) -> float | 
     return distributed_knn(training.engine.net, training.evaluation, cfg, device)
 
 
-def _progress(rank: int, epoch: int, total: int, first_iteration: int):
-    """A coarse progress line on rank 0 (Ray forwards worker output to the driver)."""
-    if rank != 0:
-        return None
-    marks = {max(1, round(total * f)) for f in (0.25, 0.5, 0.75, 1.0)}
-    start = time.perf_counter()
-
-    def on_step(iteration: int, loss: torch.Tensor) -> None:
-        done = iteration - first_iteration  # the engine counts the step before calling back
-        if done in marks:
-            # sys.stdout.write, not print: Ray Train patches print() and would show it twice.
-            sys.stdout.write(f"epoch {epoch} [{done}/{total}] loss {float(loss):.4f} "
-                             f"{time.perf_counter() - start:.1f}s\n")
-            sys.stdout.flush()
-
-    return on_step
-
-
 # -- driver side ------------------------------------------------------------------------------
 
 @dataclass
@@ -244,35 +248,50 @@ def run_training(
     run_name: str | None = None,
     tracking_uri: str | None = None,
     tags: dict[str, str] | None = None,
+    console: bool = False,
 ) -> TrainOutcome:
     """Train ``cfg`` on the connected Ray cluster; returns the MLflow run id and final metrics.
 
     A Tune trial passes ``parent_run_id`` (nests the MLflow run), ``callbacks`` (Tune's
-    ``TuneReportCallback``), ``tracking_uri`` (the sweep's server) and ``tags``.
+    ``TuneReportCallback``), ``tracking_uri`` (the sweep's server) and ``tags``. ``console``:
+    draw a progress bar and a line per epoch (``swav-ray train``).
     """
     check_cluster_resources(cfg)
-    name = run_name or cfg.scaling.run_name or time.strftime("swav-%Y%m%d-%H%M%S")
+    name = run_name or cfg.scaling.run_name or default_run_name("swav")
     root = storage_root(cfg)
     run_dir = f"{root}/{name}"
-    tracked = TrackedRun.start(cfg, run_dir, name, parent_run_id, tags, tracking_uri)
-    print(f"swav-ray: run {name} ({'resumed' if tracked.resumed else 'new'}), MLflow run "
-          f"{tracked.run_id}, checkpoints under {run_dir}", flush=True)
-    sc = cfg.scaling
-    resources = {"CPU": sc.cpus_per_worker, **({"GPU": 1} if sc.use_gpu else {})}
-    trainer = ray.train.torch.TorchTrainer(
-        train_loop_per_worker,
-        train_loop_config={"cfg": cfg.to_dict(), "run_dir": run_dir},
-        scaling_config=ray.train.ScalingConfig(num_workers=sc.num_workers, use_gpu=sc.use_gpu,
-                                               resources_per_worker=resources),
-        run_config=RunConfig(
-            name=name, storage_path=root,
-            failure_config=FailureConfig(max_failures=sc.max_failures),
-            checkpoint_config=CheckpointConfig(num_to_keep=2),
-            callbacks=[EpochMetricsLogger(tracked.uri, tracked.run_id), *(callbacks or [])],
-        ),
-    )
+    with RunLock(run_dir) as lock:  # a second process with this run is refused, not mixed in
+        tracked = TrackedRun.start(cfg, run_dir, name, parent_run_id, tags, tracking_uri)
+        print(f"swav-ray: run {name} ({'resumed' if tracked.resumed else 'new'}), MLflow run "
+              f"{tracked.run_id}, checkpoints under {run_dir}", flush=True)
+        board = ProgressBoard.remote() if console else None
+        make_trainer = _trainer_factory(cfg, name, root, run_dir, tracked,
+                                        [Heartbeat(lock), *(callbacks or [])], board)
+        if board is None:
+            result = _fit_and_log(cfg, make_trainer, run_dir, tracked)
+        else:
+            with ConsoleProgress(board, cfg.optim.epochs):
+                result = _fit_and_log(cfg, make_trainer, run_dir, tracked)
+    metrics = dict(result.metrics or {})
+    if cfg.eval.final_evaluation or cfg.eval.explain_images:
+        # A Ray task, so that on a cluster it runs where a worker would (a GPU node).
+        sc = cfg.scaling
+        task = ray.remote(_after_training).options(
+            num_cpus=sc.cpus_per_worker, num_gpus=1 if sc.use_gpu else 0)
+        metrics.update(ray.get(task.remote(tracked.run_id, tracked.uri, cfg.to_dict())))
+    return TrainOutcome(tracked.run_id, tracked.uri, metrics, result.checkpoint.path, name)
+
+
+def default_run_name(experiment: str) -> str:
+    """``<experiment>-<YYYYmmdd-HHMMSS>-<6 hex>``: sorted by time, unique within a second."""
+    return f"{experiment}-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(3)}"
+
+
+def _fit_and_log(cfg: ExperimentConfig, make_trainer, run_dir: str,
+                 tracked: TrackedRun) -> ray.train.Result:
+    """Fit, log the final model and end the MLflow run: FINISHED, or FAILED with the cause."""
     try:
-        result = trainer.fit()
+        result = _fit(make_trainer, cfg.scaling.max_failures, run_dir)
         if result.checkpoint is None:
             raise RuntimeError("training ended without a checkpoint")
         with result.checkpoint.as_directory() as directory:
@@ -284,17 +303,60 @@ def run_training(
                 tracked.log_model(model.eval())
                 tracked.log_artifact(state_path, "checkpoints")
         tracked.client.set_tag(tracked.run_id, "ray_checkpoint", result.checkpoint.path)
-    except BaseException:
+    except BaseException as err:
+        if isinstance(err, TrainingFailed):
+            tracked.client.set_tag(tracked.run_id, "failure_cause", err.cause[:5000])
         tracked.end_if_running("FAILED")
         raise
     tracked.end("FINISHED")
-    metrics = dict(result.metrics or {})
-    if cfg.eval.final_evaluation or cfg.eval.explain_images:
-        # A Ray task, so that on a cluster it runs where a worker would (a GPU node).
-        task = ray.remote(_after_training).options(
-            num_cpus=sc.cpus_per_worker, num_gpus=1 if sc.use_gpu else 0)
-        metrics.update(ray.get(task.remote(tracked.run_id, tracked.uri, cfg.to_dict())))
-    return TrainOutcome(tracked.run_id, tracked.uri, metrics, result.checkpoint.path, name)
+    return result
+
+
+def _trainer_factory(cfg: ExperimentConfig, name: str, root: str, run_dir: str,
+                     tracked: TrackedRun, callbacks: list, board=None):
+    """A new TorchTrainer per attempt; the same name and storage make each resume the last."""
+    sc = cfg.scaling
+    resources = {"CPU": sc.cpus_per_worker, **({"GPU": 1} if sc.use_gpu else {})}
+
+    def make() -> ray.train.torch.TorchTrainer:
+        return ray.train.torch.TorchTrainer(
+            train_loop_per_worker,
+            train_loop_config={"cfg": cfg.to_dict(), "run_dir": run_dir, "board": board},
+            scaling_config=ray.train.ScalingConfig(
+                num_workers=sc.num_workers, use_gpu=sc.use_gpu, resources_per_worker=resources),
+            run_config=RunConfig(
+                name=name, storage_path=root,
+                failure_config=FailureConfig(max_failures=0),  # retried by _fit
+                checkpoint_config=CheckpointConfig(num_to_keep=2),
+                callbacks=[EpochMetricsLogger(tracked.uri, tracked.run_id), *callbacks],
+            ),
+        )
+
+    return make
+
+
+def _fit(make_trainer, max_failures: int, run_dir: str) -> ray.train.Result:
+    """Fit, and after a worker failure that a retry may cure fit again from the last checkpoint
+    (at most ``max_failures`` times). Ray's own retries would also repeat errors that fail the
+    same way every time (a config, a data schema, a full disk), at the cost of minutes."""
+    attempt = 0
+    while True:
+        attempt += 1
+        try:
+            return make_trainer().fit()
+        except ray.train.TrainingFailedError as err:
+            cause, fatal = cause_of(err)
+            retry = (fatal is None and isinstance(err, ray.train.WorkerGroupError)
+                     and attempt <= max_failures)
+            if not retry:
+                resumable = run_dir if _has_checkpoints(run_dir) else None
+                raise TrainingFailed(cause, fatal, attempt, resumable) from err
+            sys.stderr.write(f"swav-ray: attempt {attempt} failed ({cause}); resuming from the "
+                             f"last checkpoint ({attempt} of {max_failures} retries)\n")
+
+
+def _has_checkpoints(run_dir: str) -> bool:
+    return "://" in run_dir or any(Path(run_dir).glob("checkpoint_*"))
 
 
 def _after_training(run_id: str, uri: str, cfg: dict[str, Any]) -> dict[str, float]:

@@ -14,11 +14,13 @@ def _outcome(metrics: dict) -> SimpleNamespace:
 
 def test_summary_shows_evaluation_and_counterfactuals_when_they_ran(capsys):
     _print_summary(_outcome({
-        "epoch": 31, "loss": 2.26, "knn_top1": 0.9861, "used_prototypes": 81,
+        "epoch": 31, "loss": 2.26, "knn_top1": 0.9861, "prototypes_used": 81.0,
         "knn_top1_random_init": 0.93, "linear_top1": 0.992, "linear_top1_random_init": 0.953,
         "nmi": 0.688, "ari": 0.239, "ce_cf_validity": 1.0, "ce_cf_l2": 0.816, "ce_cf_steps": 13.25,
         "logit_cf_validity": 0.9375, "logit_cf_l2": 1.166, "logit_cf_steps": 100.0}))
     out = capsys.readouterr().out.splitlines()
+    assert out[1] == "run r1 finished after 32 epochs: loss 2.2600, knn_top1 0.9861, " \
+                     "prototypes_used 81"
     assert "evaluation (held-out): kNN top-1 0.986 (random init 0.930), linear top-1 0.992 " \
            "(random init 0.953), NMI 0.688, ARI 0.239" in out
     assert "counterfactuals (ce): validity 1.000, mean L2 0.816, mean steps 13.2" in out
@@ -30,7 +32,7 @@ def test_summary_shows_evaluation_and_counterfactuals_when_they_ran(capsys):
 def test_summary_without_evaluation_has_no_evaluation_lines(capsys):
     _print_summary(_outcome({"epoch": 1, "loss": 4.1}))
     out = capsys.readouterr().out
-    assert "finished: {'epoch': 1, 'loss': 4.1}" in out
+    assert "run r1 finished after 2 epochs: loss 4.1000\n" in out
     assert "evaluation" not in out and "counterfactuals" not in out
 
 

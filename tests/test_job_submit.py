@@ -110,4 +110,8 @@ def test_ray_job_submit_runs_swav_ray_train_on_the_cluster(ray_head, tmp_path):
     run = client.get_run(match.group(1))
     assert run.info.status == "FINISHED"
     assert [m.step for m in client.get_metric_history(run.info.run_id, "loss")] == [0, 1]
+    # Named <experiment>-<timestamp>-<id>, tagged with what the command was given.
+    assert re.fullmatch(r"default-\d{8}-\d{6}-[0-9a-f]{6}", run.info.run_name), run.info.run_name
+    assert run.data.tags["swav_ray.experiment_file"] == "(embedded default)"
+    assert run.data.tags["swav_ray.overrides"].startswith("optim.epochs=2 data.limit=128 ")
     assert time.time() - started < 600

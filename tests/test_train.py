@@ -20,6 +20,7 @@ from mlflow.tracking import MlflowClient
 
 from orchestration.config import ConfigError, from_dict, load_config
 from orchestration.checkpoints import STATE_FILE
+from orchestration.failures import TrainingFailed
 from orchestration.train import FAILURE_MARKER, run_training
 from swav.model import SwAVModel
 from swav.sinkhorn import sinkhorn
@@ -147,6 +148,18 @@ def test_an_interrupted_run_resumes_when_started_again_with_the_same_name(straig
     assert "optim.epochs: 4 -> 5" in tags["resume_changes"]
 
 
+def test_a_run_held_by_another_process_is_refused_before_its_mlflow_run_is_touched(
+        ray_local, tmp_path):
+    from orchestration.run_lock import RunLock
+
+    cfg = tiny(tmp_path, "scaling.run_name=busy")
+    with RunLock(str(tmp_path / "runs" / "busy")):  # as another swav-ray train would hold it
+        with pytest.raises(ConfigError, match=r"^scaling.run_name: run 'busy' is in use by "
+                                              r"process \d+ on "):
+            run_training(cfg)
+    assert not (tmp_path / "mlflow.db").exists()  # no run was created or resumed
+
+
 def _codes_loop(config):
     """Worker: scores of its half of a fixed batch -> gathered Sinkhorn codes (gloo)."""
     ctx = ray.train.get_context()
@@ -242,8 +255,9 @@ def test_the_embedded_default_experiment_learns(ray_local, tmp_path):
 
 
 def test_data_that_cannot_train_is_refused_before_ray_starts(tmp_path):
-    """A missing image column, text labels or a shard smaller than one step: one line naming
-    the key, exit 2, in seconds, nothing written (in the workers: retries, then a traceback)."""
+    """A missing image column, text labels, a shard smaller than one step, more workers than
+    the machine's CPUs: one line naming the key, exit 2, in seconds, nothing written (in the
+    workers: retries, then a traceback)."""
     import time
 
     import pyarrow as pa
@@ -266,6 +280,8 @@ def test_data_that_cannot_train_is_refused_before_ray_starts(tmp_path):
         (["data.source=parquet", f"data.path={data / 'digits.parquet'}", "optim.batch_size=65"],
          "swav-ray: error: optim.batch_size: 65 images per step exceed the 64 images of each "
          "worker's shard (128 training images over 2 workers)"),
+        (["scaling.num_workers=64"], "swav-ray: error: scaling.num_workers: 64 workers x 1 CPU "
+                                     f"need 64 CPUs, this machine has {os.cpu_count()}"),
     ]
     for args, message in cases:
         start = time.perf_counter()
@@ -305,14 +321,20 @@ def test_parquet_run_skips_a_corrupt_image_and_stops_past_the_allowed_share(ray_
     train_rows = open_source("parquet", str(data), seed=0).train.rows
     _digits_parquet(data, corrupt_rows={int(train_rows[3])})  # a row every epoch visits
     common = ["data.source=parquet", f"data.path={data}", "data.limit=null", "optim.epochs=2",
-              "optim.batch_size=16", "scaling.max_failures=0"]
+              "optim.batch_size=16"]
     outcome = run_training(tiny(tmp_path, *common, "scaling.run_name=tolerant"))
     client = MlflowClient(outcome.tracking_uri)
     corrupt = [m.value for m in client.get_metric_history(outcome.run_id, "corrupt_images")]
     assert corrupt == [1.0, 1.0]  # counted on every epoch, and the run finished
-    with pytest.raises(Exception, match="failed to decode"):
+    # Past the allowed share every attempt fails the same way: not retried (max_failures=2).
+    with pytest.raises(TrainingFailed, match=r"^data: 1 of \d+ images failed to decode") as err:
         run_training(tiny(tmp_path, *common, "scaling.run_name=strict",
-                          "data.max_corrupt_fraction=0.0"))
+                          "data.max_corrupt_fraction=0.0", "scaling.max_failures=2"))
+    assert err.value.attempts == 1 and err.value.bad_input and err.value.run_dir is None
+    strict = client.search_runs([client.get_experiment_by_name("swav-ray").experiment_id],
+                                "attributes.run_name = 'strict'")[0]
+    assert strict.info.status == "FAILED"
+    assert strict.data.tags["failure_cause"].startswith("data: 1 of ")
 
 
 def test_evaluate_and_explain_log_into_the_run_and_reject_bad_input(straight, tmp_path,
@@ -375,3 +397,15 @@ def test_evaluate_and_explain_log_into_the_run_and_reject_bad_input(straight, tm
                              "deadbeef"], capture_output=True, text=True, env=env, timeout=120)
     assert result.returncode == 2
     assert result.stderr.strip().startswith("swav-ray: error: run-id: no MLflow run 'deadbeef'")
+    # Where no store is, it says so and leaves no empty mlflow.db behind.
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    env.pop("MLFLOW_TRACKING_URI")
+    result = subprocess.run([sys.executable, "-m", "orchestration.cli", "evaluate", "--run-id",
+                             outcome.run_id], capture_output=True, text=True, env=env,
+                            timeout=120, cwd=elsewhere)
+    assert result.returncode == 2
+    assert result.stderr.strip() == (f"swav-ray: error: tracking_uri: no MLflow store at "
+                                     f"{elsewhere / 'mlflow.db'}; run this where the training "
+                                     f"run's mlflow.db is, or pass --tracking-uri")
+    assert list(elsewhere.iterdir()) == []
