@@ -87,10 +87,11 @@ def _print_evaluation(m: dict, prefix: str = "") -> None:
     """The final evaluation and counterfactual figures of a run, when they ran."""
     from swav.counterfactual import METHODS
 
-    if "linear_top1" in m:
-        print(f"{prefix}evaluation (held-out): kNN top-1 {m['knn_top1']:.3f} (random init "
-              f"{m['knn_top1_random_init']:.3f}), linear top-1 {m['linear_top1']:.3f} (random "
-              f"init {m['linear_top1_random_init']:.3f}), NMI {m['nmi']:.3f}, ARI {m['ari']:.3f}")
+    if "eval_linear_top1" in m:
+        print(f"{prefix}evaluation (held-out): kNN top-1 {m['eval_knn_top1']:.3f} (random init "
+              f"{m['eval_knn_top1_random_init']:.3f}), linear top-1 "
+              f"{m['eval_linear_top1']:.3f} (random init {m['eval_linear_top1_random_init']:.3f})"
+              f", NMI {m['eval_nmi']:.3f}, ARI {m['eval_ari']:.3f}")
     for method in METHODS:
         if f"{method}_cf_validity" in m:
             print(f"{prefix}counterfactuals ({method}): validity "
@@ -128,6 +129,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     except TrainingFailed as err:  # the run started and failed: what is kept, then the cause
         print(_failure_report(err), file=sys.stderr)
         return 2 if err.bad_input else 1
+    except KeyboardInterrupt:
+        print(f"swav-ray: interrupted; the MLflow run is marked KILLED and its checkpoints are "
+              f"kept: run again with scaling.run_name={name} to resume", file=sys.stderr)
+        return 130
     except ConfigError:
         raise
     except Exception as err:  # e.g. the tracking store failed: the run is marked FAILED

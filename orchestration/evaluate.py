@@ -29,6 +29,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from orchestration.checkpoints import STATE_FILE, CheckpointError, load_state
 from orchestration.config import ConfigError, ExperimentConfig, from_dict
+from orchestration.metrics import evaluation_metrics
 from orchestration.recipe import EvalSets, eval_loaders, eval_sets, initial_model, open_splits
 from orchestration.tracking import CONFIG_ARTIFACT, resolve_tracking_uri
 from swav.counterfactual import explain, populated_prototypes
@@ -137,6 +138,7 @@ def evaluate_run(run_id: str, tracking_uri: str | None = None,
     assignments, scores, labels = assign_with_scores(tracked.model, held_loader, device)
     quality = cluster_quality(assignments, labels, tracked.model.prototypes.sizes[0])
     metrics.update(quality)
+    metrics = evaluation_metrics(metrics)
     tracked.log_metrics(metrics)
     # Member grid over (at most) the first 4096 held-out images; rows line up with the
     # assignments only when none of them is corrupt (the collate refills corrupt rows).

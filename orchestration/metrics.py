@@ -7,7 +7,8 @@ from typing import Any
 
 from swav.engine import EpochStats
 
-__all__ = ["EPOCH_METRICS", "LABELLED_METRICS", "epoch_report", "loggable"]
+__all__ = ["EPOCH_METRICS", "EVAL_PREFIX", "LABELLED_METRICS", "epoch_report",
+           "evaluation_metrics", "loggable"]
 
 # name -> (what it is, the better direction); each is an MLflow metric at step = epoch.
 EPOCH_METRICS: dict[str, tuple[str, str]] = {
@@ -50,3 +51,16 @@ def epoch_report(stats: EpochStats, knn_top1: float | None = None,
 def loggable(report: dict[str, Any]) -> dict[str, float]:
     """The vocabulary's figures of a report, as floats."""
     return {k: float(v) for k, v in report.items() if k in EPOCH_METRICS and v is not None}
+
+
+# The final evaluation's figures (``swav-ray evaluate`` and after training) are logged once, as
+# eval_<name>: never at a step of a per-epoch curve (an MLflow chart would jump back to step 0 and
+# the UI's latest value would stop being the last epoch's).
+EVAL_PREFIX = "eval_"
+# swav.evaluation's names -> the vocabulary's (one name per figure everywhere).
+_VOCABULARY = {"used_prototypes": "prototypes_used", "assignment_entropy": "code_entropy"}
+
+
+def evaluation_metrics(found: dict[str, Any]) -> dict[str, float]:
+    """``{"knn_top1": .., "used_prototypes": ..}`` -> ``{"eval_knn_top1": .., "eval_prototypes_used": ..}``."""
+    return {EVAL_PREFIX + _VOCABULARY.get(k, k): float(v) for k, v in found.items()}

@@ -289,7 +289,8 @@ def default_run_name(experiment: str) -> str:
 
 def _fit_and_log(cfg: ExperimentConfig, make_trainer, run_dir: str,
                  tracked: TrackedRun) -> ray.train.Result:
-    """Fit, log the final model and end the MLflow run: FINISHED, or FAILED with the cause."""
+    """Fit, log the final model and end the MLflow run: FINISHED, FAILED with the cause, or
+    KILLED (interrupted: Ctrl-C)."""
     try:
         result = _fit(make_trainer, cfg.scaling.max_failures, run_dir)
         if result.checkpoint is None:
@@ -306,7 +307,7 @@ def _fit_and_log(cfg: ExperimentConfig, make_trainer, run_dir: str,
     except BaseException as err:
         if isinstance(err, TrainingFailed):
             tracked.client.set_tag(tracked.run_id, "failure_cause", err.cause[:5000])
-        tracked.end_if_running("FAILED")
+        tracked.end_if_running("KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED")
         raise
     tracked.end("FINISHED")
     return result
@@ -344,6 +345,8 @@ def _fit(make_trainer, max_failures: int, run_dir: str) -> ray.train.Result:
         attempt += 1
         try:
             return make_trainer().fit()
+        except SystemExit as exc:  # Ray's Ctrl-C handler aborts the run, then exits
+            raise KeyboardInterrupt from exc
         except ray.train.TrainingFailedError as err:
             cause, fatal = cause_of(err)
             retry = (fatal is None and isinstance(err, ray.train.WorkerGroupError)

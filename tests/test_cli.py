@@ -15,8 +15,9 @@ def _outcome(metrics: dict) -> SimpleNamespace:
 def test_summary_shows_evaluation_and_counterfactuals_when_they_ran(capsys):
     _print_summary(_outcome({
         "epoch": 31, "loss": 2.26, "knn_top1": 0.9861, "prototypes_used": 81.0,
-        "knn_top1_random_init": 0.93, "linear_top1": 0.992, "linear_top1_random_init": 0.953,
-        "nmi": 0.688, "ari": 0.239, "ce_cf_validity": 1.0, "ce_cf_l2": 0.816, "ce_cf_steps": 13.25,
+        "eval_knn_top1": 0.9861, "eval_knn_top1_random_init": 0.93, "eval_linear_top1": 0.992,
+        "eval_linear_top1_random_init": 0.953, "eval_nmi": 0.688, "eval_ari": 0.239,
+        "ce_cf_validity": 1.0, "ce_cf_l2": 0.816, "ce_cf_steps": 13.25,
         "logit_cf_validity": 0.9375, "logit_cf_l2": 1.166, "logit_cf_steps": 100.0}))
     out = capsys.readouterr().out.splitlines()
     assert out[1] == "run r1 finished after 32 epochs: loss 2.2600, knn_top1 0.9861, " \
@@ -46,9 +47,11 @@ def test_sweep_summary_shows_the_table_the_best_trial_and_its_evaluation(capsys)
             TrialRow("aaaaa_00001", "r1", {"swav.epsilon": 0.05}, 0.85, 3, 12, "stopped", {})]
     outcome = SimpleNamespace(name="s", rows=rows, best=rows[0], parent_run_id="p1",
                               tracking_uri="sqlite:////tmp/m.db",
-                              best_metrics={"knn_top1": 0.92, "knn_top1_random_init": 0.9,
-                                            "linear_top1": 0.95, "linear_top1_random_init": 0.9,
-                                            "nmi": 0.7, "ari": 0.4})
+                              best_metrics={"knn_top1": 0.92, "eval_knn_top1": 0.92,
+                                            "eval_knn_top1_random_init": 0.9,
+                                            "eval_linear_top1": 0.95,
+                                            "eval_linear_top1_random_init": 0.9,
+                                            "eval_nmi": 0.7, "eval_ari": 0.4})
     _print_sweep(outcome, spec)
     out = capsys.readouterr().out.splitlines()
     header = next(i for i, line in enumerate(out) if line.strip().startswith("trial"))
