@@ -172,6 +172,12 @@ def cmd_tune(args: argparse.Namespace) -> int:
             raise ConfigError("sweep: name a sweep file (e.g. experiments/sweep_default.yaml) "
                               "or --resume NAME")
         spec = load_sweep(args.sweep, args.overrides)  # fails here, before Ray, on bad input
+    from orchestration.recipe import check_data
+
+    try:
+        check_data(spec.base_config())  # the base experiment's data, as swav-ray train does
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
     # Quiet console: our progress bar and table instead of Tune's status tables and MLflow's
     # run links.
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")

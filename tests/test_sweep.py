@@ -117,5 +117,10 @@ def test_the_cli_rejects_a_bad_sweep_with_exit_code_2_before_ray_starts(tmp_path
     assert len(err.splitlines()) == 1
     assert cli.main(["tune", "--resume", "no-such-sweep", "--storage", str(tmp_path)]) == 2
     assert "resume: no sweep 'no-such-sweep'" in capsys.readouterr().err
+    path = write(tmp_path, overrides={"optim.batch_size": 4096})  # the base's data, checked
+    assert cli.main(["tune", path]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("swav-ray: error: optim.batch_size: 4096 images per step exceed the ")
+    assert len(err.splitlines()) == 1
     assert cli.main(["train", "sweep_default"]) == 2
     assert "is a sweep file; run it with swav-ray tune" in capsys.readouterr().err
