@@ -4,10 +4,12 @@ Driver (:func:`run_training`): creates or resumes the MLflow run, then fits a ``
 whose workers run :func:`train_loop_per_worker`: DDP over gloo (CPU) or NCCL (GPU), each worker on
 its own contiguous shard, Sinkhorn codes gathered across workers.  Every epoch each worker calls
 ``ray.train.report``; rank 0 attaches a checkpoint (engine state: model, optimiser, schedule,
-queue, iteration; the epoch; every rank's RNG state), written to a temporary file and renamed.  A
-worker that dies is replaced (``FailureConfig.max_failures``) and the group resumes from the last
-checkpoint; a new ``swav-ray train`` with the same ``scaling.run_name`` and ``storage_path`` resumes
-too.  Errors that cannot succeed on a retry (``orchestration.failures``) stop the run at once.  The final model goes to MLflow with the PyTorch flavour.
+queue, iteration; the epoch; every rank's RNG state), written to a temporary file and renamed.  When
+a worker dies the driver fits again from the last checkpoint (``scaling.max_failures`` times, in
+:func:`_fit`); errors that cannot succeed on a retry (``orchestration.failures``) stop the run at
+once.  A new ``swav-ray train`` with the same ``scaling.run_name`` and ``storage_path`` resumes too;
+``run.lock`` keeps a second process out meanwhile.  The final model goes to MLflow with the
+PyTorch flavour.
 """
 
 from __future__ import annotations
@@ -41,8 +43,8 @@ from orchestration.config import ConfigError, ExperimentConfig, from_dict
 from orchestration.failures import TrainingFailed, as_not_retryable, cause_of
 from orchestration.metrics import epoch_report
 from orchestration.progress import ConsoleProgress, ProgressBoard, StepPoster
-from orchestration.run_lock import Heartbeat, RunLock
 from orchestration.recipe import Training, build_training, initial_model
+from orchestration.run_lock import Heartbeat, RunLock
 from orchestration.tracking import EpochMetricsLogger, TrackedRun
 from swav.engine import SwAVEngine
 from swav.evaluation import extract_features, knn_predict
