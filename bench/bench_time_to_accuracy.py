@@ -185,11 +185,12 @@ def main() -> None:
                     model, cfg, test_u8, args.cf_images, device), "cf_images": args.cf_images})
             del model
         else:
-            from lightly_peer import LightlySwaV, published_cifar10
+            from lightly_peer import LIGHTLY_RESNET18, LightlySwaV, published_cifar10
 
             torch.manual_seed(cfg.scaling.seed)
             emit({"recipe": "lightly", "mark_s": 0, "random_init_knn_top1":
-                  ev.knn(LightlySwaV("resnet18").backbone.to(device), *IMAGENET)})
+                  ev.knn(LightlySwaV(LIGHTLY_RESNET18).backbone.to(device),
+                                                  *IMAGENET)})
             rows = {"images": 0}
 
             def on_mark(mark: float, backbone) -> None:
