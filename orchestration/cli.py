@@ -36,8 +36,16 @@ def connect_ray(cfg: ExperimentConfig, extra_cpus: float = 0.0, log_to_driver: b
     if ray.is_initialized():
         return False
     if os.environ.get("RAY_ADDRESS"):
-        ray.init(log_to_driver=log_to_driver,
-                 logging_level=logging.INFO if log_to_driver else logging.WARNING)
+        try:
+            ray.init(log_to_driver=log_to_driver,
+                     logging_level=logging.INFO if log_to_driver else logging.WARNING)
+        except ConnectionError as err:
+            if "AuthenticationError" not in repr(err.__cause__) + str(err.__cause__):
+                raise
+            raise ConfigError(
+                f"RAY_ADDRESS: the cluster at {os.environ['RAY_ADDRESS']} wants its auth token: "
+                "set RAY_AUTH_MODE=token and RAY_AUTH_TOKEN (or copy ~/.ray/auth_token from the "
+                "head; `ray get-auth-token` there prints it)") from None
         return True
     sc = cfg.scaling
     needed = sc.num_workers * sc.cpus_per_worker + extra_cpus

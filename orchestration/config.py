@@ -132,6 +132,8 @@ class TrackingConfig:
     tracking_uri: Union[str, None] = None  # default: $MLFLOW_TRACKING_URI or sqlite:///<cwd>/mlflow.db
     experiment_name: str = "swav-ray"
     log_model: bool = True
+    system_metrics: Union[bool, None] = None  # CPU/GPU/memory per node into the run; null: GPU runs
+    system_metrics_every_s: float = 10.0
 
 
 @dataclass
@@ -380,8 +382,8 @@ def validate(cfg: ExperimentConfig) -> None:
            f"unknown source {d.source!r}, expected one of {', '.join(DATA_SOURCES)}")
     if d.source in ("imagefolder", "parquet"):
         _check(d.path is not None, "data.path", f"required for source {d.source!r}")
-    if d.path is not None and "://" not in d.path and not (d.download and d.source in _TV):
-        _check(Path(d.path).expanduser().exists(), "data.path", f"{d.path!r} does not exist")
+    if not os.environ.get("RAY_ADDRESS"):  # on a cluster the workers read it: checked there
+        _check(not recipe.data_path_missing(d), "data.path", f"{d.path!r} does not exist")
     _check(0 < d.holdout_fraction < 1, "data.holdout_fraction",
            f"must be in (0, 1), got {d.holdout_fraction}")
     _check(d.limit is None or d.limit >= 1, "data.limit", f"must be >= 1, got {d.limit}")
@@ -391,6 +393,8 @@ def validate(cfg: ExperimentConfig) -> None:
     _check(d.eval_size is None or d.eval_size >= 1, "data.eval_size", "must be >= 1")
     _check(sc.cpus_per_worker > 0, "scaling.cpus_per_worker", "must be > 0")
     _check(sc.max_failures >= 0, "scaling.max_failures", f"must be >= 0, got {sc.max_failures}")
+    _check(cfg.tracking.system_metrics_every_s > 0, "tracking.system_metrics_every_s",
+           "must be > 0")
     _check(e.knn_k >= 1, "eval.knn_k", f"must be >= 1, got {e.knn_k}")
     _check(e.knn_temperature > 0, "eval.knn_temperature", "must be > 0")
     _check(e.knn_every >= 0, "eval.knn_every", f"must be >= 0, got {e.knn_every}")
@@ -404,4 +408,4 @@ def validate(cfg: ExperimentConfig) -> None:
            f"unknown method(s) {bad}, expected one of {', '.join(METHODS)}")
 
 
-_TV = ("cifar10", "cifar100", "stl10")
+

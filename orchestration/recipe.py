@@ -18,8 +18,10 @@ from __future__ import annotations
 
 import dataclasses
 import random
+import socket
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -298,6 +300,21 @@ def build_training(cfg: ExperimentConfig, rank: int = 0, world: int = 1,
 # -- validation -------------------------------------------------------------------------------
 
 CHEAP_TO_OPEN = ("digits", "parquet", "imagefolder")  # metadata, one column or a file listing
+DOWNLOADABLE = ("cifar10", "cifar100", "stl10")  # torchvision fetches them with data.download
+
+
+def data_path_missing(d: Any) -> bool:
+    """A local ``data.path`` that this machine lacks (remote stores and downloads aside)."""
+    return (d.path is not None and "://" not in d.path
+            and not (d.download and d.source in DOWNLOADABLE)
+            and not Path(d.path).expanduser().exists())
+
+
+def check_data_here(cfg: ExperimentConfig) -> None:
+    """In a worker: its node lacks ``data.path`` (on a cluster the driver cannot check it)."""
+    if data_path_missing(cfg.data):
+        raise ValueError(f"data.path: {cfg.data.path!r} does not exist on node "
+                         f"{socket.gethostname()}")
 
 
 def check_data(cfg: ExperimentConfig) -> None:
@@ -305,8 +322,8 @@ def check_data(cfg: ExperimentConfig) -> None:
     non-integer or missing labels, or a shard smaller than one step fail once, as one line,
     before Ray starts (in the workers they would fail on every retry)."""
     d = cfg.data
-    if d.source not in CHEAP_TO_OPEN or (d.path and "://" in d.path):
-        return  # large downloads and remote stores are checked where they are read
+    if d.source not in CHEAP_TO_OPEN or (d.path and "://" in d.path) or data_path_missing(d):
+        return  # large downloads, remote stores, a cluster's worker-side paths: where read
     try:
         splits = open_splits(cfg)
     except ValueError as err:

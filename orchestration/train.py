@@ -31,6 +31,7 @@ import torch
 import torch.distributed as dist
 from ray.train import CheckpointConfig, FailureConfig, RunConfig
 
+from orchestration.capacity import check_fits, connected_cluster
 from orchestration.checkpoints import (
     STATE_FILE,
     CheckpointError,
@@ -43,8 +44,9 @@ from orchestration.config import ConfigError, ExperimentConfig, from_dict
 from orchestration.failures import TrainingFailed, as_not_retryable, cause_of
 from orchestration.metrics import epoch_report
 from orchestration.progress import ConsoleProgress, ProgressBoard, StepPoster
-from orchestration.recipe import Training, build_training, initial_model
+from orchestration.recipe import Training, build_training, check_data_here, initial_model
 from orchestration.run_lock import Heartbeat, RunLock
+from orchestration.system_metrics import node_monitor
 from orchestration.tracking import EpochMetricsLogger, TrackedRun
 from swav.engine import SwAVEngine
 from swav.evaluation import extract_features, knn_predict
@@ -120,9 +122,16 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
 def _train_worker(config: dict[str, Any]) -> None:
     cfg = from_dict(config["cfg"])
+    local_rank = ray.train.get_context().get_local_rank()
+    with node_monitor(cfg, config.get("tracking"), local_rank):  # system metrics, per node
+        _train_epochs(cfg, config)
+
+
+def _train_epochs(cfg: ExperimentConfig, config: dict[str, Any]) -> None:
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
+    check_data_here(cfg)
     training = build_training(cfg, rank, world, device, wrap=ray.train.torch.prepare_model)
     engine = training.engine
     start_epoch = _restore(engine, rank)
@@ -224,18 +233,9 @@ class TrainOutcome:
 
 
 def check_cluster_resources(cfg: ExperimentConfig) -> None:
-    """More workers/GPUs than the cluster has: a clear error instead of a hang."""
-    total = ray.cluster_resources()
-    sc = cfg.scaling
-    need_cpu = sc.num_workers * sc.cpus_per_worker
-    if need_cpu > total.get("CPU", 0):
-        raise ConfigError(
-            f"scaling.num_workers: {sc.num_workers} workers x {sc.cpus_per_worker:g} CPU need "
-            f"{need_cpu:g} CPUs, the Ray cluster has {total.get('CPU', 0):g}")
-    if sc.use_gpu and sc.num_workers > total.get("GPU", 0):
-        raise ConfigError(
-            f"scaling.use_gpu: {sc.num_workers} workers need {sc.num_workers} GPUs, the Ray "
-            f"cluster has {total.get('GPU', 0):g}")
+    """Workers the connected cluster cannot place even at its largest (an autoscaler's declared
+    maximum): a clear error instead of a hang; what it may add later is not refused."""
+    check_fits(cfg, connected_cluster())
 
 
 def storage_root(cfg: ExperimentConfig) -> str:
@@ -324,7 +324,8 @@ def _trainer_factory(cfg: ExperimentConfig, name: str, root: str, run_dir: str,
     def make() -> ray.train.torch.TorchTrainer:
         return ray.train.torch.TorchTrainer(
             train_loop_per_worker,
-            train_loop_config={"cfg": cfg.to_dict(), "run_dir": run_dir, "board": board},
+            train_loop_config={"cfg": cfg.to_dict(), "run_dir": run_dir, "board": board,
+                               "tracking": {"uri": tracked.uri, "run_id": tracked.run_id}},
             scaling_config=ray.train.ScalingConfig(
                 num_workers=sc.num_workers, use_gpu=sc.use_gpu, resources_per_worker=resources),
             run_config=RunConfig(

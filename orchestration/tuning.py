@@ -28,6 +28,7 @@ from mlflow.tracking import MlflowClient
 from ray import tune
 from ray.tune.integration.ray_train import TuneReportCallback
 
+from orchestration.capacity import check_fits, connected_cluster, totals
 from orchestration.config import ConfigError, ExperimentConfig
 from orchestration.mlflow_server import serving
 from orchestration.sweep import SweepSpec, trial_config
@@ -64,7 +65,9 @@ def concurrent_trials(spec: SweepSpec) -> int:
     """Trials the connected cluster holds at once (or the sweep's own limit, if lower); a trial
     that does not fit at all is a one-line error before any trial starts."""
     need = trial_resources(spec.base_config())
-    have = ray.cluster_resources()
+    cluster = connected_cluster()
+    check_fits(spec.base_config(), cluster)
+    have = totals(cluster)
     fits = []
     for kind, amount in need.items():
         if amount <= 0:
@@ -73,7 +76,7 @@ def concurrent_trials(spec: SweepSpec) -> int:
             sc = spec.base_config().scaling
             raise ConfigError(
                 f"scaling.num_workers: a trial needs {amount:g} {kind} ({sc.num_workers} workers "
-                f"+ its driver), the Ray cluster has {have.get(kind, 0):g}")
+                f"+ its driver), {cluster.source} has {have.get(kind, 0):g}")
         fits.append(int(have[kind] // amount))
     most = min(fits)
     return min(most, spec.max_concurrent_trials or most)

@@ -68,7 +68,7 @@ def _kill_tree(pids: list[int]) -> None:
             pass
 
 
-@pytest.fixture()
+@pytest.fixture(scope="module")
 def ray_head():
     temp_dir = tempfile.mkdtemp(prefix="swr-", dir="/tmp")  # short: Ray's socket paths are limited
     port, dashboard = _free_port(), _free_port()
@@ -85,6 +85,7 @@ def ray_head():
         check=True, env=env, capture_output=True, timeout=180,
     )
     try:
+        env["SWAV_TEST_GCS"] = f"127.0.0.1:{port}"
         yield f"http://127.0.0.1:{dashboard}", env
     finally:
         _kill_tree(_pids_holding(temp_dir))
@@ -115,3 +116,16 @@ def test_ray_job_submit_runs_swav_ray_train_on_the_cluster(ray_head, tmp_path):
     assert run.data.tags["swav_ray.experiment_file"] == "(embedded default)"
     assert run.data.tags["swav_ray.overrides"].startswith("optim.epochs=2 data.limit=128 ")
     assert time.time() - started < 600
+
+
+def test_joining_a_token_cluster_without_its_token_says_how_to_pass_it(ray_head, tmp_path):
+    _, env = ray_head
+    bare = {k: v for k, v in env.items() if not k.startswith("RAY_AUTH")}
+    bare.update(RAY_ADDRESS=env["SWAV_TEST_GCS"], HOME=str(tmp_path))  # no ~/.ray/auth_token
+    result = subprocess.run([str(BIN / "swav-ray"), "train", "optim.epochs=1"], env=bare,
+                            cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    last = result.stderr.strip().splitlines()[-1]
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert last.startswith("swav-ray: error: RAY_ADDRESS: the cluster at 127.0.0.1:") and \
+        "RAY_AUTH_TOKEN" in last and "get-auth-token" in last, last
+    assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / "runs").exists()

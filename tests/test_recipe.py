@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import socket
 
 import pytest
 import torch
@@ -11,6 +12,8 @@ from orchestration.config import ConfigError, load_config
 from orchestration.recipe import (
     build_training,
     check_components,
+    check_data,
+    check_data_here,
     crops_on_device,
     eval_loaders,
     eval_sets,
@@ -130,3 +133,17 @@ def test_crops_on_the_device_from_loader_workers_when_the_shard_is_not_kept(monk
     assert raw.images.dtype == torch.uint8 and tuple(raw.images.shape) == (64, 3, 8, 8)
     stats = training.run_epoch(0)
     assert stats.images == 256 and math.isfinite(stats.loss)
+
+
+def test_on_a_cluster_a_data_path_is_checked_where_the_workers_read_it(tmp_path, monkeypatch):
+    overrides = ["data.source=imagefolder", f"data.path={tmp_path / 'on-the-workers'}"]
+    with pytest.raises(ConfigError, match="^data.path: '.*on-the-workers' does not exist$"):
+        load_config(None, overrides)  # a local run reads it here: refused at once
+    monkeypatch.setenv("RAY_ADDRESS", "auto")  # a cluster's driver (the head) does not read it
+    cfg = load_config(None, overrides)
+    check_data(cfg)  # nothing to open here; not an error
+    with pytest.raises(ValueError, match=r"^data.path: '.*on-the-workers' does not exist on "
+                                         rf"node {socket.gethostname()}$"):
+        check_data_here(cfg)  # what each worker runs first (not retried: a ValueError)
+    (tmp_path / "on-the-workers").mkdir()
+    check_data_here(cfg)

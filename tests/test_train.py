@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -46,7 +47,8 @@ def final_weights(outcome) -> dict[str, torch.Tensor]:
 @pytest.fixture(scope="module")
 def straight(ray_local, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("straight")
-    cfg = tiny(tmp, "scaling.run_name=straight")
+    cfg = tiny(tmp, "scaling.run_name=straight", "tracking.system_metrics=true",
+               "tracking.system_metrics_every_s=0.5")
     return tmp, cfg, run_training(cfg)
 
 
@@ -60,6 +62,15 @@ def test_two_worker_run_is_tracked_as_one_mlflow_run_with_a_loadable_model(strai
     assert run.info.status == "FINISHED"
     assert run.data.params["optim.epochs"] == "4" and run.data.params["model.n_prototypes"] == "20"
     assert run.data.tags["world_size"] == "2" and run.data.tags["device"] == "cpu"
+    # System metrics from the node, once (two workers, one monitor), under MLflow's names.
+    node = socket.gethostname()
+    system = {k for k in run.data.metrics if k.startswith("system/")}
+    assert {f"system/{node}/cpu_utilization_percentage",
+            f"system/{node}/system_memory_usage_percentage"} <= system, system
+    assert all(k.startswith(f"system/{node}/") for k in system)
+    steps = [m.step for m in client.get_metric_history(
+        outcome.run_id, f"system/{node}/cpu_utilization_percentage")]
+    assert steps == list(range(len(steps))) and len(steps) >= 2  # one logger, not two
     for metric in ("loss", "lr", "images_per_s", "epoch_time_s", "prototypes_used",
                    "code_entropy", "knn_top1"):
         steps = [m.step for m in client.get_metric_history(outcome.run_id, metric)]
@@ -189,7 +200,8 @@ def test_gathered_codes_inside_a_two_worker_ray_run_equal_single_process_codes(r
 
 def test_more_workers_than_the_cluster_has_fail_before_any_run_is_created(ray_local, tmp_path):
     cfg = tiny(tmp_path, "scaling.num_workers=8")
-    with pytest.raises(ConfigError, match=r"^scaling.num_workers: 8 workers x 1 CPU need 8 CPUs"):
+    with pytest.raises(ConfigError, match=r"^scaling.num_workers: 8 workers of 1 CPU each; the Ray "
+                                           r"cluster places at most 3$"):
         run_training(cfg)
     assert not (tmp_path / "mlflow.db").exists()
     cfg = tiny(tmp_path, "scaling.use_gpu=true")
