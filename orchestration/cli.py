@@ -49,6 +49,10 @@ def connect_ray(cfg: ExperimentConfig, extra_cpus: float = 0.0, log_to_driver: b
         return True
     sc = cfg.scaling
     needed = sc.num_workers * sc.cpus_per_worker + extra_cpus
+    # Ray Train's controller takes the workers' reports when it polls them, every 2 s by default:
+    # up to 2 s per epoch of waiting, a sixth of the embedded default's run. The instance we start
+    # (and so the controller) inherits this process's environment.
+    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25")
     ray.init(address="local", num_cpus=max(os.cpu_count() or 1, math.ceil(needed)),
              num_gpus=None if sc.use_gpu else 0, include_dashboard=True,
              log_to_driver=log_to_driver,

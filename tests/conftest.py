@@ -2,7 +2,14 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
+
+# Every Ray instance the tests start (in process, `ray start`, the CLI's own) inherits this: the
+# Train controller polls its workers every 0.25 s instead of 2 s, so a tiny run does not wait
+# up to 2 s per epoch for its report to be taken (as `swav-ray train` sets it for local runs).
+os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25")
 
 
 @pytest.fixture(scope="session")
