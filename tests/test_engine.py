@@ -94,6 +94,7 @@ def test_resume_from_state_dict_gives_the_same_weights():
         torch.testing.assert_close(resumed[name], straight[name], rtol=0, atol=0, msg=name)
 
 
+@pytest.mark.slow
 def test_short_run_on_digits_lowers_the_loss_without_collapse():
     """Real images (scikit-learn digits): the loss falls from ~ln K and the codes keep using
     most prototypes (a collapsed model assigns everything to one or a few)."""

@@ -20,6 +20,8 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
+pytestmark = pytest.mark.slow  # Ray Train/Tune runs end to end (CI runs them all)
+
 BIN = Path(sys.executable).parent
 
 

@@ -26,6 +26,8 @@ from orchestration.train import FAILURE_MARKER, run_training
 from swav.model import SwAVModel
 from swav.sinkhorn import sinkhorn
 
+pytestmark = pytest.mark.slow  # Ray Train/Tune runs end to end (CI runs them all)
+
 TINY = [
     "data.limit=256", "optim.epochs=4", "optim.batch_size=32", "model.width=8",
     "model.hidden_dim=32", "model.out_dim=16", "model.n_prototypes=20",

@@ -15,6 +15,8 @@ from orchestration.mlflow_server import serving
 from orchestration.sweep import load_sweep
 from orchestration.tuning import concurrent_trials, load_saved_spec, run_sweep
 
+pytestmark = pytest.mark.slow  # Ray Train/Tune runs end to end (CI runs them all)
+
 EPOCHS = 3
 PER_EPOCH = ("loss", "lr", "images_per_s", "epoch_time_s", "prototypes_used", "code_entropy",
              "knn_top1")
