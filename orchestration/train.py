@@ -175,6 +175,10 @@ def _restore(engine: SwAVEngine, rank: int) -> int:
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is None:
         return 0
+    if rank == 0:
+        for path in _unregistered(checkpoint):
+            checkpoint.filesystem.delete_dir(path)
+            log.warning("removed %s: written but never registered by Ray", path)
     errors: list[str] = []
     for candidate in _newest_first(checkpoint):
         with candidate.as_directory() as directory:
@@ -197,18 +201,32 @@ def _restore(engine: SwAVEngine, rank: int) -> int:
     raise CheckpointError("; ".join(errors))
 
 
-def _newest_first(latest: ray.train.Checkpoint) -> list[ray.train.Checkpoint]:
-    """The latest checkpoint, then the older ones Ray kept beside it (``num_to_keep``)."""
+def _siblings(latest: ray.train.Checkpoint) -> tuple[list[str], list[str]]:
+    """Checkpoint folders beside the latest one, (older newest first, newer): names sort by
+    epoch, and Ray registers them in order."""
     import pyarrow.fs as pafs
 
     parent, _, own = latest.path.rstrip("/").rpartition("/")
     try:
         infos = latest.filesystem.get_file_info(pafs.FileSelector(parent))
     except OSError:
-        return [latest]
-    older = sorted((i.path for i in infos if i.type == pafs.FileType.Directory
-                    and i.base_name.startswith("checkpoint_") and i.base_name < own), reverse=True)
+        return [], []
+    names = [i for i in infos if i.type == pafs.FileType.Directory
+             and i.base_name.startswith("checkpoint_")]
+    older = sorted((i.path for i in names if i.base_name < own), reverse=True)
+    return older, sorted(i.path for i in names if i.base_name > own)
+
+
+def _newest_first(latest: ray.train.Checkpoint) -> list[ray.train.Checkpoint]:
+    """The latest checkpoint, then the older ones Ray kept beside it (``num_to_keep``)."""
+    older, _ = _siblings(latest)
     return [latest, *(ray.train.Checkpoint(p, filesystem=latest.filesystem) for p in older)]
+
+
+def _unregistered(latest: ray.train.Checkpoint) -> list[str]:
+    """Folders newer than Ray's latest checkpoint: written (perhaps in part) by an attempt that
+    died before Ray registered them; a resume removes them so nothing ever lists them."""
+    return _siblings(latest)[1]
 
 
 def _epoch_knn(training: Training, epoch: int, device: torch.device) -> float | None:

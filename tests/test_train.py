@@ -138,9 +138,14 @@ def test_an_interrupted_run_resumes_when_started_again_with_the_same_name(straig
     assert len(kept) >= 2, kept
     newest = kept[-1] / STATE_FILE
     newest.write_bytes(newest.read_bytes()[:200])
+    # A folder Ray never registered (an upload cut short after the last report): removed.
+    orphan = tmp_path / "runs" / "interrupted" / "checkpoint_epoch000099"
+    orphan.mkdir()
+    (orphan / STATE_FILE).write_bytes(b"partial")
 
     again = run_training(tiny(tmp_path, "scaling.run_name=interrupted"))
     assert again.run_id == run.info.run_id
+    assert not orphan.exists()
     assert client.get_run(again.run_id).info.status == "FINISHED"
     steps = [m.step for m in client.get_metric_history(again.run_id, "loss")]
     assert sorted(set(steps)) == [0, 1, 2, 3]  # the epoch after the fallback is logged again
