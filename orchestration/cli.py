@@ -329,8 +329,17 @@ def _split_config_and_overrides(args: argparse.Namespace) -> None:
             setattr(args, name, None)
 
 
+def loopback_only() -> None:
+    """A Ray instance this process starts listens on 127.0.0.1 only (GCS, raylet, agents,
+    dashboard, metrics): by default Ray binds them to the machine's address so that other nodes
+    may join, which a local run never needs. Read when Ray is imported, so set before that."""
+    if not os.environ.get("RAY_ADDRESS"):
+        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    loopback_only()
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     args = build_parser().parse_args(argv)
     _split_config_and_overrides(args)
