@@ -135,6 +135,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     if not args.verbose:  # MLflow's store set-up notes and its pickle warning (see README)
         logging.getLogger("mlflow").setLevel(logging.WARNING)
         logging.getLogger("mlflow.pytorch").setLevel(logging.ERROR)
+        # "Token authentication is enabled for this Ray cluster": Ray's default, on every start.
+        logging.getLogger("ray._private.authentication").setLevel(logging.ERROR)
     connected = connect_ray(cfg, log_to_driver=args.verbose)
     try:
         outcome = run_training(cfg, run_name=name, tags=tags, console=True)
