@@ -24,3 +24,14 @@ def ray_local():
              log_to_driver=False)
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(autouse=True)
+def _environment_restored():
+    """A test that runs the CLI in this process (which sets Ray's loopback switch, for instance)
+    leaves the environment of the processes later tests start as it found it."""
+    before = dict(os.environ)
+    yield
+    if os.environ != before:
+        os.environ.clear()
+        os.environ.update(before)

@@ -103,8 +103,12 @@ def test_ray_job_submit_runs_swav_ray_train_on_the_cluster(ray_head, tmp_path):
         f"scaling.storage_path={tmp_path / 'runs'}", f"tracking.tracking_uri=sqlite:///{db}",
     ]
     started = time.time()
-    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
-    output = result.stdout + result.stderr
+    for _ in range(12):  # the head's job agent registers a few seconds after `ray start` returns
+        result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+        output = result.stdout + result.stderr
+        if "No available agent to submit job" not in output:
+            break
+        time.sleep(5)
     assert result.returncode == 0, output[-3000:]
     assert "succeeded" in output.lower()
     match = re.search(r"MLflow run id: ([0-9a-f]{32})", output)
