@@ -406,6 +406,3 @@ def validate(cfg: ExperimentConfig) -> None:
     bad = [m for m in e.explain_methods if m not in METHODS]
     _check(not bad, "eval.explain_methods",
            f"unknown method(s) {bad}, expected one of {', '.join(METHODS)}")
-
-
-

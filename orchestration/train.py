@@ -40,7 +40,7 @@ from orchestration.checkpoints import (
     save_state,
     set_rng_state,
 )
-from orchestration.config import ConfigError, ExperimentConfig, from_dict
+from orchestration.config import ExperimentConfig, from_dict
 from orchestration.failures import TrainingFailed, as_not_retryable, cause_of
 from orchestration.metrics import epoch_report
 from orchestration.progress import ConsoleProgress, ProgressBoard, StepPoster
