@@ -3,8 +3,12 @@
 Trains an experiment single-process with the project's engine (`swav.engine.SwAVEngine`, the loop
 Ray workers run), then on the held-out set: kNN and linear top-1 of the trained encoder and of a
 randomly initialised one, cluster quality, and counterfactual validity / L1 / L2 / steps for the
-`ce` and `logit` methods at their defaults (targets: the nearest other prototype that holds a
-held-out image, as `swav-ray explain` picks them). No Ray or MLflow needed (runs on a bare GPU box).
+`ce` and `logit` methods at their defaults, for each target mode of `swav-ray explain`
+(`--cf-targets`: `nearest`, the nearest other prototype that holds a held-out image;
+`other_label`, the nearest such prototype whose majority label differs from the image's cluster's)
+and each edit domain (`--cf-gray`: `auto`, luminance-only edits for grayscale images as `explain`
+makes them; `off`, free per-channel edits). No Ray or MLflow needed (runs on a bare GPU box).
+`--save-model` / `--load-model` keep a trained model to evaluate again without training.
 
     python bench/bench_eval.py default                                       # CPU, digits
     python bench/bench_eval.py cifar10_resnet18 data.source=parquet \
@@ -31,13 +35,20 @@ from orchestration.recipe import (  # noqa: E402
     initial_model,
     open_splits,
 )
-from swav.counterfactual import METHODS, explain, populated_prototypes  # noqa: E402
+from swav.counterfactual import (  # noqa: E402
+    METHODS,
+    explain,
+    other_label_candidates,
+    populated_prototypes,
+    prototype_scores,
+)
 from swav.evaluation import (  # noqa: E402
     assign_with_scores,
     cluster_quality,
     extract_features,
     knn_accuracy,
     linear_eval,
+    majority_labels,
 )
 
 
@@ -68,6 +79,31 @@ def representation(model, train_loader, held_loader, cfg, n_classes, device, lin
                           method=linear, n_classes=n_classes)}
 
 
+def counterfactuals(model, images, assignments, labels, cfg, modes, grays) -> dict:
+    """Validity / L1 / L2 / steps of each method for each target mode and edit domain."""
+    k = model.prototypes.sizes[0]
+    populated = populated_prototypes(assignments, k).to(images.device)
+    with torch.no_grad():
+        source = prototype_scores(model, images).argmax(dim=1)
+    candidates = {"nearest": populated}
+    if labels is not None:
+        majority, _ = majority_labels(assignments, labels, k)
+        candidates["other_label"] = other_label_candidates(source, majority, populated)
+    out = {}
+    for mode in modes:
+        for gray in grays:
+            for method in METHODS:
+                t0 = time.perf_counter()
+                result = explain(model, images, method=method, mean=cfg.crops.mean,
+                                 std=cfg.crops.std, temperature=cfg.swav.temperature,
+                                 candidates=candidates[mode],
+                                 grayscale=None if gray == "auto" else False)
+                out[f"{mode}/{gray}/{method}"] = {
+                    **{key: round(float(v), 4) for key, v in result.summary().items()},
+                    "seconds": round(time.perf_counter() - t0, 1)}
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("config")
@@ -78,6 +114,9 @@ def main() -> None:
     ap.add_argument("--cf-images", type=int, default=256)
     ap.add_argument("--max-train-seconds", type=float, default=None)
     ap.add_argument("--save-model", default=None, help="write the trained state_dict here")
+    ap.add_argument("--load-model", default=None, help="evaluate this state_dict, no training")
+    ap.add_argument("--cf-targets", default="nearest", help="comma-separated: nearest,other_label")
+    ap.add_argument("--cf-gray", default="auto", help="comma-separated: auto,off")
     args = ap.parse_args()
     device = torch.device(args.device)
     overrides = list(args.overrides)
@@ -85,7 +124,12 @@ def main() -> None:
         overrides.append(f"data.loader_workers={args.loader_workers}")
     cfg = load_config(args.config, overrides)
     start = time.perf_counter()
-    model = train(cfg, device, args.max_train_seconds)
+    if args.load_model:
+        model = initial_model(cfg).to(device)
+        model.load_state_dict(torch.load(args.load_model, map_location=device, weights_only=True))
+        model.eval()
+    else:
+        model = train(cfg, device, args.max_train_seconds)
     train_s = time.perf_counter() - start
     if args.save_model:
         torch.save(model.state_dict(), args.save_model)
@@ -101,14 +145,8 @@ def main() -> None:
     quality = cluster_quality(assignments, labels, model.prototypes.sizes[0])
 
     images = torch.stack([held[i][0] for i in range(min(args.cf_images, len(held)))]).to(device)
-    populated = populated_prototypes(assignments, model.prototypes.sizes[0]).to(device)
-    cf = {}
-    for method in METHODS:
-        t0 = time.perf_counter()
-        result = explain(model, images, method=method, mean=cfg.crops.mean, std=cfg.crops.std,
-                         temperature=cfg.swav.temperature, candidates=populated)
-        cf[method] = {**{k: round(float(v), 4) for k, v in result.summary().items()},
-                      "seconds": round(time.perf_counter() - t0, 1)}
+    cf = counterfactuals(model, images, assignments, labels, cfg, args.cf_targets.split(","),
+                         args.cf_gray.split(","))
     emit({"config": args.config, "overrides": args.overrides, "device": str(device),
           "train_s": round(train_s, 1), "swav": trained, "random_init": baseline,
           "cluster_quality": quality, "counterfactuals": cf, "cf_images": len(images),

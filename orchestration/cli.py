@@ -4,7 +4,7 @@
     swav-ray tune SWEEP [section.key=value ...] [--name NAME]
     swav-ray tune --resume NAME [--storage DIR]
     swav-ray evaluate --run-id ID
-    swav-ray explain --run-id ID [--n N] [--method ce|logit] [--target K]
+    swav-ray explain --run-id ID [--n N] [--method ce|logit] [--target other_label|nearest|K]
 
 CONFIG is a YAML file or the name of one in ``experiments/`` (default: ``experiments/default.yaml``,
 the embedded digits run).  The configuration is validated before Ray starts.  With
@@ -53,6 +53,9 @@ def connect_ray(cfg: ExperimentConfig, extra_cpus: float = 0.0, log_to_driver: b
     # up to 2 s per epoch of waiting, a sixth of the embedded default's run. The instance we start
     # (and so the controller) inherits this process's environment.
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25")
+    # Ray Train watches the cluster's nodes for preemption (spot instances) with an actor of its
+    # own, a process per run; one machine has nothing to watch.
+    os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
     ray.init(address="local", num_cpus=max(os.cpu_count() or 1, math.ceil(needed)),
              num_gpus=None if sc.use_gpu else 0, include_dashboard=True,
              log_to_driver=log_to_driver,
@@ -241,8 +244,8 @@ def _print_sweep(outcome, spec) -> None:
         b = outcome.best
         print(f"best: trial {b.trial_id} (MLflow run {b.run_id}), {spec.metric} {b.metric:.4f}: "
               + ", ".join(f"{k}={v}" for k, v in b.values.items()))
-        print(f"best config: sweep/best_config.yaml in the parent run (swav-ray train takes it "
-              f"as is)")
+        print("best config: sweep/best_config.yaml in the parent run (swav-ray train takes it "
+              "as is)")
     _print_evaluation(outcome.best_metrics, prefix="best trial ")
     uri = outcome.tracking_uri
     print(f"MLflow parent run id: {outcome.parent_run_id}")
@@ -265,6 +268,11 @@ def cmd_explain(args: argparse.Namespace) -> int:
                           args.device)
     _print_metrics(args.run_id, metrics)
     return 0
+
+
+def _target(text: str) -> int | str:
+    """``--target``: a prototype index or a mode name (checked by explain_run)."""
+    return int(text) if text.isdigit() else text
 
 
 def _print_metrics(run_id: str, metrics: dict[str, float]) -> None:
@@ -316,9 +324,10 @@ def build_parser() -> argparse.ArgumentParser:
     explain.add_argument("--method", choices=METHODS, default="ce",
                          help="ce: early-stopped cross-entropy (default); logit: a tutorial's "
                               "fixed-step recipe")
-    explain.add_argument("--target", type=int, default=None,
-                         help="target prototype (default: each image's nearest other prototype "
-                              "among those that hold a held-out image)")
+    explain.add_argument("--target", type=_target, default="other_label",
+                         help="other_label (default): each image's nearest prototype whose "
+                              "held-out images are mostly of another label; nearest: its nearest "
+                              "other prototype that holds a held-out image; or a prototype index")
     explain.set_defaults(func=cmd_explain)
     return parser
 

@@ -21,8 +21,6 @@ from typing import Any, Union
 
 import yaml
 
-from orchestration import recipe
-
 __all__ = [
     "ConfigError",
     "CropConfig",
@@ -146,6 +144,8 @@ class EvalConfig:
     final_evaluation: bool = False  # run `swav-ray evaluate` on the finished run
     explain_images: int = 0  # run `swav-ray explain` on this many held-out images (0: no)
     explain_methods: list[str] = field(default_factory=lambda: ["ce"])  # ce | logit
+    # other_label (the nearest prototype of another majority label) | nearest | a prototype index
+    explain_target: Union[int, str] = "other_label"
 
 
 @dataclass
@@ -355,6 +355,9 @@ def resume_changes(stored: dict[str, Any], new: dict[str, Any]) -> tuple[list[st
 def validate(cfg: ExperimentConfig) -> None:
     """Fail fast on a bad value, naming its key. Builds the pure SwAV components once, through
     the same recipe the run uses."""
+    # Imported here: the config is read by processes that never build a model (the Ray Train
+    # controller unpickles callbacks that name it), and the recipe pulls in torchvision.
+    from orchestration import recipe
     from swav.counterfactual import METHODS
     from swav.queue import per_worker_length
 
@@ -403,6 +406,9 @@ def validate(cfg: ExperimentConfig) -> None:
     _check(e.max_train_images is None or e.max_train_images >= 1, "eval.max_train_images",
            "must be >= 1")
     _check(e.explain_images >= 0, "eval.explain_images", f"must be >= 0, got {e.explain_images}")
+    _check(e.explain_target in ("other_label", "nearest") or (
+        isinstance(e.explain_target, int) and e.explain_target >= 0), "eval.explain_target",
+        f"expected other_label, nearest or a prototype index, got {e.explain_target!r}")
     bad = [m for m in e.explain_methods if m not in METHODS]
     _check(not bad, "eval.explain_methods",
            f"unknown method(s) {bad}, expected one of {', '.join(METHODS)}")

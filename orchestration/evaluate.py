@@ -10,7 +10,13 @@ and log metrics and figures back into the *same* run:
   held-out set (NMI, ARI, purity, used prototypes, assignment entropy); figures under
   ``evaluation/`` and ``clusters/``;
 * explain: counterfactuals (``swav.counterfactual``) for held-out images, validity / L1 / L2 /
-  steps as ``<method>_cf_*`` metrics, panels and per-image results under ``counterfactuals/``.
+  steps as ``<method>_cf_*`` metrics; panels (every image, on pages) and per-image results under
+  ``counterfactuals/<method>/``.
+
+Artifact paths (stable): ``clusters/prototype_members.png`` (gallery of the most populated
+prototypes), ``clusters/prototype_index.png`` (every used prototype), ``evaluation/embedding.png``,
+``evaluation/metrics.json``, ``counterfactuals/<method>/panel_<page>.png`` and
+``counterfactuals/<method>/results.json``; ``augmentations/multicrop.png`` is logged by training.
 """
 
 from __future__ import annotations
@@ -32,18 +38,29 @@ from orchestration.config import ConfigError, ExperimentConfig, from_dict
 from orchestration.metrics import evaluation_metrics
 from orchestration.recipe import EvalSets, eval_loaders, eval_sets, initial_model, open_splits
 from orchestration.tracking import CONFIG_ARTIFACT, resolve_tracking_uri
-from swav.counterfactual import explain, populated_prototypes
+from swav.counterfactual import (
+    CounterfactualResult,
+    explain,
+    other_label_candidates,
+    populated_prototypes,
+    prototype_scores,
+)
+from swav.counterfactual_panel import PanelData, counterfactual_pages
 from swav.evaluation import (
     assign_with_scores,
     cluster_quality,
     extract_features,
     knn_accuracy,
     linear_eval,
+    majority_labels,
 )
+from swav.gallery import Cluster, clusters, prototype_grid, prototype_index
 from swav.model import SwAVModel
-from swav.viz import counterfactual_panel, embedding_plot, prototype_grid
+from swav.viz import embedding_plot
 
-__all__ = ["TrackedModel", "evaluate_run", "explain_run", "open_tracked_model"]
+__all__ = ["TARGET_MODES", "TrackedModel", "evaluate_run", "explain_run", "open_tracked_model"]
+
+TARGET_MODES = ("other_label", "nearest")  # or a prototype index
 
 WEIGHTS_ARTIFACT = f"checkpoints/{STATE_FILE}"  # logged by run_training with the model
 
@@ -146,8 +163,11 @@ def evaluate_run(run_id: str, tracking_uri: str | None = None,
     if all(sample is not None for sample in shown):
         k = len(shown)
         images = torch.stack([sample[0] for sample in shown])
-        tracked.log_figure(prototype_grid(images, assignments[:k], scores[:k], mean=cfg.crops.mean,
-                                          std=cfg.crops.std), "clusters/prototype_members.png")
+        args = (images, assignments[:k], scores[:k], None if labels is None else labels[:k])
+        tracked.log_figure(prototype_grid(*args, mean=cfg.crops.mean, std=cfg.crops.std),
+                           "clusters/prototype_members.png")
+        tracked.log_figure(prototype_index(*args, mean=cfg.crops.mean, std=cfg.crops.std),
+                           "clusters/prototype_index.png")
     tracked.log_figure(embedding_plot(held_features, assignments, labels),
                        "evaluation/embedding.png")
     tracked.client.log_text(run_id, json.dumps(metrics, indent=2), "evaluation/metrics.json")
@@ -155,48 +175,104 @@ def evaluate_run(run_id: str, tracking_uri: str | None = None,
 
 
 def explain_run(run_id: str, n: int = 16, methods: Sequence[str] = ("ce",),
-                target: int | None = None, tracking_uri: str | None = None,
+                target: int | str = "other_label", tracking_uri: str | None = None,
                 device: str | None = None) -> dict[str, float]:
     """Counterfactuals for the first ``n`` held-out images by each of ``methods``, logged into
-    the run (the model, the images and the populated prototypes are loaded once for all).
+    the run (the model, the images and the held-out clusters are loaded once for all).
 
-    Default targets: each image's nearest other prototype among those that hold at least one
-    held-out image (with a large K most prototypes can be empty, and an empty one is a target
-    no real image is assigned to).
+    ``target``: ``"other_label"`` (default) aims each image at the nearest prototype (cosine, among
+    those holding a held-out image) whose majority label differs from that of the image's own
+    cluster, so the panel answers "what turns this 3 into an 8?"; ``"nearest"`` at the nearest
+    such prototype whatever it holds (often another cluster of the same class); an int at that
+    prototype for every image.  With a large K most prototypes are empty, and an empty one is a
+    target no real image is assigned to: both modes choose among the populated ones.
     """
     if n < 1:
         raise ConfigError(f"n: must be >= 1, got {n}")
+    if not isinstance(target, int) and target not in TARGET_MODES:
+        raise ConfigError(f"target: expected {' or '.join(TARGET_MODES)} or a prototype index, "
+                          f"got {target!r}")
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     tracked = open_tracked_model(run_id, tracking_uri, device)
     sets = _eval_sets(tracked.cfg)
     images = torch.stack([sample[0] for sample in _good_samples(sets.heldout, n)]).to(device)
     _, held_loader = eval_loaders(tracked.cfg, sets)
-    assignments, _, _ = assign_with_scores(tracked.model, held_loader, device)
-    populated = populated_prototypes(assignments, tracked.model.prototypes.sizes[0]).to(device)
+    assignments, scores, labels = assign_with_scores(tracked.model, held_loader, device)
+    aims = _aims(tracked.model, images, target, assignments, labels)
+    held = _HeldOutClusters(sets.heldout, clusters(assignments, scores, labels))
+    tracked.client.set_tag(run_id, "explain_target", str(target))
     metrics: dict[str, float] = {}
     for method in methods:
-        metrics.update(_explain_and_log(tracked, images, method, target, populated))
+        metrics.update(_explain_and_log(tracked, images, method, aims, held))
     return metrics
 
 
+def _aims(model: SwAVModel, images: torch.Tensor, target: int | str, assignments: torch.Tensor,
+          labels: torch.Tensor | None) -> dict[str, Any]:
+    """``explain``'s ``target`` / ``candidates`` arguments for the target mode."""
+    if isinstance(target, int):
+        return {"target": target}
+    k = model.prototypes.sizes[0]
+    populated = populated_prototypes(assignments, k).to(images.device)
+    if target == "nearest":
+        return {"candidates": populated}
+    if labels is None:
+        raise ConfigError("target: other_label needs a labelled held-out set; use nearest")
+    with torch.no_grad():
+        source = prototype_scores(model, images).argmax(dim=1)
+    majority, _ = majority_labels(assignments, labels, k)
+    return {"candidates": other_label_candidates(source, majority, populated)}
+
+
+class _HeldOutClusters:
+    """Member images and captions of the held-out clusters, for the panels' strips."""
+
+    def __init__(self, dataset: Dataset, found: dict[int, Cluster], per_cluster: int = 4) -> None:
+        self.dataset, self.found, self.per_cluster = dataset, found, per_cluster
+
+    def members(self, k: int, like: torch.Tensor) -> torch.Tensor:
+        cluster = self.found.get(k)
+        picked = [] if cluster is None else [self.dataset[int(i)] for i in
+                                             cluster.members[:self.per_cluster]]
+        picked = [sample[0] for sample in picked if sample is not None]
+        # A target no held-out image is assigned to: no members, a blank strip.
+        return torch.stack(picked) if picked else like[:0]
+
+    def caption(self, k: int) -> str:
+        cluster = self.found.get(k)
+        return "holds no held-out image" if cluster is None else cluster.caption()[len(
+            f"proto {k} · "):]
+
+
+def _panel_data(result: CounterfactualResult, held: _HeldOutClusters) -> PanelData:
+    cpu = {f: getattr(result, f).detach().cpu() for f in (
+        "original", "counterfactual", "source", "target", "assigned", "prob_source_before",
+        "prob_target_after", "prob_runner_up_after", "valid")}
+    shown = sorted({int(k) for k in torch.cat([cpu["source"], cpu["target"]])})
+    return PanelData(cpu["original"], cpu["counterfactual"], cpu["source"], cpu["target"],
+                     cpu["assigned"], cpu["prob_source_before"], cpu["prob_target_after"],
+                     cpu["prob_runner_up_after"], cpu["valid"],
+                     members={k: held.members(k, cpu["original"]) for k in shown},
+                     captions={k: held.caption(k) for k in shown})
+
+
 def _explain_and_log(tracked: TrackedModel, images: torch.Tensor, method: str,
-                     target: int | None, populated: torch.Tensor) -> dict[str, float]:
+                     aims: dict[str, Any], held: _HeldOutClusters) -> dict[str, float]:
     cfg = tracked.cfg
     try:
         # Assignment probabilities at the training temperature (the model's own softmax).
-        result = explain(tracked.model, images, target=target, method=method,
-                         candidates=populated, mean=cfg.crops.mean, std=cfg.crops.std,
-                         temperature=cfg.swav.temperature)
+        result = explain(tracked.model, images, method=method, mean=cfg.crops.mean,
+                         std=cfg.crops.std, temperature=cfg.swav.temperature, **aims)
     except ValueError as err:
         raise ConfigError(str(err)) from None
     metrics = {f"{method}_cf_{key}": value for key, value in _cf_metrics(result.summary()).items()}
     tracked.log_metrics(metrics)
-    tracked.log_figure(counterfactual_panel(
-        result.original.cpu(), result.counterfactual.cpu(), result.source.cpu(),
-        result.target.cpu(), result.prob_source_before.cpu(), result.prob_target_after.cpu(),
-        mean=cfg.crops.mean, std=cfg.crops.std), f"counterfactuals/{method}_panel.png")
+    pages = counterfactual_pages(_panel_data(result, held), method, result.margin,
+                                 mean=cfg.crops.mean, std=cfg.crops.std)
+    for page, figure in enumerate(pages, start=1):
+        tracked.log_figure(figure, f"counterfactuals/{method}/panel_{page}.png")
     tracked.client.log_text(tracked.run_id, json.dumps(_per_image(result), indent=1),
-                            f"counterfactuals/{method}_results.json")
+                            f"counterfactuals/{method}/results.json")
     return metrics
 
 
@@ -219,7 +295,7 @@ def after_training(run_id: str, tracking_uri: str, cfg: ExperimentConfig) -> dic
         metrics.update(evaluate_run(run_id, tracking_uri))
     if cfg.eval.explain_images:
         metrics.update(explain_run(run_id, cfg.eval.explain_images, cfg.eval.explain_methods,
-                                   tracking_uri=tracking_uri))
+                                   cfg.eval.explain_target, tracking_uri=tracking_uri))
     return metrics
 
 
@@ -229,7 +305,7 @@ def _cf_metrics(summary: dict[str, Any]) -> dict[str, float]:
 
 
 def _per_image(result) -> list[dict[str, Any]]:
-    fields = ("source", "target", "assigned", "prob_source_before", "prob_target_after", "steps",
-              "valid", "l1", "l2")
+    fields = ("source", "target", "assigned", "prob_source_before", "prob_target_after",
+              "prob_runner_up_after", "steps", "valid", "l1", "l2")
     columns = {f: getattr(result, f).detach().cpu().tolist() for f in fields}
     return [{f: columns[f][i] for f in fields} for i in range(len(columns["source"]))]

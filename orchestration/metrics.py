@@ -3,9 +3,10 @@ console see them (one name per figure everywhere)."""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from swav.engine import EpochStats
+if TYPE_CHECKING:  # (the Ray Train controller imports this module; it never trains)
+    from swav.engine import EpochStats
 
 __all__ = ["EPOCH_METRICS", "EVAL_PREFIX", "LABELLED_METRICS", "epoch_report",
            "evaluation_metrics", "loggable"]

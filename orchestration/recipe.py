@@ -105,6 +105,46 @@ def batch_crop_transform(cfg: ExperimentConfig, device: torch.device,
                           memory_format=memory_format)
 
 
+def crop_names(cfg: ExperimentConfig) -> list[str]:
+    """``"global 1 (16 px)"``, ..., ``"local 1 (12 px)"``, ...: one name per crop, in order."""
+    names = []
+    for group, (count, size) in enumerate(zip(cfg.crops.nmb_crops, cfg.crops.size_crops)):
+        kind = "global" if group == 0 else "local"
+        start = sum(cfg.crops.nmb_crops[1:group]) if group else 0
+        names += [f"{kind} {start + i + 1} ({size} px)" for i in range(count)]
+    return names
+
+
+def crop_examples(cfg: ExperimentConfig, n: int = 4, seed: int = 0
+                  ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """The first ``n`` decodable training images (``[n, 3, H, W]`` in [0, 1]; images of other
+    sizes are padded as the uint8 batches pad them) and each of their crops (one normalised
+    ``[n, 3, s, s]`` tensor per crop, in :func:`crop_names` order), made as the run makes them:
+    the PIL transform per image, or (``crops.device`` gpu or auto on GPU workers) the batched
+    :class:`BatchMultiCrop`, here on the CPU (the same code).  The global RNGs are left as
+    they were."""
+    train = open_splits(cfg).train
+    samples = []
+    for i in range(len(train)):  # type: ignore[arg-type]
+        if len(samples) == n:
+            break
+        try:
+            samples.append(train[i])
+        except (OSError, ValueError, SyntaxError):  # a corrupt image: the next one
+            continue
+    raw = collate_uint8([(to_uint8(image), label) for image, label in samples])
+    worker = torch.device("cuda" if cfg.scaling.use_gpu else "cpu")
+    if crops_on_device(cfg, worker):
+        crops = batch_crop_transform(cfg, torch.device("cpu"), seed)(raw.images, raw.sizes)
+    else:
+        transform = crop_transform(cfg)
+        with torch.random.fork_rng():
+            torch.manual_seed(seed)
+            views = [transform(image) for image, _ in samples]
+        crops = [torch.stack([v[c] for v in views]) for c in range(len(views[0]))]
+    return raw.images.float() / 255.0, crops
+
+
 def plain_transform(cfg: ExperimentConfig) -> Callable:
     """The evaluation view of the config's images (no augmentation)."""
     return eval_transform(cfg.data.eval_size or cfg.crops.size_crops[0], cfg.crops.mean,

@@ -48,8 +48,10 @@ __all__ = [
     "assignment_probs",
     "explain",
     "nearest_other_prototype",
+    "other_label_candidates",
     "populated_prototypes",
     "prototype_scores",
+    "success",
     "total_variation",
 ]
 
@@ -174,10 +176,13 @@ class CounterfactualResult:
         counterfactual: ``x_cf`` (normalised, detached), within the valid pixel range.
         source: cluster assigned to ``x`` ``[N]``; target: the requested prototype ``[N]``;
         assigned: cluster assigned to ``x_cf`` ``[N]``.
-        prob_source_before: ``p_source(x)``; prob_target_after: ``p_target(x_cf)`` ``[N]``.
+        prob_source_before: ``p_source(x)``; prob_target_after: ``p_target(x_cf)``;
+            prob_runner_up_after: the highest ``p_k(x_cf)`` with ``k != target`` ``[N]``.
         steps: optimisation steps applied to every image ``[N]`` (``ce``: fewer than
             ``max_steps`` when it stopped early; ``logit``: always ``steps``).
-        valid: ``assigned == target`` (``ce``: and the margin reached) ``[N]``.
+        valid: :func:`success` of ``x_cf`` at the method's ``margin`` ``[N]``.
+        margin: the method's log-odds margin (``ce``: ``CEOptions.margin``; ``logit``: 0, i.e.
+            the target is the most likely cluster).
         l1: mean absolute change per pixel and channel in pixel space ``[0, 1]``
             (de-normalised: ``mean |(x_cf - x) * std|`` over ``C, H, W``) ``[N]``.
         l2: Euclidean norm of the whole change in pixel space
@@ -191,10 +196,12 @@ class CounterfactualResult:
     assigned: torch.Tensor
     prob_source_before: torch.Tensor
     prob_target_after: torch.Tensor
+    prob_runner_up_after: torch.Tensor
     steps: torch.Tensor
     valid: torch.Tensor
     l1: torch.Tensor
     l2: torch.Tensor
+    margin: float = 0.0
 
     def summary(self) -> dict[str, float]:
         """``validity`` (share of valid images), ``l1_mean``, ``l2_mean`` and ``steps_mean``."""
@@ -225,10 +232,11 @@ def nearest_other_prototype(model: SwAVModel, assigned: torch.Tensor, head: int 
                             candidates: torch.Tensor | None = None) -> torch.Tensor:
     """For every cluster in ``assigned`` the most cosine-similar *other* prototype of ``head``.
 
-    ``candidates``: an optional bool mask ``[K]`` of the prototypes that may be chosen, e.g. the
-    populated ones (:func:`populated_prototypes`).  With a large K many prototypes hold no
-    image (400 of 3000 in use on CIFAR-10 after 16 epochs), and the nearest prototype is then
-    usually an empty one that no real image is assigned to.
+    ``candidates``: an optional bool mask of the prototypes that may be chosen, ``[K]`` for all
+    images (e.g. the populated ones, :func:`populated_prototypes`) or ``[N, K]`` per image (e.g.
+    :func:`other_label_candidates`).  With a large K many prototypes hold no image (400 of 3000
+    in use on CIFAR-10 after 16 epochs), and the nearest prototype is then usually an empty one
+    that no real image is assigned to.
     """
     weight = F.normalize(model.prototypes.heads[head].weight.detach(), dim=1)
     k = weight.shape[0]
@@ -237,10 +245,10 @@ def nearest_other_prototype(model: SwAVModel, assigned: torch.Tensor, head: int 
     sims = weight[assigned] @ weight.T  # [N, K]
     if candidates is not None:
         mask = torch.as_tensor(candidates, device=sims.device)
-        if mask.dtype != torch.bool or mask.shape != (k,):
-            raise ValueError(f"candidates: expected a bool mask of shape ({k},), got "
-                             f"{mask.dtype} {tuple(mask.shape)}")
-        sims[:, ~mask] = float("-inf")
+        if mask.dtype != torch.bool or mask.shape not in ((k,), (len(assigned), k)):
+            raise ValueError(f"candidates: expected a bool mask of shape ({k},) or "
+                             f"({len(assigned)}, {k}), got {mask.dtype} {tuple(mask.shape)}")
+        sims = sims.masked_fill(~mask.expand_as(sims), float("-inf"))
     rows = torch.arange(len(assigned), device=sims.device)
     sims[rows, assigned] = float("-inf")
     best = sims.max(dim=1)
@@ -253,6 +261,26 @@ def nearest_other_prototype(model: SwAVModel, assigned: torch.Tensor, head: int 
 def populated_prototypes(assignments: torch.Tensor, n_prototypes: int) -> torch.Tensor:
     """Bool mask ``[n_prototypes]`` of the prototypes that hold at least one of ``assignments``."""
     return torch.bincount(assignments.flatten().long().cpu(), minlength=n_prototypes) > 0
+
+
+def other_label_candidates(source: torch.Tensor, majority: torch.Tensor,
+                           populated: torch.Tensor) -> torch.Tensor:
+    """Per image ``[N, K]``: the populated prototypes whose majority label differs from that of
+    the image's own cluster ``source`` ("what turns this 3 into an 8?").  ``majority`` ``[K]``:
+    each prototype's majority label, -1 where it holds no labelled image
+    (:func:`swav.evaluation.majority_labels`)."""
+    majority = majority.to(source.device)
+    own = majority[source]
+    return populated.to(source.device)[None, :] & (majority[None, :] >= 0) & (
+        majority[None, :] != own[:, None])
+
+
+def success(probs: torch.Tensor, target: torch.Tensor, margin: float = 0.0) -> torch.Tensor:
+    """Whether each counterfactual reached its target ``[N]`` bool: the target is the most
+    likely cluster and leads the runner-up by a log-odds ``log p_t - max_{k != t} log p_k >=
+    margin`` (0: only "the most likely").  The one definition the results, the metrics, the
+    console and the panels share."""
+    return (probs.argmax(dim=1) == target) & (_margin(probs, target) >= margin)
 
 
 def _margin(probs: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -370,19 +398,30 @@ def _frozen_eval(model: nn.Module) -> Iterator[None]:
 
 
 class _Problem:
-    """What both methods share: the batch, its bounds, targets and the model call."""
+    """What both methods share: the batch, its bounds, targets and the model call.
+
+    ``gray``: the edit is luminance only; after every step each pixel's channels are set to
+    their mean in pixel space, so a grayscale image stays grayscale."""
 
     def __init__(self, model: SwAVModel, x: torch.Tensor, target: torch.Tensor,
-                 lo: torch.Tensor, hi: torch.Tensor, head: int, temperature: float) -> None:
+                 lo: torch.Tensor, hi: torch.Tensor, head: int, temperature: float,
+                 gray: bool = False) -> None:
         self.model, self.x, self.target = model, x, target
         self.lo, self.hi, self.head, self.temperature = lo, hi, head, temperature
+        self.gray = gray
 
     def scores(self, x: torch.Tensor) -> torch.Tensor:
         return prototype_scores(self.model, x, self.head)
 
     def clamp_(self, x: torch.Tensor) -> None:
+        """Project onto the valid pixel range (and, for ``gray``, onto gray pixels)."""
         with torch.no_grad():
             torch.maximum(torch.minimum(x, self.hi), self.lo, out=x)
+            if self.gray:
+                # lo = -mean/std, hi = (1-mean)/std: pixel = (x - lo) / (hi - lo).
+                span = self.hi - self.lo
+                pixel = ((x - self.lo) / span).mean(dim=1, keepdim=True)
+                x.copy_(self.lo + pixel * span)
 
 
 def _ce_loss(problem: _Problem, opts: CEOptions, x_cf: torch.Tensor, scores: torch.Tensor,
@@ -413,7 +452,7 @@ def _run_ce(problem: _Problem, opts: CEOptions) -> tuple[torch.Tensor, torch.Ten
         idx = active.nonzero().squeeze(1)
         scores = problem.scores(x_cf[idx])
         probs = assignment_probs(scores.detach(), problem.temperature)
-        reached = _margin(probs, problem.target[idx]) >= opts.margin
+        reached = success(probs, problem.target[idx], opts.margin)
         active[idx[reached]] = False
         if not bool(active.any()):
             break
@@ -462,6 +501,7 @@ def explain(
     head: int = 0,
     temperature: float = 0.1,
     candidates: torch.Tensor | None = None,
+    grayscale: bool | None = None,
     **method_kwargs: float | int,
 ) -> CounterfactualResult:
     """Counterfactuals of ``images`` towards target prototypes.
@@ -476,8 +516,11 @@ def explain(
             and the pixel-space distances.
         head: which prototype head to explain.
         temperature: of the assignment softmax (SwAV's 0.1).
-        candidates: with ``target=None``, a bool mask ``[K]`` of the prototypes the nearest one
-            is chosen from (e.g. :func:`populated_prototypes` of a held-out set); ``None``: all.
+        candidates: with ``target=None``, a bool mask ``[K]`` or ``[N, K]`` of the prototypes
+            the nearest one is chosen from (e.g. :func:`populated_prototypes` of a held-out set,
+            or :func:`other_label_candidates`); ``None``: all.
+        grayscale: edit luminance only, so that a grayscale image (three equal channels)
+            stays grayscale; ``None``: when every image of the batch is grayscale.
         method_kwargs: :class:`CEOptions` (``lr, max_steps, margin, ce_temperature, lam_l2,
             lam_tv``) or
             :class:`LogitOptions` (``lr, steps, lam_tv, lam_norm``) fields.
@@ -492,17 +535,26 @@ def explain(
     param = next(model.parameters())
     x = images.detach().to(param.device, param.dtype)
     lo, hi, std_t = _bounds(mean, std, x)
+    gray = _is_gray(x, lo, hi) if grayscale is None else bool(grayscale)
     with _frozen_eval(model), torch.enable_grad():
         probs_before = _probs_or_reject(model, x, head, temperature)
         source = probs_before.argmax(dim=1)
         tgt = _resolve_targets(target, source, model, head, candidates)
-        problem = _Problem(model, x, tgt, lo, hi, head, temperature)
+        problem = _Problem(model, x, tgt, lo, hi, head, temperature, gray)
         run = _run_logit if method == "logit" else _run_ce
         x_cf, steps = run(problem, opts)
         with torch.no_grad():
             probs_after = assignment_probs(prototype_scores(model, x_cf, head), temperature)
-    margin = opts.margin if isinstance(opts, CEOptions) else None
+    margin = opts.margin if isinstance(opts, CEOptions) else 0.0
     return _result(x, x_cf, source, tgt, probs_before, probs_after, steps, std_t, margin=margin)
+
+
+def _is_gray(x: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> bool:
+    """Three channels equal in pixel space, in every image (to 1e-4 of the pixel range)."""
+    if x.shape[1] != 3:
+        return False
+    pixel = (x - lo) / (hi - lo)
+    return bool((pixel - pixel.mean(dim=1, keepdim=True)).abs().max() <= 1e-4)
 
 
 def _probs_or_reject(model: SwAVModel, x: torch.Tensor, head: int, temperature: float
@@ -518,11 +570,9 @@ def _probs_or_reject(model: SwAVModel, x: torch.Tensor, head: int, temperature: 
 
 def _result(x: torch.Tensor, x_cf: torch.Tensor, source: torch.Tensor, target: torch.Tensor,
             probs_before: torch.Tensor, probs_after: torch.Tensor, steps: torch.Tensor,
-            std: torch.Tensor, margin: float | None) -> CounterfactualResult:
+            std: torch.Tensor, margin: float) -> CounterfactualResult:
     assigned = probs_after.argmax(dim=1)
-    valid = assigned == target
-    if margin is not None:
-        valid &= _margin(probs_after, target) >= margin
+    others = probs_after.scatter(1, target[:, None], float("-inf"))
     change = ((x_cf - x) * std).flatten(1)
     return CounterfactualResult(
         original=x,
@@ -532,8 +582,10 @@ def _result(x: torch.Tensor, x_cf: torch.Tensor, source: torch.Tensor, target: t
         assigned=assigned,
         prob_source_before=probs_before.gather(1, source[:, None]).squeeze(1),
         prob_target_after=probs_after.gather(1, target[:, None]).squeeze(1),
+        prob_runner_up_after=others.max(dim=1).values,
         steps=steps,
-        valid=valid,
+        valid=success(probs_after, target, margin),
         l1=change.abs().mean(dim=1),
         l2=change.pow(2).sum(dim=1).sqrt(),
+        margin=margin,
     )

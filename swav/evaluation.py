@@ -350,6 +350,22 @@ def _check_assignments(assignments: torch.Tensor, labels: torch.Tensor,
     _check_labels("labels", labels, assignments.shape[0])
 
 
+def majority_labels(assignments: torch.Tensor, labels: torch.Tensor,
+                    n_prototypes: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each prototype's most frequent label among the images assigned to it ``[K]`` (-1 where it
+    holds none; a tie goes to the smaller label) and that label's share of its images ``[K]``
+    (float64, 0 where it holds none)."""
+    _check_assignments(assignments, labels, n_prototypes)
+    a, y = assignments.long().cpu(), labels.long().cpu()
+    n_labels = int(y.max()) + 1
+    table = torch.bincount(a * n_labels + y, minlength=n_prototypes * n_labels)
+    table = table.view(n_prototypes, n_labels)
+    sizes = table.sum(1)
+    majority = table.argmax(1)  # the first of equal counts: the smaller label
+    share = table.gather(1, majority[:, None]).squeeze(1).double() / sizes.clamp_min(1)
+    return majority.masked_fill(sizes == 0, -1), share
+
+
 def cluster_quality(
     assignments: torch.Tensor, labels: torch.Tensor, n_prototypes: int
 ) -> dict[str, float | int]:

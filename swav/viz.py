@@ -1,12 +1,12 @@
-"""Figures for inspecting a SwAV model: prototype member grids, counterfactual panels, embeddings.
+"""Figures for inspecting a SwAV model, and the image helpers the other figure modules share.
 
-* :func:`prototype_grid`: the members of the most populated prototypes, best-scoring first, the
-  qualitative cluster inspection of DeepCluster (Caron et al., 2018, Fig. 4) and SwAV's
-  prototype visualisations.
-* :func:`counterfactual_panel`: an image, its counterfactual (an edit that moves it to another
-  prototype) and their signed, amplified difference.
 * :func:`embedding_plot`: a 2-D PCA or t-SNE (van der Maaten and Hinton, 2008) map of features,
-  coloured by prototype and by label.
+  coloured by label, with the prototypes marked at the centres of their images.
+* :func:`multicrop_figure`: training images beside their multi-crop views (as the CIFAR-10
+  SwAV tutorials of the field draw them), to check the augmentations a run trains on.
+
+Cluster galleries are in :mod:`swav.gallery`, counterfactual panels in
+:mod:`swav.counterfactual_panel`.
 
 Headless-safe without touching the global backend: figures are built with the object-oriented
 :class:`matplotlib.figure.Figure` API (no :mod:`matplotlib.pyplot`), which renders through Agg in
@@ -18,12 +18,13 @@ leak when many are made).  Every function returns the :class:`~matplotlib.figure
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import torch
 from matplotlib.figure import Figure
 
-__all__ = ["counterfactual_panel", "denormalize", "embedding_plot", "prototype_grid"]
+__all__ = ["denormalize", "embedding_plot", "multicrop_figure"]
 
 _PAD = 1  # pixels of white between the images of a prototype row
 
@@ -94,151 +95,7 @@ def _show(ax, image: np.ndarray, title: str | None = None, **kwargs) -> None:
         ax.set_title(title, fontsize=8)
 
 
-# -- prototype member grid -------------------------------------------------------------------
-
-def _top_members(assignments: torch.Tensor, scores: torch.Tensor, n_shown: int,
-                 per_prototype: int) -> list[tuple[int, int, torch.Tensor]]:
-    """``(prototype, size, member indices best-scoring first)`` of the most populated ones."""
-    sizes = torch.bincount(assignments)
-    order = sorted(torch.nonzero(sizes).flatten().tolist(), key=lambda k: (-int(sizes[k]), k))
-    rows = []
-    for k in order[:n_shown]:
-        members = torch.nonzero(assignments == k).flatten()
-        best = members[scores[members].argsort(descending=True, stable=True)[:per_prototype]]
-        rows.append((k, int(sizes[k]), best))
-    return rows
-
-
-def prototype_grid(
-    images: torch.Tensor,
-    assignments: torch.Tensor,
-    scores: torch.Tensor,
-    n_prototypes_shown: int = 16,
-    per_prototype: int = 8,
-    mean: Sequence[float] | None = None,
-    std: Sequence[float] | None = None,
-) -> Figure:
-    """Members of the ``n_prototypes_shown`` most populated prototypes (ties: lower index first).
-
-    One axes per prototype, top to bottom by decreasing size; each shows, in one image strip, its
-    ``per_prototype`` members with the highest ``scores`` (e.g. the ``scores`` of
-    :func:`swav.evaluation.assign_with_scores`), best first, de-normalised with ``mean``/``std``.
-    The row is labelled ``"proto k\\nn=size"``.
-    """
-    _check_images("images", images)
-    n = images.shape[0]
-    _check_vector("assignments", assignments, n, integer=True)
-    _check_vector("scores", scores, n, integer=False)
-    _check_positive_int("n_prototypes_shown", n_prototypes_shown)
-    _check_positive_int("per_prototype", per_prototype)
-    if int(assignments.min()) < 0:
-        raise ValueError(f"assignments: must be >= 0, got {int(assignments.min())}")
-    rows = _top_members(assignments.long().cpu(), scores.detach().float().cpu(),
-                        n_prototypes_shown, per_prototype)
-    pixels = denormalize(images, mean, std)
-    height, width = images.shape[2:]
-    aspect = per_prototype * (width + _PAD) / height
-    fig = Figure(figsize=(min(1.0 + 0.9 * aspect, 20.0), 0.9 * len(rows) + 0.3), dpi=100)
-    axes = fig.subplots(len(rows), 1, squeeze=False)[:, 0]
-    for ax, (k, size, members) in zip(axes, rows):
-        _show(ax, _strip(pixels[members], per_prototype))
-        ax.set_ylabel(f"proto {k}\nn={size}", rotation=0, ha="right", va="center", fontsize=8)
-        for side in ax.spines.values():
-            side.set_visible(False)
-    fig.suptitle(f"{len(rows)} most populated prototypes, top {per_prototype} members by score",
-                 fontsize=9)
-    return fig
-
-
-# -- counterfactual panel --------------------------------------------------------------------
-
-def _check_counterfactual_args(original, counterfactual, source, target, prob_source,
-                               prob_target, n, amplify) -> None:
-    _check_images("original", original)
-    if not isinstance(counterfactual, torch.Tensor) or counterfactual.shape != original.shape:
-        shape = tuple(counterfactual.shape) if isinstance(counterfactual, torch.Tensor) else None
-        raise ValueError(f"counterfactual: expected shape {tuple(original.shape)} like "
-                         f"original, got {shape}")
-    count = original.shape[0]
-    _check_vector("source", source, count, integer=True)
-    _check_vector("target", target, count, integer=True)
-    _check_vector("prob_source", prob_source, count, integer=False)
-    _check_vector("prob_target", prob_target, count, integer=False)
-    _check_positive_int("n", n)
-    if not amplify > 0:
-        raise ValueError(f"amplify: must be > 0, got {amplify}")
-
-
-def counterfactual_panel(
-    original: torch.Tensor,
-    counterfactual: torch.Tensor,
-    source: torch.Tensor,
-    target: torch.Tensor,
-    prob_source: torch.Tensor,
-    prob_target: torch.Tensor,
-    mean: Sequence[float] | None = None,
-    std: Sequence[float] | None = None,
-    n: int = 8,
-    amplify: float = 5.0,
-) -> Figure:
-    """One row per image (the first ``n``): original, counterfactual, amplified difference.
-
-    Titles: ``"cluster s, p=0.93"`` (``source``, ``prob_source``) over the original and
-    ``"cluster t, p=0.88"`` (``target``, ``prob_target``) over the counterfactual.  The third
-    panel is the *signed* difference in de-normalised pixel space, averaged over channels,
-    ``amplify * (x_cf - x)`` on the diverging ``RdBu_r`` colormap clipped to [-1, 1] (red: the
-    edit brightened the pixel, blue: darkened, white: unchanged): unlike ``|x_cf - x|`` it shows
-    the direction of the edit.
-    """
-    _check_counterfactual_args(original, counterfactual, source, target, prob_source,
-                               prob_target, n, amplify)
-    rows = min(n, original.shape[0])
-    x = denormalize(original[:rows], mean, std)
-    x_cf = denormalize(counterfactual[:rows], mean, std)
-    diff = (amplify * (x_cf - x)).mean(1).clamp(-1.0, 1.0).numpy()
-    fig = Figure(figsize=(5.4, 1.9 * rows), dpi=100)
-    axes = fig.subplots(rows, 3, squeeze=False)
-    for i in range(rows):
-        _show(axes[i, 0], _to_hwc(x[i]),
-              f"cluster {int(source[i])}, p={float(prob_source[i]):.2f}")
-        _show(axes[i, 1], _to_hwc(x_cf[i]),
-              f"cluster {int(target[i])}, p={float(prob_target[i]):.2f}")
-        _show(axes[i, 2], diff[i], f"diff x{amplify:g} (red +, blue -)",
-              cmap="RdBu_r", vmin=-1.0, vmax=1.0)
-    fig.tight_layout()
-    return fig
-
-
 # -- embedding plot --------------------------------------------------------------------------
-
-def _project_2d(features: np.ndarray, method: str, seed: int) -> np.ndarray:
-    """PCA (sklearn, exact SVD) or t-SNE (sklearn Barnes-Hut, PCA initialisation) to 2-D.
-
-    t-SNE runs with one OpenMP thread: its OpenMP gradient loop slows down by an order of
-    magnitude when the cores are shared (2,000 points on a loaded 2-core machine: 131 s with the
-    default threads, 18 s with one; 60 points: 13 s against 0.2 s).
-    """
-    if method == "pca":
-        from sklearn.decomposition import PCA
-
-        return PCA(n_components=2, svd_solver="full").fit_transform(features)
-    from sklearn.manifold import TSNE
-    from threadpoolctl import threadpool_limits
-
-    perplexity = min(30.0, (features.shape[0] - 1) / 3.0)
-    with threadpool_limits(limits=1):
-        return TSNE(n_components=2, perplexity=perplexity, init="pca",
-                    random_state=seed).fit_transform(features)
-
-
-def _scatter(ax, points: np.ndarray, colours: np.ndarray, title: str) -> None:
-    distinct = np.unique(colours).size
-    cmap = "tab10" if distinct <= 10 else "tab20" if distinct <= 20 else "nipy_spectral"
-    ax.scatter(points[:, 0], points[:, 1], c=colours, cmap=cmap, s=6, linewidths=0)
-    ax.set_title(f"{title} ({distinct} distinct)", fontsize=9)
-    ax.set_xticks([])
-    ax.set_yticks([])
-
 
 def _check_embedding_args(features, assignments, labels, method, max_points) -> None:
     if not isinstance(features, torch.Tensor) or features.dim() != 2:
@@ -257,6 +114,86 @@ def _check_embedding_args(features, assignments, labels, method, max_points) -> 
         raise ValueError(f"max_points: must be an int >= 3, got {max_points}")
 
 
+def _project_2d(features: np.ndarray, method: str, seed: int) -> tuple[np.ndarray, list[str]]:
+    """PCA (sklearn, exact SVD) or t-SNE (sklearn Barnes-Hut, PCA initialisation) to 2-D, with
+    the axis names (PCA: each component's share of the variance).
+
+    t-SNE runs with one OpenMP thread: its OpenMP gradient loop slows down by an order of
+    magnitude when the cores are shared (2,000 points on a loaded 2-core machine: 131 s with the
+    default threads, 18 s with one; 60 points: 13 s against 0.2 s).
+    """
+    if method == "pca":
+        from sklearn.decomposition import PCA
+
+        pca = PCA(n_components=2, svd_solver="full")
+        points = pca.fit_transform(features)
+        return points, [f"PC {i + 1} ({share:.0%} of the variance)"
+                        for i, share in enumerate(pca.explained_variance_ratio_)]
+    from sklearn.manifold import TSNE
+    from threadpoolctl import threadpool_limits
+
+    perplexity = min(30.0, (features.shape[0] - 1) / 3.0)
+    with threadpool_limits(limits=1):
+        points = TSNE(n_components=2, perplexity=perplexity, init="pca",
+                      random_state=seed).fit_transform(features)
+    return points, ["t-SNE 1", "t-SNE 2"]
+
+
+def _label_colours(labels: np.ndarray) -> dict[int, Any]:
+    """One colour per label value (tab10 / tab20, else a evenly spaced hues)."""
+    from matplotlib import colormaps
+
+    values = sorted(int(v) for v in np.unique(labels))
+    if len(values) <= 10:
+        cmap, spots = colormaps["tab10"], [i / 10 + 0.05 for i in range(len(values))]
+    elif len(values) <= 20:
+        cmap, spots = colormaps["tab20"], [i / 20 + 0.025 for i in range(len(values))]
+    else:
+        cmap, spots = colormaps["hsv"], list(np.linspace(0, 1, len(values), endpoint=False))
+    return {v: cmap(s) for v, s in zip(values, spots)}
+
+
+def _axes_names(ax, names: list[str]) -> None:
+    ax.set_xlabel(names[0], fontsize=8)
+    ax.set_ylabel(names[1], fontsize=8)
+    ax.set_xticks([])
+    ax.set_yticks([])
+
+
+def _by_label(ax, points: np.ndarray, labels: np.ndarray, colours: dict[int, Any],
+              names: list[str]) -> None:
+    for value, colour in colours.items():
+        mask = labels == value
+        ax.scatter(points[mask, 0], points[mask, 1], color=colour, s=7, linewidths=0,
+                   label=str(value))
+    ax.legend(title="label", fontsize=7, title_fontsize=7, markerscale=2, loc="center left",
+              bbox_to_anchor=(1.0, 0.5), frameon=False, ncols=1 if len(colours) <= 20 else 2)
+    ax.set_title("held-out images, coloured by label", fontsize=9)
+    _axes_names(ax, names)
+
+
+def _by_cluster(ax, points: np.ndarray, assignments: np.ndarray, labels: np.ndarray | None,
+                colours: dict[int, Any] | None, names: list[str], annotate: int) -> None:
+    """Each used prototype as one marker at the mean of its images' points, sized by how many it
+    holds, filled with its majority label's colour; the ``annotate`` largest are numbered."""
+    ax.scatter(points[:, 0], points[:, 1], color="0.85", s=5, linewidths=0)
+    used, sizes = np.unique(assignments, return_counts=True)
+    centres = np.stack([points[assignments == k].mean(0) for k in used])
+    fill = ["white"] * len(used)
+    if labels is not None and colours is not None:
+        fill = [colours[int(np.bincount(labels[assignments == k]).argmax())] for k in used]
+    ax.scatter(centres[:, 0], centres[:, 1], s=12 + 120 * sizes / sizes.max(), c=fill,
+               marker="D", edgecolors="black", linewidths=0.6)
+    for i in np.argsort(-sizes, kind="stable")[:annotate]:
+        ax.annotate(str(int(used[i])), centres[i], fontsize=6, xytext=(3, 3),
+                    textcoords="offset points")
+    fill_note = ", filled with its majority label's colour" if labels is not None else ""
+    ax.set_title(f"{len(used)} used prototypes: the centre of each one's images{fill_note};"
+                 f"\nsize: images held; the {min(annotate, len(used))} largest numbered",
+                 fontsize=8)
+    _axes_names(ax, names)
+
+
 def embedding_plot(
     features: torch.Tensor,
     assignments: torch.Tensor,
@@ -264,25 +201,68 @@ def embedding_plot(
     method: str = "pca",
     max_points: int = 2000,
     seed: int = 0,
+    annotate: int = 12,
 ) -> Figure:
-    """2-D map of ``features`` coloured by prototype assignment and (right panel) by label.
+    """2-D map of ``features``: the images coloured by label (with a legend), and the used
+    prototypes as markers at the centre of their images (sized by how many they hold, filled with
+    their majority label's colour); axes named by the projection (PCA: the variance each
+    component explains).
 
     At most ``max_points`` points are drawn, a uniform random subset chosen with ``seed`` (which
     also seeds t-SNE).  ``method``: ``"pca"`` (fast, linear) or ``"tsne"`` (local structure).
-    One panel when ``labels`` is None.
+    Without ``labels`` only the prototype panel is drawn.
     """
     _check_embedding_args(features, assignments, labels, method, max_points)
     n = features.shape[0]
     keep = torch.arange(n)
     if n > max_points:
         keep = torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:max_points]
-    points = _project_2d(features.detach().float().cpu()[keep].numpy(), method, seed)
-    panels = [(assignments.cpu()[keep].numpy(), "prototype")]
-    if labels is not None:
-        panels.append((labels.cpu()[keep].numpy(), "label"))
-    fig = Figure(figsize=(4.2 * len(panels), 4.2), dpi=100)
-    axes = fig.subplots(1, len(panels), squeeze=False)[0]
-    for ax, (colours, title) in zip(axes, panels):
-        _scatter(ax, points, colours, title)
-    fig.suptitle(f"{method.upper()} of {len(keep)} of {n} features", fontsize=10)
+    points, names = _project_2d(features.detach().float().cpu()[keep].numpy(), method, seed)
+    assigned = assignments.cpu()[keep].numpy()
+    y = None if labels is None else labels.cpu()[keep].numpy()
+    colours = None if y is None else _label_colours(y)
+    panels = 1 if y is None else 2
+    fig = Figure(figsize=(5.2 * panels, 4.6), dpi=100)
+    axes = fig.subplots(1, panels, squeeze=False)[0]
+    if y is not None:
+        _by_label(axes[0], points, y, colours, names)
+    _by_cluster(axes[-1], points, assigned, y, colours, names, annotate)
+    title = "PCA" if method == "pca" else "t-SNE"
+    fig.suptitle(f"{title} of the backbone features of {len(keep)} of {n} held-out images",
+                 fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+# -- multi-crop figure -----------------------------------------------------------------------
+
+def multicrop_figure(originals: torch.Tensor, crops: Sequence[torch.Tensor],
+                     names: Sequence[str], mean: Sequence[float] | None = None,
+                     std: Sequence[float] | None = None) -> Figure:
+    """A few training images (``originals`` ``[n, C, H, W]`` in [0, 1]) beside each of their
+    crops (``crops``: one normalised ``[n, C, h, w]`` tensor per crop, ``names`` their column
+    headers, e.g. ``"global 1 (16 px)"``): the augmentations a run trains on, as the model sees
+    them (de-normalised with ``mean``/``std``)."""
+    _check_images("originals", originals)
+    n = originals.shape[0]
+    if len(crops) != len(names) or not crops:
+        raise ValueError(f"names: expected one name per crop ({len(crops)}), got {len(names)}")
+    for i, crop in enumerate(crops):
+        _check_images(f"crops[{i}]", crop)
+        if crop.shape[0] != n or crop.shape[1] != originals.shape[1]:
+            raise ValueError(f"crops[{i}]: expected {n} images of {originals.shape[1]} "
+                             f"channels, got {tuple(crop.shape)}")
+    columns = 1 + len(crops)
+    fig = Figure(figsize=(1.1 * columns + 0.2, 1.1 * n + 0.6), dpi=100)
+    axes = fig.subplots(n, columns, squeeze=False)
+    height, width = originals.shape[2:]
+    for r in range(n):
+        _show(axes[r, 0], _to_hwc(originals[r].detach().float().cpu().clamp(0, 1)),
+              f"original ({height}x{width})" if r == 0 else None)
+        for c, (crop, name) in enumerate(zip(crops, names), start=1):
+            pixels = denormalize(crop[r:r + 1], mean, std)[0]
+            _show(axes[r, c], _to_hwc(pixels), name if r == 0 else None)
+    fig.suptitle(f"multi-crop views of {n} training images (each crop draws its own "
+                 f"parameters)", fontsize=9)
+    fig.tight_layout()
     return fig

@@ -10,6 +10,9 @@ import pytest
 # Train controller polls its workers every 0.25 s instead of 2 s, so a tiny run does not wait
 # up to 2 s per epoch for its report to be taken (as `swav-ray train` sets it for local runs).
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25")
+# Nor does a run start Ray Train's preemption watcher (an actor, a process per run, that polls the
+# nodes for spot-instance preemption): one machine has nothing to watch (as the CLI does locally).
+os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
 
 
 @pytest.fixture(scope="session")

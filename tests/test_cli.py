@@ -2,13 +2,7 @@
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
 from types import SimpleNamespace
-
-import pytest
 
 from orchestration.cli import _print_summary
 
@@ -71,29 +65,3 @@ def test_sweep_summary_shows_the_table_the_best_trial_and_its_evaluation(capsys)
     assert "MLflow parent run id: p1" in out
 
 
-_LISTENERS = """
-import json, psutil
-from orchestration.cli import connect_ray, loopback_only
-loopback_only()  # what `swav-ray` does first, before Ray is imported anywhere
-import ray
-from orchestration.config import load_config
-connect_ray(load_config(None, ["scaling.num_workers=1"]), log_to_driver=False)
-temp = ray._private.worker.global_worker.node.get_session_dir_path()
-ours = [p for p in psutil.process_iter(["cmdline"]) if temp in " ".join(p.info["cmdline"] or [])]
-ours.append(psutil.Process())
-found = [c.laddr.ip for p in ours for c in p.net_connections("tcp") if c.status == "LISTEN"]
-print(json.dumps(found))
-ray.shutdown()
-"""
-
-
-@pytest.mark.slow
-def test_the_local_ray_instance_of_the_cli_listens_on_loopback_only(tmp_path):
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("RAY_ADDRESS", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER")}
-    result = subprocess.run([sys.executable, "-c", _LISTENERS], cwd=tmp_path, env=env,
-                            capture_output=True, text=True, timeout=180)
-    assert result.returncode == 0, result.stderr[-2000:]
-    listening = json.loads(result.stdout.strip().splitlines()[-1])
-    assert len(listening) >= 3  # GCS, raylet, agents at least
-    assert all(ip in ("127.0.0.1", "::ffff:127.0.0.1", "::1") for ip in listening), listening

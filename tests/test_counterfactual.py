@@ -10,12 +10,15 @@ from torch.utils.data import DataLoader, Subset
 from swav.counterfactual import (
     CounterfactualResult,
     explain,
+    other_label_candidates,
     populated_prototypes,
     prototype_scores,
+    success,
     total_variation,
 )
 from swav.data import ArrayImageDataset, load_digits_arrays
 from swav.engine import SwAVEngine
+from swav.evaluation import majority_labels
 from swav.loss import SwAVLoss
 from swav.model import build_model
 from swav.multicrop import MultiCropTransform, multicrop_collate
@@ -289,3 +292,79 @@ def test_candidates_without_another_prototype_are_rejected(model, images, ce):
         explain(model, images[:1], candidates=only_source, **NORM)
     with pytest.raises(ValueError, match=r"^candidates: expected a bool mask of shape \(30,\)"):
         explain(model, images[:1], candidates=torch.ones(K), **NORM)
+
+
+# -- success, target modes, grayscale edits ----------------------------------------------------
+
+def test_success_is_the_target_first_by_the_margin():
+    probs = torch.tensor([[0.50, 0.30, 0.20],    # target 0 leads by log(5/3) = 0.51
+                          [0.40, 0.38, 0.22],    # target 0 leads by log(40/38) = 0.051
+                          [0.30, 0.50, 0.20]])   # target 0 is second
+    target = torch.tensor([0, 0, 0])
+    assert success(probs, target, 0.1).tolist() == [True, False, False]
+    assert success(probs, target, 0.0).tolist() == [True, True, False]
+    assert success(probs, target, 0.6).tolist() == [False, False, False]
+    assert success(probs, torch.tensor([2, 1, 1]), 0.0).tolist() == [False, False, True]
+
+
+@pytest.mark.parametrize("method,kwargs,margin", [("ce", {"max_steps": 40}, 0.1),
+                                                  ("logit", {"steps": 20}, 0.0)])
+def test_valid_is_success_at_the_methods_margin(model, images, method, kwargs, margin):
+    r = explain(model, images, method=method, **kwargs, **NORM)
+    probs = _probs(model, r.counterfactual)
+    assert r.margin == margin
+    assert torch.equal(r.valid, success(probs, r.target, margin))
+    others = probs.scatter(1, r.target[:, None], 0.0).max(dim=1).values
+    torch.testing.assert_close(r.prob_runner_up_after, others)
+
+
+def _channel_spread(x: torch.Tensor) -> float:
+    pixels = x * 0.5 + 0.5
+    return float((pixels - pixels.mean(dim=1, keepdim=True)).abs().max())
+
+
+@pytest.mark.parametrize("method", ["ce", "logit"])
+def test_grayscale_images_get_grayscale_counterfactuals(model, images, method):
+    assert _channel_spread(images) < 1e-6  # the digits: three equal channels
+    r = explain(model, images, method=method, **NORM)
+    assert _channel_spread(r.counterfactual) < 1e-5
+    assert (r.counterfactual != images).any()
+    free = explain(model, images, method=method, grayscale=False, **NORM)
+    assert _channel_spread(free.counterfactual) > 0.01  # per-channel edits colour the digit
+
+
+def test_colour_images_are_edited_per_channel(model, images):
+    tinted = images.clone()
+    tinted[:, 0] = (tinted[:, 0] + 0.2).clamp(max=1.0)  # not gray: no projection
+    r = explain(model, tinted, max_steps=30, **NORM)
+    assert _channel_spread(r.counterfactual) > 0.05
+    assert r.counterfactual.min() >= -1 - 1e-6 and r.counterfactual.max() <= 1 + 1e-6
+
+
+def test_other_label_candidates_exclude_the_source_clusters_label():
+    majority = torch.tensor([3, 3, 8, -1, 5])  # prototype 3 holds no labelled image
+    populated = torch.tensor([True, True, True, False, False])
+    mask = other_label_candidates(torch.tensor([0, 2]), majority, populated)
+    assert mask.tolist() == [[False, False, True, False, False],  # a 3: only the 8
+                             [True, True, False, False, False]]  # an 8: the 3s
+
+
+def test_label_aware_targets_have_another_majority_label(model, images):
+    arrays, labels = load_digits_arrays()
+    x, y = ArrayImageDataset(arrays[1500:1797], labels[1500:1797]).tensors(size=16)
+    held = (x - 0.5) / 0.5
+    assigned = _probs(model, held).argmax(dim=1)
+    majority, _ = majority_labels(assigned, torch.as_tensor(y), K)
+    source = _probs(model, images).argmax(dim=1)
+    candidates = other_label_candidates(source, majority, populated_prototypes(assigned, K))
+    r = explain(model, images, candidates=candidates, max_steps=5, **NORM)
+    assert torch.equal(r.source, source)
+    assert (majority[r.target] != majority[r.source]).all()
+    assert (majority[r.target] >= 0).all()
+    weight = F.normalize(model.prototypes.heads[0].weight.detach(), dim=1)
+    for i, (s, t) in enumerate(zip(r.source.tolist(), r.target.tolist())):  # the nearest such
+        allowed = [k for k in range(K) if candidates[i, k]]
+        assert t == max(allowed, key=lambda k: float(weight[k] @ weight[s]))
+    with pytest.raises(ValueError, match=r"^candidates: expected a bool mask of shape \(30,\) "
+                                         r"or \(16, 30\)"):
+        explain(model, images, candidates=candidates[:3], **NORM)

@@ -17,6 +17,7 @@ from swav.evaluation import (
     knn_accuracy,
     knn_predict,
     linear_eval,
+    majority_labels,
 )
 from swav.model import build_model
 
@@ -264,3 +265,16 @@ def test_assign_without_labels_and_bad_head(tiny):
         assign(model, [(images, None)], head=1)
     with pytest.raises(ValueError, match="^loader:"):
         assign(model, [])
+
+
+def test_majority_labels_per_prototype_with_ties_and_empty_ones():
+    assignments = torch.tensor([0, 0, 0, 2, 2, 4, 4, 4, 4])
+    labels = torch.tensor([7, 7, 1, 3, 5, 2, 2, 2, 9])
+    majority, share = majority_labels(assignments, labels, 5)
+    assert majority.tolist() == [7, -1, 3, -1, 2]  # a tie goes to the smaller label
+    torch.testing.assert_close(share, torch.tensor([2 / 3, 0.0, 0.5, 0.0, 0.75],
+                                                   dtype=torch.float64))
+    with pytest.raises(ValueError, match="^labels:"):
+        majority_labels(assignments, labels[:-1], 5)
+    with pytest.raises(ValueError, match="^assignments:"):
+        majority_labels(assignments, labels, 4)

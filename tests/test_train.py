@@ -1,20 +1,19 @@
-"""Ray Train + MLflow on a real local Ray instance (CPU, gloo): tracking, gathered Sinkhorn inside
-a 2-worker run, surviving a killed worker, resume equality and bad input."""
+"""Ray Train + MLflow on a real local Ray instance (CPU, gloo): tracking, surviving a killed worker,
+resume equality and bad input. (Sinkhorn codes gathered over two gloo processes equal one process's
+codes of the whole batch: tests/test_sinkhorn.py; every two-worker run here gathers them.)"""
 
 from __future__ import annotations
 
 import json
-import math
 import os
 import socket
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import mlflow
 import pytest
-import ray.train
-import ray.train.torch
 import torch
 import yaml
 from mlflow.tracking import MlflowClient
@@ -22,9 +21,9 @@ from mlflow.tracking import MlflowClient
 from orchestration.config import ConfigError, from_dict, load_config
 from orchestration.checkpoints import STATE_FILE
 from orchestration.failures import TrainingFailed
-from orchestration.train import FAILURE_MARKER, run_training
+from orchestration.train import run_training
+from orchestration.worker import FAILURE_MARKER
 from swav.model import SwAVModel
-from swav.sinkhorn import sinkhorn
 
 pytestmark = pytest.mark.slow  # Ray Train/Tune runs end to end (CI runs them all)
 
@@ -99,29 +98,13 @@ def test_two_worker_run_is_tracked_as_one_mlflow_run_with_a_loadable_model(strai
     assert from_dict(yaml.safe_load(Path(config_file).read_text())) == cfg
 
 
-def test_a_killed_worker_is_replaced_and_training_resumes_from_the_last_checkpoint(
-    straight, tmp_path
-):
-    _, _, uninterrupted = straight
-    cfg = tiny(tmp_path, "scaling.run_name=flaky", "fail_at_epoch=2")
-    outcome = run_training(cfg)
-    assert (tmp_path / "runs" / "flaky" / FAILURE_MARKER).exists()  # the worker really died
-    client = MlflowClient(outcome.tracking_uri)
-    runs = client.search_runs([client.get_experiment_by_name("swav-ray").experiment_id])
-    assert len(runs) == 1 and runs[0].info.status == "FINISHED"
-    # Every epoch logged exactly once: a restart from epoch 0 would log epochs 0 and 1 twice.
-    assert [m.step for m in client.get_metric_history(outcome.run_id, "loss")] == [0, 1, 2, 3]
-    # Resumed from the epoch-1 checkpoint with its RNG state: the same weights as no failure.
-    resumed, straight_weights = final_weights(outcome), final_weights(uninterrupted)
-    for name in straight_weights:
-        torch.testing.assert_close(resumed[name], straight_weights[name], rtol=0, atol=0, msg=name)
-
-
-def test_an_interrupted_run_resumes_when_started_again_with_the_same_name(straight, tmp_path):
+def test_an_interrupted_run_resumes_and_a_killed_worker_is_replaced(straight, tmp_path):
     """A run that dies for good (no retries left) is resumed by a new run_training with the same
     scaling.run_name: it continues the same MLflow run and ends with the uninterrupted weights,
     even when its newest checkpoint was torn (a kill or a full disk mid-upload): the resume
-    takes the previous checkpoint that Ray kept."""
+    takes the previous checkpoint that Ray kept. Extended by an epoch, the run then loses a
+    worker, which Ray replaces: the group restarts from the last checkpoint (the same restore
+    as a resume) and the epoch is logged once."""
     _, _, uninterrupted = straight
     dying = tiny(tmp_path, "scaling.run_name=interrupted", "fail_at_epoch=3",
                  "scaling.max_failures=0")
@@ -159,8 +142,13 @@ def test_an_interrupted_run_resumes_when_started_again_with_the_same_name(straig
                                           r"another config.*model.n_prototypes: 20 -> 30"):
         run_training(tiny(tmp_path, "scaling.run_name=interrupted", "model.n_prototypes=30"))
     assert client.get_run(again.run_id).info.status == "FINISHED"
-    longer = run_training(tiny(tmp_path, "scaling.run_name=interrupted", "optim.epochs=5"))
+    marker = tmp_path / "runs" / "interrupted" / FAILURE_MARKER
+    marker.unlink()  # (left by the first attempt's death: a worker dies once per marker)
+    longer = run_training(tiny(tmp_path, "scaling.run_name=interrupted", "optim.epochs=5",
+                               "fail_at_epoch=4"))
+    assert marker.exists()  # a worker really died, at the start of epoch 4
     assert longer.run_id == again.run_id
+    assert client.get_run(again.run_id).info.status == "FINISHED"
     assert [m.step for m in client.get_metric_history(again.run_id, "loss")] == [*steps, 4]
     tags = client.get_run(again.run_id).data.tags
     assert "optim.epochs: 4 -> 5" in tags["resume_changes"]
@@ -178,33 +166,6 @@ def test_a_run_held_by_another_process_is_refused_before_its_mlflow_run_is_touch
     assert not (tmp_path / "mlflow.db").exists()  # no run was created or resumed
 
 
-def _codes_loop(config):
-    """Worker: scores of its half of a fixed batch -> gathered Sinkhorn codes (gloo)."""
-    ctx = ray.train.get_context()
-    scores = torch.load(config["scores"])
-    half = scores.chunk(ctx.get_world_size())[ctx.get_world_rank()]
-    codes = sinkhorn(half, epsilon=0.05, iterations=3, gather=True)
-    torch.save(codes, Path(config["out"]) / f"codes{ctx.get_world_rank()}.pt")
-    ray.train.report({"rows": half.shape[0]})
-
-
-def test_gathered_codes_inside_a_two_worker_ray_run_equal_single_process_codes(ray_local, tmp_path):
-    torch.manual_seed(0)
-    scores = torch.nn.functional.normalize(torch.randn(2 * 40, 16), dim=1) @ \
-        torch.nn.functional.normalize(torch.randn(25, 16), dim=1).t()
-    torch.save(scores, tmp_path / "scores.pt")
-    # Workers cannot import this test module: ship the loop function by value.
-    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
-    trainer = ray.train.torch.TorchTrainer(
-        _codes_loop, train_loop_config={"scores": str(tmp_path / "scores.pt"), "out": str(tmp_path)},
-        scaling_config=ray.train.ScalingConfig(num_workers=2),
-        run_config=ray.train.RunConfig(storage_path=str(tmp_path / "runs"), name="codes"),
-    )
-    trainer.fit()
-    gathered = torch.cat([torch.load(tmp_path / f"codes{r}.pt") for r in range(2)])
-    torch.testing.assert_close(gathered, sinkhorn(scores, 0.05, 3), atol=1e-6, rtol=1e-5)
-
-
 def test_more_workers_than_the_cluster_has_fail_before_any_run_is_created(ray_local, tmp_path):
     cfg = tiny(tmp_path, "scaling.num_workers=8")
     with pytest.raises(ConfigError, match=r"^scaling.num_workers: 8 workers of 1 CPU each; the Ray "
@@ -217,10 +178,33 @@ def test_more_workers_than_the_cluster_has_fail_before_any_run_is_created(ray_lo
     assert not (tmp_path / "mlflow.db").exists()
 
 
-def _cli(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI")}
-    return subprocess.run([sys.executable, "-m", "orchestration.cli", "train", *args],
-                          cwd=tmp_path, capture_output=True, text=True, timeout=120, env=env)
+@dataclass
+class CliResult:
+    returncode: int
+    stderr: str
+
+
+@pytest.fixture
+def cli_train(monkeypatch, capsys):
+    """`swav-ray train ARGS` in this process, in a given directory, as a user without
+    RAY_ADDRESS or MLFLOW_TRACKING_URI would run it; Ray must not start (the subprocess form, the
+    real command's exit code: test_ctrl_c_... and the explain test)."""
+    from orchestration import cli
+
+    def no_ray(*args, **kwargs):
+        raise AssertionError("Ray was started for input it should refuse")
+
+    monkeypatch.setattr(cli, "connect_ray", no_ray)
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+
+    def run(where: Path, *args: str) -> CliResult:
+        monkeypatch.chdir(where)
+        capsys.readouterr()
+        code = cli.main(["train", *args])
+        return CliResult(code, capsys.readouterr().err)
+
+    return run
 
 
 @pytest.mark.parametrize(
@@ -236,48 +220,16 @@ def _cli(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
         (["no-such-experiment.yaml"], "swav-ray: error: config: no such experiment file"),
     ],
 )
-def test_bad_input_is_one_clear_line_and_leaves_nothing_behind(tmp_path, args, message):
-    result = _cli(tmp_path, *args)
+def test_bad_input_is_one_clear_line_and_leaves_nothing_behind(cli_train, tmp_path, args,
+                                                               message):
+    result = cli_train(tmp_path, *args)
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith(message), result.stderr
     assert list(tmp_path.iterdir()) == []  # no mlflow.db, no mlruns/, no Ray run directory
 
 
-def test_the_embedded_default_experiment_learns(ray_local, tmp_path):
-    """`swav-ray train` with no arguments: held-out kNN well above the same encoder at random
-    initialisation, loss far below ln K, no collapse (measured figures: BENCHMARKS.md)."""
-    cfg = load_config(None, [f"scaling.storage_path={tmp_path / 'runs'}",
-                             f"tracking.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}"])
-    outcome = run_training(cfg)
-    client = MlflowClient(outcome.tracking_uri)
-    knn = client.get_metric_history(outcome.run_id, "knn_top1")[-1].value
-    init = client.get_metric_history(outcome.run_id, "knn_top1_random_init")[-1].value
-    loss = [m.value for m in client.get_metric_history(outcome.run_id, "loss")]
-    used = client.get_metric_history(outcome.run_id, "prototypes_used")[-1].value
-    assert knn >= init + 0.03, (knn, init)
-    assert knn >= 0.95
-    assert loss[-1] < 0.6 * math.log(100) < loss[0]
-    assert used >= 90
-    # The default asks for the final evaluation and explanations: they are in the same run.
-    final = client.get_run(outcome.run_id).data.metrics
-    assert final["eval_linear_top1"] > final["eval_linear_top1_random_init"]
-    assert final["eval_knn_top1"] == pytest.approx(knn, abs=0.02)  # same protocol, one process
-    assert final["eval_nmi"] > 0.5 and 0 < final["eval_ari"] <= 1
-    # The evaluation never lands on the per-epoch curves: knn_top1 is logged once per epoch.
-    assert [m.step for m in client.get_metric_history(outcome.run_id, "knn_top1")] == \
-        list(range(cfg.optim.epochs))
-    assert final["knn_top1"] == knn
-    # 16 held-out digits; on 3 x 256 digits of the trained default ce reaches 99.2-100%.
-    assert final["ce_cf_validity"] >= 0.9
-    assert 0 < final["ce_cf_l2"] < final["logit_cf_l2"]
-    paths = {a.path for folder in ("clusters", "evaluation", "counterfactuals")
-             for a in client.list_artifacts(outcome.run_id, folder)}
-    assert {"clusters/prototype_members.png", "evaluation/embedding.png",
-            "counterfactuals/ce_panel.png", "counterfactuals/logit_panel.png"} <= paths
-
-
-def test_data_that_cannot_train_is_refused_before_ray_starts(tmp_path):
+def test_data_that_cannot_train_is_refused_before_ray_starts(cli_train, tmp_path):
     """A missing image column, text labels, a shard smaller than one step, more workers than
     the machine's CPUs: one line naming the key, exit 2, in seconds, nothing written (in the
     workers: retries, then a traceback)."""
@@ -308,7 +260,7 @@ def test_data_that_cannot_train_is_refused_before_ray_starts(tmp_path):
     ]
     for args, message in cases:
         start = time.perf_counter()
-        result = _cli(run, *args)
+        result = cli_train(run, *args)
         assert result.returncode == 2, result.stderr
         lines = result.stderr.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith(message), result.stderr
@@ -316,8 +268,25 @@ def test_data_that_cannot_train_is_refused_before_ray_starts(tmp_path):
     assert list(run.iterdir()) == []
 
 
+def _listening(pid: int) -> list[tuple[str, str]]:
+    """``(process name, address)`` of every TCP listener of ``pid`` and all its descendants."""
+    import psutil
+
+    root = psutil.Process(pid)
+    found = []
+    for process in [root, *root.children(recursive=True)]:
+        try:
+            found += [(" ".join(process.cmdline()).strip()[:40], c.laddr.ip)
+                      for c in process.net_connections("tcp") if c.status == "LISTEN"]
+        except psutil.NoSuchProcess:
+            continue
+    return found
+
+
 def test_ctrl_c_says_how_to_resume_and_marks_the_run_killed(tmp_path):
-    """The real CLI, interrupted as a user would (SIGINT) after its first epoch line."""
+    """The real CLI, interrupted as a user would (SIGINT) after its first epoch line. The Ray
+    instance it started listens on the loopback interface only (GCS, raylet, dashboard, agents,
+    workers: the processes it started), but for torch.distributed's store of the training."""
     import signal
 
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI")}
@@ -332,6 +301,14 @@ def test_ctrl_c_says_how_to_resume_and_marks_the_run_killed(tmp_path):
             if line.startswith("epoch 1/200"):
                 break
         assert seen and seen[-1].startswith("epoch 1/200  loss "), "".join(seen)
+        listening = _listening(proc.pid)
+        assert len(listening) >= 3  # GCS, raylet, agents at least
+        # One exception: rank 0's torch.distributed store (the process group's rendezvous,
+        # created by Ray Train) binds all interfaces, and torch offers no address to bind.
+        wide = [(name, ip) for name, ip in listening
+                if ip not in ("127.0.0.1", "::ffff:127.0.0.1", "::1")]
+        assert wide in ([], [("ray::RayTrainWorker", "::")], [("ray::RayTrainWorker", "0.0.0.0")]
+                        ), listening
         proc.send_signal(signal.SIGINT)
         rest = proc.stderr.read()
         assert proc.wait(timeout=120) == 130, rest
@@ -391,11 +368,18 @@ def test_parquet_run_skips_a_corrupt_image_and_stops_past_the_allowed_share(ray_
 
 
 def test_evaluate_and_explain_log_into_the_run_and_reject_bad_input(straight, tmp_path,
-                                                                   monkeypatch):
+                                                                   monkeypatch, capsys):
     from orchestration.evaluate import evaluate_run, explain_run, open_tracked_model
     from orchestration.recipe import eval_loaders, eval_sets, open_splits
-    from swav.counterfactual import nearest_other_prototype, populated_prototypes
-    from swav.evaluation import assign_with_scores
+    import orchestration.evaluate as evaluate_module
+    import swav.counterfactual as counterfactual_module
+    from swav.counterfactual import (
+        nearest_other_prototype,
+        other_label_candidates,
+        populated_prototypes,
+        prototype_scores,
+    )
+    from swav.evaluation import assign_with_scores, majority_labels
 
     _, _, outcome = straight
     # Nothing the run stores is unpickled: every torch.load is weights_only, MLflow's pickled
@@ -419,25 +403,69 @@ def test_evaluate_and_explain_log_into_the_run_and_reject_bad_input(straight, tm
         "ari", "purity", "prototypes_used", "code_entropy")}
     assert 0.1 < metrics["eval_linear_top1"] <= 1
     assert metrics["eval_knn_top5"] >= metrics["eval_knn_top1"]
-    cf = explain_run(outcome.run_id, n=8, methods=["ce"], tracking_uri=outcome.tracking_uri,
+    # Success is one function: the per-image results, the metric (which the console prints)
+    # and the panels all follow swav.counterfactual.success.
+    pattern = torch.tensor([True, False, True, True, False, False, True, False, True, True])
+    real_success, panels = counterfactual_module.success, []
+
+    def patterned(probs, target, margin=0.0):  # (also the search's stop rule: it stops early)
+        return pattern[:len(target)].to(target.device)
+
+    def captured_pages(data, *args, **kwargs):
+        panels.append(data)
+        return real_pages(data, *args, **kwargs)
+
+    real_pages = evaluate_module.counterfactual_pages
+    monkeypatch.setattr(counterfactual_module, "success", patterned)
+    monkeypatch.setattr(evaluate_module, "counterfactual_pages", captured_pages)
+    cf = explain_run(outcome.run_id, n=10, methods=["ce"], tracking_uri=outcome.tracking_uri,
                      device="cpu")
-    assert 0 <= cf["ce_cf_validity"] <= 1 and cf["ce_cf_steps"] >= 1
+    monkeypatch.setattr(counterfactual_module, "success", real_success)
+    assert cf["ce_cf_validity"] == pytest.approx(0.6)
+    assert panels[0].success.tolist() == pattern.tolist()
     client = MlflowClient(outcome.tracking_uri)
     logged = client.get_run(outcome.run_id).data.metrics
     assert logged["eval_linear_top1"] == pytest.approx(metrics["eval_linear_top1"])
     assert [m.step for m in client.get_metric_history(outcome.run_id, "knn_top1")] == [0, 1, 2, 3]
-    assert logged["ce_cf_validity"] == pytest.approx(cf["ce_cf_validity"])
-    results = client.download_artifacts(outcome.run_id, "counterfactuals/ce_results.json", str(tmp_path))
+    assert logged["ce_cf_validity"] == pytest.approx(0.6)
+    results = client.download_artifacts(outcome.run_id, "counterfactuals/ce/results.json",
+                                        str(tmp_path))
     rows = json.loads(Path(results).read_text())
-    assert len(rows) == 8 and all(r["source"] != r["target"] for r in rows)
-    # default targets: the nearest other prototype among those holding a held-out image
+    assert [r["valid"] for r in rows] == pattern.tolist()
+    assert len(rows) == 10 and all(r["source"] != r["target"] for r in rows)
+    # Every explained image is drawn: 10 images, 8 a page.
+    drawn = {a.path for a in client.list_artifacts(outcome.run_id, "counterfactuals/ce")}
+    assert drawn == {"counterfactuals/ce/panel_1.png", "counterfactuals/ce/panel_2.png",
+                     "counterfactuals/ce/results.json"}
+    assert client.get_run(outcome.run_id).data.tags["explain_target"] == "other_label"
+    # Default targets: the nearest prototype, among those holding a held-out image, whose
+    # majority label differs from that of the image's own cluster.
     tracked = open_tracked_model(outcome.run_id, outcome.tracking_uri)
-    _, held_loader = eval_loaders(tracked.cfg, eval_sets(tracked.cfg, open_splits(tracked.cfg)))
-    assigned, _, _ = assign_with_scores(tracked.model, held_loader)
+    sets = eval_sets(tracked.cfg, open_splits(tracked.cfg))
+    _, held_loader = eval_loaders(tracked.cfg, sets)
+    assigned, _, labels = assign_with_scores(tracked.model, held_loader)
     populated = populated_prototypes(assigned, 20)
-    expected = nearest_other_prototype(tracked.model, torch.tensor([r["source"] for r in rows]),
-                                       candidates=populated)
+    majority, _ = majority_labels(assigned, labels, 20)
+    source = torch.tensor([r["source"] for r in rows])
+    images = torch.stack([sets.heldout[i][0] for i in range(10)])
+    with torch.no_grad():
+        assert prototype_scores(tracked.model, images).argmax(1).tolist() == source.tolist()
+    expected = nearest_other_prototype(tracked.model, source, candidates=other_label_candidates(
+        source, majority, populated))
     assert [r["target"] for r in rows] == expected.tolist()
+    assert (majority[expected] != majority[source]).all()
+    nearest = explain_run(outcome.run_id, n=4, methods=["logit"], target="nearest",
+                          tracking_uri=outcome.tracking_uri)
+    rows = json.loads(Path(client.download_artifacts(
+        outcome.run_id, "counterfactuals/logit/results.json", str(tmp_path))).read_text())
+    assert [r["target"] for r in rows] == nearest_other_prototype(
+        tracked.model, source[:4], candidates=populated).tolist()
+    assert 0 <= nearest["logit_cf_validity"] <= 1
+    # The galleries and the crops the run trained on.
+    paths = {a.path for folder in ("clusters", "augmentations")
+             for a in client.list_artifacts(outcome.run_id, folder)}
+    assert {"clusters/prototype_members.png", "clusters/prototype_index.png",
+            "augmentations/multicrop.png"} <= paths
 
     with pytest.raises(ConfigError, match="^run-id: no MLflow run 'deadbeef'"):
         evaluate_run("deadbeef", outcome.tracking_uri)
@@ -447,20 +475,22 @@ def test_evaluate_and_explain_log_into_the_run_and_reject_bad_input(straight, tm
     client.delete_run(empty.info.run_id)
     with pytest.raises(ConfigError, match="^target: prototype 99 out of range for K=20"):
         explain_run(outcome.run_id, n=2, target=99, tracking_uri=outcome.tracking_uri)
-    env = {**os.environ, "MLFLOW_TRACKING_URI": outcome.tracking_uri}
-    result = subprocess.run([sys.executable, "-m", "orchestration.cli", "explain", "--run-id",
-                             "deadbeef"], capture_output=True, text=True, env=env, timeout=120)
-    assert result.returncode == 2
-    assert result.stderr.strip().startswith("swav-ray: error: run-id: no MLflow run 'deadbeef'")
+    with pytest.raises(ConfigError, match="^target: expected other_label or nearest or a "):
+        explain_run(outcome.run_id, n=2, target="farthest", tracking_uri=outcome.tracking_uri)
+    from orchestration import cli
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", outcome.tracking_uri)
+    capsys.readouterr()
+    assert cli.main(["explain", "--run-id", "deadbeef"]) == 2
+    assert capsys.readouterr().err.strip().startswith(
+        "swav-ray: error: run-id: no MLflow run 'deadbeef'")
     # Where no store is, it says so and leaves no empty mlflow.db behind.
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
-    env.pop("MLFLOW_TRACKING_URI")
-    result = subprocess.run([sys.executable, "-m", "orchestration.cli", "evaluate", "--run-id",
-                             outcome.run_id], capture_output=True, text=True, env=env,
-                            timeout=120, cwd=elsewhere)
-    assert result.returncode == 2
-    assert result.stderr.strip() == (f"swav-ray: error: tracking_uri: no MLflow store at "
-                                     f"{elsewhere / 'mlflow.db'}; run this where the training "
-                                     f"run's mlflow.db is, or pass --tracking-uri")
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")
+    monkeypatch.chdir(elsewhere)
+    assert cli.main(["evaluate", "--run-id", outcome.run_id]) == 2
+    assert capsys.readouterr().err.strip() == (
+        f"swav-ray: error: tracking_uri: no MLflow store at {elsewhere / 'mlflow.db'}; run this "
+        f"where the training run's mlflow.db is, or pass --tracking-uri")
     assert list(elsewhere.iterdir()) == []

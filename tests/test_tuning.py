@@ -57,8 +57,10 @@ def steps(client: MlflowClient, run_id: str, key: str = "loss") -> list[int]:
 
 def test_a_grid_of_concurrent_trials_is_one_parent_run_with_a_child_per_trial(
         ray_local, mlflow_url, tmp_path):
+    # Two trials, side by side (grids of several knobs multiply, as Ray Tune's grid_search does:
+    # the laptop sweep of BENCHMARKS.md ran 2 x 2 x 2 = 8 trials).
     spec = load_sweep(sweep(tmp_path, mlflow_url, {"model.n_prototypes": {"grid": [10, 20]},
-                                                   "swav.epsilon": {"grid": [0.03, 0.05]}},
+                                                   "swav.epsilon": {"grid": [0.05]}},
                             epochs=2, scheduler="fifo"))
     assert concurrent_trials(spec) == 2  # 3 CPUs, 1 worker + a 0.5-CPU driver per trial
     outcome = run_sweep(spec, name="grid")
@@ -68,10 +70,9 @@ def test_a_grid_of_concurrent_trials_is_one_parent_run_with_a_child_per_trial(
     assert parent.data.params["search.model.n_prototypes"] == "grid(10, 20)"
     assert parent.data.params["optim.epochs"] == "2"  # the base config
     kids = children(client, outcome.parent_run_id)
-    assert len(kids) == 4 and all(r.info.status == "FINISHED" for r in kids.values())
+    assert len(kids) == 2 and all(r.info.status == "FINISHED" for r in kids.values())
     assert {(r.data.params["model.n_prototypes"], r.data.params["swav.epsilon"])
-            for r in kids.values()} == {("10", "0.03"), ("10", "0.05"), ("20", "0.03"),
-                                        ("20", "0.05")}
+            for r in kids.values()} == {("10", "0.05"), ("20", "0.05")}
     for run in kids.values():  # same names as a plain run, every epoch exactly once
         for key in PER_EPOCH:
             assert steps(client, run.info.run_id, key) == [0, 1], key
@@ -92,7 +93,7 @@ def test_a_grid_of_concurrent_trials_is_one_parent_run_with_a_child_per_trial(
     assert {"sweep/trials.csv", "sweep/best_config.yaml", "sweep/metric_by_knob.png",
             "sweep/learning_curves.png"} <= artifacts
     csv = Path(client.download_artifacts(outcome.parent_run_id, "sweep/trials.csv", str(tmp_path)))
-    assert len(csv.read_text().strip().splitlines()) == 1 + 4
+    assert len(csv.read_text().strip().splitlines()) == 1 + 2
     best_file = client.download_artifacts(outcome.parent_run_id, "sweep/best_config.yaml",
                                           str(tmp_path))
     best = load_config(best_file)  # swav-ray train takes it as is
@@ -101,47 +102,46 @@ def test_a_grid_of_concurrent_trials_is_one_parent_run_with_a_child_per_trial(
     assert best.scaling.run_name is None and best.eval.final_evaluation  # the base's evaluation
 
 
-def test_asha_stops_a_bad_trial_and_a_resumed_sweep_reruns_only_the_unfinished(
+def test_asha_stops_bad_trials_and_a_resumed_sweep_reruns_only_the_unfinished(
         ray_local, mlflow_url, tmp_path):
-    """Three trials, one at a time; each dies for good at its third epoch (the first time). The
-    loss starts near ln K, so K=200 is far worse than K=10 after one epoch: ASHA stops it (KILLED)
-    and the next trial still runs. The resumed sweep finishes the two that died from their last
-    checkpoints into the same MLflow runs and leaves the stopped one alone."""
-    spec = load_sweep(sweep(tmp_path, mlflow_url, {"model.n_prototypes": {"grid": [10, 200, 12]}},
+    """Three trials, one at a time; each would die for good at its third epoch (the first time).
+    The loss starts near ln K, so after one epoch K=200 and K=150 are far worse than K=10: ASHA
+    stops both (KILLED), and the trial after a stopped one still runs. The resumed sweep
+    finishes the one that died from its last checkpoint into the same MLflow run and leaves
+    the stopped ones alone."""
+    spec = load_sweep(sweep(tmp_path, mlflow_url, {"model.n_prototypes": {"grid": [10, 200, 150]}},
                             metric="loss", max_concurrent_trials=1,
                             scheduler={"name": "asha", "grace_period": 1, "reduction_factor": 3},
                             overrides={"fail_at_epoch": 2, "scaling.max_failures": 0}))
     first = run_sweep(spec, name="asha")
     rows = first.rows  # in trial order
-    assert [r.values["model.n_prototypes"] for r in rows] == [10, 200, 12]
-    assert [r.status for r in rows] == ["error", "stopped", "error"]
+    assert [r.values["model.n_prototypes"] for r in rows] == [10, 200, 150]
+    assert [r.status for r in rows] == ["error", "stopped", "stopped"]
     assert rows[1].epochs == 1 and rows[1].metric > math.log(100)  # stopped for being bad
-    assert rows[2].epochs >= 1  # the stopped trial freed its workers and placement group
+    assert rows[2].epochs == 1  # the stopped trial freed its workers and placement group
     client = MlflowClient(mlflow_url)
     kids = children(client, first.parent_run_id)
-    assert [kids[r.trial_id].info.status for r in rows] == ["FAILED", "KILLED", "FAILED"]
-    stopped = kids[rows[1].trial_id].info.run_id
-    stopped_dir = tmp_path / "runs" / f"asha-{rows[1].trial_id}"
-    before = (steps(client, stopped), sorted(p.name for p in stopped_dir.rglob("*")))
+    assert [kids[r.trial_id].info.status for r in rows] == ["FAILED", "KILLED", "KILLED"]
+    stopped = {r.trial_id: (steps(client, kids[r.trial_id].info.run_id),
+                            sorted(p.name for p in (tmp_path / "runs" / f"asha-{r.trial_id}")
+                                   .rglob("*")))
+               for r in rows[1:]}
 
     again = run_sweep(load_saved_spec(str(tmp_path / "runs"), "asha"), name="asha", resume=True)
     assert again.parent_run_id == first.parent_run_id
     assert client.get_run(again.parent_run_id).info.status == "FINISHED"
     kids = children(client, first.parent_run_id)
     assert len(kids) == 3 and all(r.info.status != "RUNNING" for r in kids.values())
-    # K=10, the best trial in any comparison, resumes from its checkpoint and finishes: every
-    # epoch logged exactly once. Ray Tune keeps no scheduler state over a resume, so the
-    # fresh ASHA may stop K=12 again; either way no epoch is logged twice.
+    # K=10 resumes from its checkpoint and finishes: every epoch logged exactly once.
     assert again.rows[0].status == "finished"
     assert kids[rows[0].trial_id].info.status == "FINISHED"
     assert steps(client, kids[rows[0].trial_id].info.run_id) == list(range(EPOCHS))
-    third = steps(client, kids[rows[2].trial_id].info.run_id)
-    assert third == list(range(len(third))) and len(third) >= rows[2].epochs
-    assert again.rows[2].status in ("finished", "stopped")
-    assert kids[rows[2].trial_id].info.status == {"finished": "FINISHED",
-                                                   "stopped": "KILLED"}[again.rows[2].status]
-    assert again.rows[1].status == "stopped"  # not re-run: its run and files are untouched
-    assert (steps(client, stopped), sorted(p.name for p in stopped_dir.rglob("*"))) == before
+    # The stopped ones are not re-run: their runs and files are untouched.
+    assert [r.status for r in again.rows[1:]] == ["stopped", "stopped"]
+    assert {r.trial_id: (steps(client, kids[r.trial_id].info.run_id),
+                         sorted(p.name for p in (tmp_path / "runs" / f"asha-{r.trial_id}")
+                                .rglob("*")))
+            for r in rows[1:]} == stopped
     assert again.best.trial_id == rows[0].trial_id  # K=10: the lowest loss
     with pytest.raises(ConfigError, match="already exists"):
         run_sweep(spec, name="asha")

@@ -1,4 +1,5 @@
-"""Figures: contents of the axes, PNG output and argument checks."""
+"""Figures: contents of the axes, PNG output and argument checks (galleries: test_gallery.py,
+counterfactual panels: test_counterfactual_panel.py)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import pytest
 import torch
 from matplotlib.figure import Figure
 
-from swav.viz import counterfactual_panel, denormalize, embedding_plot, prototype_grid
+from swav.viz import denormalize, embedding_plot, multicrop_figure
 
 MEAN, STD = (0.5, 0.4, 0.3), (0.2, 0.25, 0.3)
 
@@ -28,105 +29,6 @@ def test_denormalize_inverts_normalisation():
         denormalize(pixels, (0.5, 0.5), STD)
 
 
-# -- prototype grid ----------------------------------------------------------------------------
-
-@pytest.fixture
-def members():
-    """Prototype sizes: 2 -> 10, 0 -> 7, 4 -> 3 (1 and 3 empty); scores random."""
-    g = torch.Generator().manual_seed(0)
-    assignments = torch.tensor([2] * 10 + [0] * 7 + [4] * 3)[torch.randperm(20, generator=g)]
-    pixels = torch.rand(20, 3, 6, 5, generator=g)
-    return pixels, assignments, torch.randn(20, generator=g)
-
-
-def test_prototype_grid_rows_by_size_best_members_first(members, tmp_path):
-    pixels, assignments, scores = members
-    fig = prototype_grid(normalised(pixels), assignments, scores, n_prototypes_shown=2,
-                         per_prototype=4, mean=MEAN, std=STD)
-    assert len(fig.axes) == 2
-    assert [ax.get_ylabel() for ax in fig.axes] == ["proto 2\nn=10", "proto 0\nn=7"]
-    for ax, k in zip(fig.axes, (2, 0)):
-        (image,) = ax.get_images()
-        strip = np.asarray(image.get_array())
-        assert strip.shape == (6, 4 * (5 + 1) - 1, 3)
-        members_k = torch.nonzero(assignments == k).flatten()
-        best = members_k[scores[members_k].argsort(descending=True)[:4]]
-        for slot, index in enumerate(best):
-            cell = strip[:, slot * 6:slot * 6 + 5]
-            np.testing.assert_allclose(cell, pixels[index].permute(1, 2, 0).numpy(), atol=1e-5)
-    assert_png(fig, tmp_path / "grid.png")
-
-
-def test_prototype_grid_small_prototypes_and_grayscale(members):
-    pixels, assignments, scores = members
-    fig = prototype_grid(pixels[:, :1], assignments, scores, per_prototype=8)
-    assert len(fig.axes) == 3  # only the 3 non-empty prototypes
-    assert fig.axes[2].get_ylabel() == "proto 4\nn=3"
-    strip = np.asarray(fig.axes[2].get_images()[0].get_array())
-    assert strip.shape == (6, 8 * 6 - 1)
-    assert (strip[:, 3 * 6:] == 1.0).all()  # 5 empty slots left white
-
-
-def test_prototype_grid_rejects_bad_shapes(members):
-    pixels, assignments, scores = members
-    with pytest.raises(ValueError, match="^images:"):
-        prototype_grid(pixels[0], assignments, scores)
-    with pytest.raises(ValueError, match="^images:"):
-        prototype_grid(torch.rand(20, 2, 4, 4), assignments, scores)
-    with pytest.raises(ValueError, match="^assignments:"):
-        prototype_grid(pixels, assignments[:-1], scores)
-    with pytest.raises(ValueError, match="^scores:"):
-        prototype_grid(pixels, assignments, scores[:, None])
-    with pytest.raises(ValueError, match="^per_prototype:"):
-        prototype_grid(pixels, assignments, scores, per_prototype=0)
-
-
-# -- counterfactual panel ----------------------------------------------------------------------
-
-@pytest.fixture
-def counterfactuals():
-    g = torch.Generator().manual_seed(1)
-    pixels = 0.2 + 0.6 * torch.rand(5, 3, 8, 8, generator=g)
-    edited = pixels.clone()
-    edited[:, :, :4] += 0.1  # top half brightened by 0.1 in every channel
-    return (normalised(pixels), normalised(edited), torch.tensor([1, 2, 3, 4, 0]),
-            torch.tensor([4, 0, 1, 2, 3]), torch.tensor([0.934, 0.5, 0.6, 0.7, 0.8]),
-            torch.tensor([0.876, 0.51, 0.61, 0.71, 0.81]))
-
-
-def test_counterfactual_panel_rows_titles_and_difference(counterfactuals, tmp_path):
-    fig = counterfactual_panel(*counterfactuals, mean=MEAN, std=STD, n=3, amplify=5.0)
-    assert len(fig.axes) == 9 and all(len(ax.get_images()) == 1 for ax in fig.axes)
-    assert fig.axes[0].get_title() == "cluster 1, p=0.93"
-    assert fig.axes[1].get_title() == "cluster 4, p=0.88"
-    diff = np.asarray(fig.axes[2].get_images()[0].get_array())
-    np.testing.assert_allclose(diff[:4], 0.5, atol=1e-4)  # 5 * 0.1
-    np.testing.assert_allclose(diff[4:], 0.0, atol=1e-6)
-    np.testing.assert_allclose(np.asarray(fig.axes[3].get_images()[0].get_array()),
-                               denormalize(counterfactuals[0][1:2], MEAN, STD)[0]
-                               .permute(1, 2, 0).numpy(), atol=1e-6)
-    assert_png(fig, tmp_path / "cf.png")
-
-
-def test_counterfactual_panel_clips_and_caps_rows(counterfactuals):
-    fig = counterfactual_panel(*counterfactuals, mean=MEAN, std=STD, amplify=50.0)
-    assert len(fig.axes) == 15  # n=8 > 5 images
-    diff = np.asarray(fig.axes[2].get_images()[0].get_array())
-    assert diff.max() == 1.0
-
-
-def test_counterfactual_panel_rejects_bad_input(counterfactuals):
-    original, edited, source, target, p_s, p_t = counterfactuals
-    with pytest.raises(ValueError, match="^original:"):
-        counterfactual_panel(original[0], edited[0], source, target, p_s, p_t)
-    with pytest.raises(ValueError, match="^counterfactual:"):
-        counterfactual_panel(original, edited[:4], source, target, p_s, p_t)
-    with pytest.raises(ValueError, match="^target:"):
-        counterfactual_panel(original, edited, source, target[:2], p_s, p_t)
-    with pytest.raises(ValueError, match="^amplify:"):
-        counterfactual_panel(original, edited, source, target, p_s, p_t, amplify=0.0)
-
-
 # -- embedding plot ----------------------------------------------------------------------------
 
 @pytest.fixture
@@ -141,17 +43,33 @@ def pairwise(points: np.ndarray) -> np.ndarray:
     return np.linalg.norm(points[:, None] - points[None], axis=-1)
 
 
-def test_embedding_plot_pca_two_panels(embedded, tmp_path):
+def test_embedding_plot_pca_labels_with_a_legend_and_prototype_markers(embedded, tmp_path):
     features, assignments, labels = embedded
     fig = embedding_plot(features, assignments, labels)
-    assert len(fig.axes) == 2
-    offsets = [np.asarray(ax.collections[0].get_offsets()) for ax in fig.axes]
-    assert all(o.shape == (90, 2) for o in offsets)
+    by_label, by_cluster = fig.axes
+    offsets = np.concatenate([np.asarray(c.get_offsets()) for c in by_label.collections])
+    assert offsets.shape == (90, 2)
     centred = features.double() - features.double().mean(0)
-    _, _, v = torch.linalg.svd(centred, full_matrices=False)
+    u, sv, v = torch.linalg.svd(centred, full_matrices=False)
     expected = (centred @ v[:2].T).numpy()  # PCA up to sign: same pairwise distances
-    np.testing.assert_allclose(pairwise(offsets[0]), pairwise(expected), atol=1e-3)
-    np.testing.assert_array_equal(fig.axes[1].collections[0].get_array(), labels.numpy())
+    order = np.concatenate([np.nonzero(labels.numpy() == k)[0] for k in range(3)])
+    np.testing.assert_allclose(pairwise(offsets), pairwise(expected[order]), atol=1e-3)
+    legend = by_label.get_legend()
+    assert legend.get_title().get_text() == "label"
+    assert [t.get_text() for t in legend.get_texts()] == ["0", "1", "2"]
+    share = (sv[:2] ** 2 / (sv ** 2).sum()).tolist()
+    assert by_label.get_xlabel() == f"PC 1 ({share[0]:.0%} of the variance)"
+    assert by_label.get_ylabel() == f"PC 2 ({share[1]:.0%} of the variance)"
+    # One diamond per used prototype at the mean of its points, not one colour per prototype.
+    points, markers = by_cluster.collections
+    centres = np.asarray(markers.get_offsets())
+    all_points = np.asarray(points.get_offsets())
+    assert centres.shape == (3, 2)
+    for k in range(3):
+        np.testing.assert_allclose(centres[k], all_points[assignments.numpy() == k].mean(0),
+                                   atol=1e-4)
+    assert [t.get_text() for t in by_cluster.texts] == ["0", "1", "2"]
+    assert fig._suptitle.get_text().startswith("PCA of the backbone features of 90 of 90 ")
     assert_png(fig, tmp_path / "pca.png")
 
 
@@ -161,6 +79,8 @@ def test_embedding_plot_tsne_subsampled_single_panel(embedded):
     assert len(fig.axes) == 1
     points = np.asarray(fig.axes[0].collections[0].get_offsets())
     assert points.shape == (60, 2) and np.isfinite(points).all()
+    assert fig.axes[0].get_xlabel() == "t-SNE 1"
+    assert fig._suptitle.get_text().startswith("t-SNE of ")
 
 
 def test_embedding_plot_rejects_bad_input(embedded):
@@ -173,3 +93,27 @@ def test_embedding_plot_rejects_bad_input(embedded):
         embedding_plot(features, assignments, labels.float())
     with pytest.raises(ValueError, match="^method:"):
         embedding_plot(features, assignments, method="umap")
+
+
+# -- multi-crop figure -------------------------------------------------------------------------
+
+def test_multicrop_figure_rows_of_an_image_and_its_crops(tmp_path):
+    g = torch.Generator().manual_seed(3)
+    originals = torch.rand(3, 3, 10, 10, generator=g)
+    crops = [normalised(torch.rand(3, 3, 8, 8, generator=g)) for _ in range(2)] + \
+        [normalised(torch.rand(3, 3, 6, 6, generator=g))]
+    names = ["global 1 (8 px)", "global 2 (8 px)", "local 1 (6 px)"]
+    fig = multicrop_figure(originals, crops, names, MEAN, STD)
+    assert len(fig.axes) == 3 * 4
+    assert [ax.get_title() for ax in fig.axes[:4]] == ["original (10x10)", *names]
+    assert all(ax.get_title() == "" for ax in fig.axes[4:])
+    np.testing.assert_allclose(np.asarray(fig.axes[4].get_images()[0].get_array()),
+                               originals[1].permute(1, 2, 0).numpy(), atol=1e-6)
+    np.testing.assert_allclose(np.asarray(fig.axes[4 + 3].get_images()[0].get_array()),
+                               denormalize(crops[2][1:2], MEAN, STD)[0].permute(1, 2, 0).numpy(),
+                               atol=1e-6)
+    assert_png(fig, tmp_path / "crops.png")
+    with pytest.raises(ValueError, match="^names:"):
+        multicrop_figure(originals, crops, names[:2])
+    with pytest.raises(ValueError, match=r"^crops\[1\]:"):
+        multicrop_figure(originals, [crops[0], crops[1][:2]], names[:2])

@@ -1,0 +1,226 @@
+"""One Ray Train worker of a SwAV run (:func:`train_loop_per_worker`), the driver's counterpart in
+:mod:`orchestration.train`.
+
+Each worker builds its share of the run through the one recipe (:func:`build_training`: its own
+contiguous shard, DDP over gloo or NCCL, Sinkhorn codes gathered across workers), resumes from the
+newest readable checkpoint Ray hands it, and every epoch reports the metric vocabulary; rank 0
+attaches a checkpoint (engine state, the epoch, every rank's RNG state), written to a temporary
+file and renamed.  Errors no retry can cure leave as ``NotRetryable``.
+
+This module imports no MLflow: worker processes start for every run (and every Tune trial), and
+what they import is paid each time.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import ray.train
+import ray.train.torch
+import torch
+import torch.distributed as dist
+
+from orchestration.checkpoints import (
+    STATE_FILE,
+    CheckpointError,
+    load_state,
+    rng_state,
+    save_state,
+    set_rng_state,
+)
+from orchestration.config import ExperimentConfig, from_dict
+from orchestration.failures import as_not_retryable
+from orchestration.metrics import epoch_report
+from orchestration.progress import StepPoster
+from orchestration.recipe import Training, build_training, check_data_here
+from orchestration.system_metrics import node_monitor
+from swav.engine import SwAVEngine
+from swav.evaluation import extract_features, knn_predict
+from swav.model import SwAVModel
+
+__all__ = ["FAILURE_MARKER", "distributed_knn", "train_loop_per_worker"]
+
+log = logging.getLogger(__name__)
+FAILURE_MARKER = "injected_failure"
+
+
+def _gather_cat(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return t
+    t = t.to(device)
+    parts = [torch.empty_like(t) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, t)
+    return torch.cat(parts).cpu()
+
+
+def distributed_knn(model: SwAVModel, evaluation, cfg: ExperimentConfig,
+                    device: torch.device) -> float | None:
+    """kNN top-1 on the held-out split: each worker embeds its own shards, the training-shard
+    features are all-gathered into one bank, and the correct counts are summed."""
+    bank_loader, query_loader, n_classes = evaluation
+    bank, bank_labels = extract_features(model.backbone, bank_loader, device)
+    queries, query_labels = extract_features(model.backbone, query_loader, device)
+    if bank_labels is None or query_labels is None:
+        return None
+    bank, bank_labels = _gather_cat(bank, device), _gather_cat(bank_labels, device)
+    scores = knn_predict(bank, bank_labels, queries, n_classes, cfg.eval.knn_k,
+                         cfg.eval.knn_temperature)
+    counts = torch.tensor([(scores.argmax(1) == query_labels).sum().item(), len(query_labels)],
+                          dtype=torch.float64)
+    if dist.is_available() and dist.is_initialized():
+        counts = counts.to(device)
+        dist.all_reduce(counts)
+    return float(counts[0] / counts[1])
+
+
+def _all_rng_states() -> list[dict[str, Any]]:
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        states: list[Any] = [None] * dist.get_world_size()
+        dist.all_gather_object(states, rng_state())
+        return states
+    return [rng_state()]
+
+
+def _maybe_fail(cfg: ExperimentConfig, epoch: int, rank: int, run_dir: str | None) -> None:
+    """Test-only: rank 1 (or 0 alone) dies hard once at ``fail_at_epoch``."""
+    if cfg.fail_at_epoch != epoch or run_dir is None or "://" in run_dir:
+        return
+    marker = Path(run_dir) / FAILURE_MARKER
+    if rank == min(1, cfg.scaling.num_workers - 1) and not marker.exists():
+        marker.parent.mkdir(parents=True, exist_ok=True)
+        marker.write_text(f"rank {rank} killed at epoch {epoch}\n")
+        os._exit(17)
+
+
+def train_loop_per_worker(config: dict[str, Any]) -> None:
+    """One Ray Train worker; an error no retry can cure leaves as ``NotRetryable``."""
+    try:
+        _train_worker(config)
+    except Exception as err:
+        fatal = as_not_retryable(err)
+        if fatal is None:
+            raise
+        raise fatal from err
+
+
+def _train_worker(config: dict[str, Any]) -> None:
+    cfg = from_dict(config["cfg"])
+    local_rank = ray.train.get_context().get_local_rank()
+    with node_monitor(cfg, config.get("tracking"), local_rank):  # system metrics, per node
+        _train_epochs(cfg, config)
+
+
+def _train_epochs(cfg: ExperimentConfig, config: dict[str, Any]) -> None:
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = ray.train.torch.get_device()
+    check_data_here(cfg)
+    training = build_training(cfg, rank, world, device, wrap=ray.train.torch.prepare_model)
+    engine = training.engine
+    start_epoch = _restore(engine, rank)
+    board = config.get("board")  # the driver's console (swav-ray train), else None
+    # The same encoder before training: the baseline every kNN figure is compared with.
+    init_knn = None
+    if start_epoch == 0 and training.evaluation is not None:
+        init_knn = distributed_knn(engine.net, training.evaluation, cfg, device)
+    images_seen = corrupt_seen = 0
+    for epoch in range(start_epoch, cfg.optim.epochs):
+        _maybe_fail(cfg, epoch, rank, config.get("run_dir"))
+        poster = None
+        if board is not None and rank == 0:
+            poster = StepPoster(board, epoch, training.steps_per_epoch, engine.iteration,
+                                cfg.optim.batch_size)
+        stats = training.run_epoch(epoch, on_step=poster)
+        images_seen += stats.images
+        corrupt_seen += stats.corrupt_images
+        if corrupt_seen > cfg.data.max_corrupt_fraction * images_seen:
+            raise ValueError(
+                f"data: {corrupt_seen} of {images_seen} images failed to decode, more than "
+                f"data.max_corrupt_fraction={cfg.data.max_corrupt_fraction}")
+        report = epoch_report(stats, _epoch_knn(training, epoch, device),
+                              init_knn if epoch == 0 else None)
+        rng = _all_rng_states()
+        with tempfile.TemporaryDirectory() as tmp:
+            ckpt = None
+            if rank == 0:
+                save_state(Path(tmp), {"engine": engine.state_dict(), "epoch": epoch, "rng": rng,
+                                       "config": config["cfg"]})
+                ckpt = ray.train.Checkpoint.from_directory(tmp)
+            # Named by epoch: the previous checkpoint (a fallback) is the next name down.
+            ray.train.report(report, checkpoint=ckpt,
+                             checkpoint_dir_name=f"checkpoint_epoch{epoch:06d}")
+        if poster is not None:
+            board.post_epoch.remote(report)
+
+
+def _restore(engine: SwAVEngine, rank: int) -> int:
+    """Load the newest readable checkpoint into the engine; the first epoch still to run."""
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is None:
+        return 0
+    if rank == 0:
+        for path in _unregistered(checkpoint):
+            checkpoint.filesystem.delete_dir(path)
+            log.warning("removed %s: written but never registered by Ray", path)
+    errors: list[str] = []
+    for candidate in _newest_first(checkpoint):
+        with candidate.as_directory() as directory:
+            try:
+                state = load_state(Path(directory) / STATE_FILE)
+            except CheckpointError as err:
+                errors.append(str(err))
+                continue
+        # The schedule's length is the config's: a resume may extend optim.epochs, and the
+        # cosine then stretches from the current iteration to the new end.
+        total, warmup = engine.scheduler.total_steps, engine.scheduler.warmup_steps
+        engine.load_state_dict(state["engine"])
+        engine.scheduler.total_steps, engine.scheduler.warmup_steps = total, warmup
+        set_rng_state(state["rng"][rank])
+        if rank == 0:
+            for error in errors:
+                log.warning("%s; using an older checkpoint", error)
+            log.warning("resumed from the checkpoint of epoch %d", state["epoch"])
+        return state["epoch"] + 1
+    raise CheckpointError("; ".join(errors))
+
+
+def _siblings(latest: ray.train.Checkpoint) -> tuple[list[str], list[str]]:
+    """Checkpoint folders beside the latest one, (older newest first, newer): names sort by
+    epoch, and Ray registers them in order."""
+    import pyarrow.fs as pafs
+
+    parent, _, own = latest.path.rstrip("/").rpartition("/")
+    try:
+        infos = latest.filesystem.get_file_info(pafs.FileSelector(parent))
+    except OSError:
+        return [], []
+    names = [i for i in infos if i.type == pafs.FileType.Directory
+             and i.base_name.startswith("checkpoint_")]
+    older = sorted((i.path for i in names if i.base_name < own), reverse=True)
+    return older, sorted(i.path for i in names if i.base_name > own)
+
+
+def _newest_first(latest: ray.train.Checkpoint) -> list[ray.train.Checkpoint]:
+    """The latest checkpoint, then the older ones Ray kept beside it (``num_to_keep``)."""
+    older, _ = _siblings(latest)
+    return [latest, *(ray.train.Checkpoint(p, filesystem=latest.filesystem) for p in older)]
+
+
+def _unregistered(latest: ray.train.Checkpoint) -> list[str]:
+    """Folders newer than Ray's latest checkpoint: written (perhaps in part) by an attempt that
+    died before Ray registered them; a resume removes them so nothing ever lists them."""
+    return _siblings(latest)[1]
+
+
+def _epoch_knn(training: Training, epoch: int, device: torch.device) -> float | None:
+    """Held-out kNN top-1 every ``eval.knn_every`` epochs and after the last one."""
+    cfg = training.cfg
+    every = cfg.eval.knn_every
+    due = epoch == cfg.optim.epochs - 1 or (every > 0 and (epoch + 1) % every == 0)
+    if training.evaluation is None or not due:
+        return None
+    return distributed_knn(training.engine.net, training.evaluation, cfg, device)
