@@ -96,10 +96,15 @@ class CEOptions:
     fixed weight leaves 4-5% of the images at a margin of 0.03-0.09 after 300 steps (targets
     whose prototype is within 0.06-0.17 of the source's), it lifts validity from 95.3% to 98.4%
     and from 96.1% to 99.2%.
+
+    ``max_steps = 600`` (was 300): targets of another majority label (``explain``'s
+    ``other_label`` mode) with luminance-only edits of grayscale digits are farther; on seed 0's
+    digits default (256 held-out digits) validity goes from 94.5% at 300 to 98.4% at 600, at a
+    mean of 47 steps (images stop at the margin, so the budget costs only the hard ones).
     """
 
     lr: float = 0.01
-    max_steps: int = 300
+    max_steps: int = 600
     margin: float = 0.1
     ce_temperature: float = 0.02
     lam_l2: float = 20.0
@@ -400,8 +405,10 @@ def _frozen_eval(model: nn.Module) -> Iterator[None]:
 class _Problem:
     """What both methods share: the batch, its bounds, targets and the model call.
 
-    ``gray``: the edit is luminance only; after every step each pixel's channels are set to
-    their mean in pixel space, so a grayscale image stays grayscale."""
+    The search optimises a variable ``v`` that :meth:`image` maps to normalised images: the
+    images themselves, or (``gray``) one plane of gray pixel values ``[N, 1, H, W]`` in [0, 1]
+    that every channel shows, so the counterfactual of a grayscale image stays grayscale (its
+    gradient is the sum over the channels: no colour edit is made and then averaged away)."""
 
     def __init__(self, model: SwAVModel, x: torch.Tensor, target: torch.Tensor,
                  lo: torch.Tensor, hi: torch.Tensor, head: int, temperature: float,
@@ -409,26 +416,49 @@ class _Problem:
         self.model, self.x, self.target = model, x, target
         self.lo, self.hi, self.head, self.temperature = lo, hi, head, temperature
         self.gray = gray
+        self._start: torch.Tensor | None = None
 
     def scores(self, x: torch.Tensor) -> torch.Tensor:
         return prototype_scores(self.model, x, self.head)
 
-    def clamp_(self, x: torch.Tensor) -> None:
-        """Project onto the valid pixel range (and, for ``gray``, onto gray pixels)."""
+    def start(self) -> torch.Tensor:
+        """The variable at the original images."""
+        if not self.gray:
+            return self.x.clone()
+        # lo = -mean/std, hi = (1 - mean)/std: pixel = (x - lo) / (hi - lo).
+        return ((self.x - self.lo) / (self.hi - self.lo)).mean(dim=1, keepdim=True)
+
+    def image(self, v: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """Normalised images of the variable (of the images ``rows``, when it is a subset): the
+        originals plus the change, so an unchanged variable gives the originals exactly."""
+        if not self.gray:
+            return v
+        x = self.x if rows is None else self.x[rows]
+        return x + (v - self._v0(rows)) * (self.hi - self.lo)
+
+    def _v0(self, rows: torch.Tensor | None) -> torch.Tensor:
+        if self._start is None:
+            self._start = self.start()
+        return self._start if rows is None else self._start[rows]
+
+    def lr(self, lr: float) -> float:
+        """Adam's step for the variable: ``lr`` is a step on normalised pixels; a gray pixel
+        moves each channel by its ``1 / std`` times the step."""
+        return lr if not self.gray else lr / float((self.hi - self.lo).mean())
+
+    def clamp_(self, v: torch.Tensor) -> None:
+        """Project the variable onto the valid pixel range."""
         with torch.no_grad():
-            torch.maximum(torch.minimum(x, self.hi), self.lo, out=x)
             if self.gray:
-                # lo = -mean/std, hi = (1-mean)/std: pixel = (x - lo) / (hi - lo).
-                span = self.hi - self.lo
-                pixel = ((x - self.lo) / span).mean(dim=1, keepdim=True)
-                x.copy_(self.lo + pixel * span)
+                v.clamp_(0.0, 1.0)
+            else:
+                torch.maximum(torch.minimum(v, self.hi), self.lo, out=v)
 
 
-def _ce_loss(problem: _Problem, opts: CEOptions, x_cf: torch.Tensor, scores: torch.Tensor,
+def _ce_loss(problem: _Problem, opts: CEOptions, xi: torch.Tensor, scores: torch.Tensor,
              idx: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """Per-image loss ``[len(idx)]`` of the ``ce`` search for the rows ``idx`` of ``x_cf``;
+    """Per-image loss ``[len(idx)]`` of the ``ce`` search for the rows ``idx`` (images ``xi``);
     ``weight`` ``[len(idx)]``: each image's cross-entropy weight."""
-    xi = x_cf[idx]
     ce = F.cross_entropy(scores / opts.ce_temperature, problem.target[idx], reduction="none")
     return (weight * ce
             + opts.lam_l2 * _sq_change(xi, problem.x[idx])
@@ -444,47 +474,49 @@ def _run_ce(problem: _Problem, opts: CEOptions) -> tuple[torch.Tensor, torch.Ten
     gradient and Adam update is independent of the rest of the batch).
     """
     n, device = len(problem.x), problem.x.device
-    x_cf = problem.x.clone().requires_grad_(True)
-    optimizer = torch.optim.Adam([x_cf], lr=opts.lr)
+    v = problem.start().requires_grad_(True)
+    optimizer = torch.optim.Adam([v], lr=problem.lr(opts.lr))
     steps = torch.zeros(n, dtype=torch.long, device=device)
     active = torch.ones(n, dtype=torch.bool, device=device)
     for _ in range(opts.max_steps):
         idx = active.nonzero().squeeze(1)
-        scores = problem.scores(x_cf[idx])
+        xi = problem.image(v[idx], idx)
+        scores = problem.scores(xi)
         probs = assignment_probs(scores.detach(), problem.temperature)
         reached = success(probs, problem.target[idx], opts.margin)
         active[idx[reached]] = False
         if not bool(active.any()):
             break
-        frozen = x_cf.detach()[~active].clone()
+        frozen = v.detach()[~active].clone()
         optimizer.zero_grad(set_to_none=True)
         # Wachter et al. (2017): the cross-entropy weight doubles every `patience` steps an image
         # spends short of the margin, so the regularisers cannot hold it in front of its target.
         weight = 2.0 ** torch.div(steps[idx], opts.patience, rounding_mode="floor").float()
-        loss = _ce_loss(problem, opts, x_cf, scores, idx, weight)
-        loss[~reached].sum().backward(inputs=[x_cf])
+        loss = _ce_loss(problem, opts, xi, scores, idx, weight)
+        loss[~reached].sum().backward(inputs=[v])
         optimizer.step()
         with torch.no_grad():
-            x_cf[~active] = frozen
-        problem.clamp_(x_cf)
+            v[~active] = frozen
+        problem.clamp_(v)
         steps[active] += 1
-    return x_cf.detach(), steps
+    return problem.image(v.detach()), steps
 
 
 def _run_logit(problem: _Problem, opts: LogitOptions) -> tuple[torch.Tensor, torch.Tensor]:
     """The tutorial's recipe: maximise the raw target score for a fixed number of steps."""
     x, target = problem.x, problem.target
-    x_cf = x.clone().requires_grad_(True)
-    optimizer = torch.optim.Adam([x_cf], lr=opts.lr)
+    v = problem.start().requires_grad_(True)
+    optimizer = torch.optim.Adam([v], lr=problem.lr(opts.lr))
     for _ in range(opts.steps):
+        x_cf = problem.image(v)
         score_t = problem.scores(x_cf).gather(1, target[:, None]).squeeze(1)
         loss = (-score_t + _sq_change(x_cf, x) + opts.lam_tv * total_variation(x_cf)
                 + opts.lam_norm * x_cf.pow(2).flatten(1).mean(dim=1))
         optimizer.zero_grad(set_to_none=True)
-        loss.sum().backward(inputs=[x_cf])
+        loss.sum().backward(inputs=[v])
         optimizer.step()
-        problem.clamp_(x_cf)
-    return x_cf.detach(), torch.full((len(x),), opts.steps, dtype=torch.long, device=x.device)
+        problem.clamp_(v)
+    return problem.image(v.detach()), torch.full((len(x),), opts.steps, dtype=torch.long, device=x.device)
 
 
 # --------------------------------------------------------------------------- entry point
