@@ -106,10 +106,10 @@ def counterfactual_panel(data: PanelData, rows: Sequence[int] | None = None, sid
     change = (x_cf - x).mean(1).numpy()  # [n, H, W], pixel units
     scale = max(float(np.abs(change).max()), 1e-3)
     ratios = [1.0, 1.0, 1.0, 1.0, 1.0, 0.07]
-    row_in, head_in, foot_in = 1.75, 0.95, 0.25
+    row_in, head_in, foot_in = 1.9, 1.15, 0.3
     fig_h = head_in + row_in * len(rows) + foot_in
     fig = Figure(figsize=(8.6, fig_h), dpi=100)
-    grid = fig.add_gridspec(len(rows), 6, width_ratios=ratios, left=0.02, right=0.93,
+    grid = fig.add_gridspec(len(rows), 6, width_ratios=ratios, left=0.02, right=0.89,
                             top=1 - head_in / fig_h, bottom=foot_in / fig_h, wspace=0.25,
                             hspace=0.75)
     image = None
@@ -122,7 +122,7 @@ def counterfactual_panel(data: PanelData, rows: Sequence[int] | None = None, sid
               f"cluster {s}\n{data.captions.get(s, '')}")
         _show(axes[1], _to_hwc(x[r]), f"#{i + 1}  {before}")
         _show(axes[2], _to_hwc(x_cf[r]), after)
-        axes[2].set_xlabel(verdict, fontsize=7, color=_OK if ok else _FAIL, labelpad=2)
+        axes[2].set_xlabel(verdict, fontsize=9, color=_OK if ok else _FAIL, labelpad=2)
         image = axes[3].imshow(change[r], cmap="RdBu_r", vmin=-scale, vmax=scale,
                                interpolation="nearest")
         axes[3].set_xticks([])
@@ -133,19 +133,19 @@ def counterfactual_panel(data: PanelData, rows: Sequence[int] | None = None, sid
             for spine in ax.spines.values():
                 spine.set_edgecolor(_OK if ok or ax is axes[1] else _FAIL)
     bar = fig.colorbar(image, cax=fig.add_subplot(grid[:, 5], label="colour bar"))
-    bar.set_label("pixel change (red brighter, blue darker)", fontsize=7)
-    bar.ax.tick_params(labelsize=6)
+    bar.set_label("pixel change (red brighter, blue darker)", fontsize=9)
+    bar.ax.tick_params(labelsize=8)
     headers = ("source cluster\n(top members)", "original", "counterfactual",
                "change", "target cluster\n(top members)")
-    top = 1 - (head_in - 0.35) / fig_h
+    top = 1 - (head_in - 0.45) / fig_h
     for c, text in enumerate(headers):
         box = grid[0, c].get_position(fig)
-        fig.text((box.x0 + box.x1) / 2, top, text, ha="center", va="bottom", fontsize=8,
+        fig.text((box.x0 + box.x1) / 2, top, text, ha="center", va="bottom", fontsize=10,
                  fontweight="bold")
     if title:
-        fig.suptitle(title, fontsize=9, y=1 - 0.08 / fig_h, va="top")
+        fig.suptitle(title, fontsize=10, y=1 - 0.08 / fig_h, va="top")
     for ax in fig.axes:
-        ax.title.set_fontsize(7)
+        ax.title.set_fontsize(8.5)
     return fig
 
 

@@ -152,7 +152,7 @@ def prototype_index(
     pixels = denormalize(images, mean, std)
     cols = min(columns, len(found))
     rows = -(-len(found) // cols)
-    cell_in, caption_in, title_in = 0.72, 0.2, 0.42
+    cell_in, caption_in, title_in = 0.9, 0.24, 0.42
     fig_w, fig_h = cols * cell_in + 0.1, title_in + rows * (cell_in + caption_in)
     fig = Figure(figsize=(fig_w, fig_h), dpi=100)
     for i, cluster in enumerate(found):
@@ -162,7 +162,7 @@ def prototype_index(
         ax = fig.add_axes(((0.05 + c * cell_in + 0.04) / fig_w, bottom / fig_h, side / fig_w,
                            side / fig_h))
         _show(ax, _to_hwc(pixels[int(cluster.members[0])]))
-        ax.set_xlabel(cluster.caption(short=True), fontsize=6, labelpad=1)
+        ax.set_xlabel(cluster.caption(short=True), fontsize=8, labelpad=1)
         for spine in ax.spines.values():
             spine.set_visible(False)
     fig.suptitle(f"all {len(found)} used prototypes, most populated first: best-scoring member, "

@@ -187,9 +187,9 @@ def _by_cluster(ax, points: np.ndarray, assignments: np.ndarray, labels: np.ndar
     for i in np.argsort(-sizes, kind="stable")[:annotate]:
         ax.annotate(str(int(used[i])), centres[i], fontsize=6, xytext=(3, 3),
                     textcoords="offset points")
-    fill_note = ", filled with its majority label's colour" if labels is not None else ""
-    ax.set_title(f"{len(used)} used prototypes: the centre of each one's images{fill_note};"
-                 f"\nsize: images held; the {min(annotate, len(used))} largest numbered",
+    fill_note = "; fill: majority label" if labels is not None else ""
+    ax.set_title(f"{len(used)} used prototypes, each at the centre of its images\n(size: "
+                 f"images held{fill_note}; the {min(annotate, len(used))} largest numbered)",
                  fontsize=8)
     _axes_names(ax, names)
 
