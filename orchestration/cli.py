@@ -256,7 +256,7 @@ def _print_sweep(outcome, spec) -> None:
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from orchestration.evaluate import evaluate_run
 
-    metrics = evaluate_run(args.run_id, args.tracking_uri, args.device)
+    metrics = evaluate_run(args.run_id, args.tracking_uri, args.device, args.prototypes)
     _print_metrics(args.run_id, metrics)
     return 0
 
@@ -268,6 +268,15 @@ def cmd_explain(args: argparse.Namespace) -> int:
                           args.device)
     _print_metrics(args.run_id, metrics)
     return 0
+
+
+def _indices(text: str) -> list[int]:
+    """``--prototypes 3,17,42``."""
+    try:
+        return [int(part) for part in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected prototype indices like 3,17,42, got {text!r}"
+                                         ) from None
 
 
 def _target(text: str) -> int | str:
@@ -318,6 +327,9 @@ def build_parser() -> argparse.ArgumentParser:
         return p
 
     evaluate = tracked("evaluate", "kNN / linear / cluster quality of a run's model, logged into it")
+    evaluate.add_argument("--prototypes", type=_indices, default=None, metavar="K,K,...",
+                          help="also a gallery of these prototypes' top members "
+                               "(clusters/prototype_members_chosen.png)")
     evaluate.set_defaults(func=cmd_evaluate)
     explain = tracked("explain", "counterfactual explanations of a run's clusters, logged into it")
     explain.add_argument("--n", type=int, default=16, help="held-out images to explain")

@@ -131,12 +131,17 @@ def _features(model: SwAVModel, train: DataLoader, held: DataLoader, device) -> 
     return f_train, y_train, f_held, y_held
 
 
-def evaluate_run(run_id: str, tracking_uri: str | None = None,
-                 device: str | None = None) -> dict[str, float]:
-    """Evaluate the run's encoder (and a random-init one) and log the results into the run."""
+def evaluate_run(run_id: str, tracking_uri: str | None = None, device: str | None = None,
+                 prototypes: Sequence[int] | None = None) -> dict[str, float]:
+    """Evaluate the run's encoder (and a random-init one) and log the results into the run;
+    ``prototypes``: also a gallery of these (``clusters/prototype_members_chosen.png``)."""
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     tracked = open_tracked_model(run_id, tracking_uri, device)
     cfg = tracked.cfg
+    n_prototypes = tracked.model.prototypes.sizes[0]
+    bad = [p for p in prototypes or () if not 0 <= p < n_prototypes]
+    if bad:
+        raise ConfigError(f"prototypes: {bad[0]} out of range for K={n_prototypes}")
     sets = _eval_sets(cfg)
     held_set, n_classes = sets.heldout, sets.n_classes
     train_loader, held_loader = eval_loaders(cfg, sets)
@@ -168,6 +173,13 @@ def evaluate_run(run_id: str, tracking_uri: str | None = None,
                            "clusters/prototype_members.png")
         tracked.log_figure(prototype_index(*args, mean=cfg.crops.mean, std=cfg.crops.std),
                            "clusters/prototype_index.png")
+        if prototypes:
+            try:
+                chosen = prototype_grid(*args, prototypes=list(prototypes), mean=cfg.crops.mean,
+                                        std=cfg.crops.std)
+            except ValueError as err:
+                raise ConfigError(str(err)) from None
+            tracked.log_figure(chosen, "clusters/prototype_members_chosen.png")
     tracked.log_figure(embedding_plot(held_features, assignments, labels),
                        "evaluation/embedding.png")
     tracked.client.log_text(run_id, json.dumps(metrics, indent=2), "evaluation/metrics.json")

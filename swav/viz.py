@@ -222,8 +222,9 @@ def embedding_plot(
     y = None if labels is None else labels.cpu()[keep].numpy()
     colours = None if y is None else _label_colours(y)
     panels = 1 if y is None else 2
-    fig = Figure(figsize=(5.2 * panels, 4.6), dpi=100)
-    axes = fig.subplots(1, panels, squeeze=False)[0]
+    # Stacked, not side by side: the MLflow UI shows a figure at its pane's width (~530 px).
+    fig = Figure(figsize=(6.2, 4.9 * panels), dpi=100)
+    axes = fig.subplots(panels, 1, squeeze=False)[:, 0]
     if y is not None:
         _by_label(axes[0], points, y, colours, names)
     _by_cluster(axes[-1], points, assigned, y, colours, names, annotate)

@@ -454,6 +454,12 @@ def test_evaluate_and_explain_log_into_the_run_and_reject_bad_input(straight, tm
         source, majority, populated))
     assert [r["target"] for r in rows] == expected.tolist()
     assert (majority[expected] != majority[source]).all()
+    # A gallery of chosen prototypes, on request (one holding no image: test_gallery).
+    evaluate_run(outcome.run_id, outcome.tracking_uri, "cpu", prototypes=[int(assigned[0])])
+    assert "clusters/prototype_members_chosen.png" in {
+        a.path for a in client.list_artifacts(outcome.run_id, "clusters")}
+    with pytest.raises(ConfigError, match="^prototypes: 99 out of range for K=20"):
+        evaluate_run(outcome.run_id, outcome.tracking_uri, "cpu", prototypes=[3, 99])
     nearest = explain_run(outcome.run_id, n=4, methods=["logit"], target="nearest",
                           tracking_uri=outcome.tracking_uri)
     rows = json.loads(Path(client.download_artifacts(
