@@ -252,8 +252,7 @@ class _HeldOutClusters:
 
     def caption(self, k: int) -> str:
         cluster = self.found.get(k)
-        return "holds no held-out image" if cluster is None else cluster.caption()[len(
-            f"proto {k} · "):]
+        return "holds no held-out image" if cluster is None else cluster.contents()
 
 
 def _panel_data(result: CounterfactualResult, held: _HeldOutClusters) -> PanelData:

@@ -18,6 +18,7 @@ from collections.abc import Sequence
 import torch
 from matplotlib.figure import Figure
 
+from swav.evaluation import majority_labels
 from swav.viz import (
     _check_images,
     _check_positive_int,
@@ -40,13 +41,17 @@ class Cluster:
         self.index, self.size, self.members = index, size, members
         self.majority, self.share = majority, share
 
+    def contents(self) -> str:
+        """``"n=40 · '3' 95%"``: size, and majority label with its share when labelled."""
+        label = "" if self.majority is None else f" · '{self.majority}' {self.share:.0%}"
+        return f"n={self.size}{label}"
+
     def caption(self, short: bool = False) -> str:
         """``"proto 12 · n=40 · '3' 95%"`` (``short``: ``"12 · 40 · '3'"``)."""
         if short:
             label = "" if self.majority is None else f" · '{self.majority}'"
             return f"{self.index} · {self.size}{label}"
-        label = "" if self.majority is None else f" · '{self.majority}' {self.share:.0%}"
-        return f"proto {self.index} · n={self.size}{label}"
+        return f"proto {self.index} · {self.contents()}"
 
 
 def clusters(assignments: torch.Tensor, scores: torch.Tensor,
@@ -62,16 +67,16 @@ def clusters(assignments: torch.Tensor, scores: torch.Tensor,
     a, s = assignments.long().cpu(), scores.detach().float().cpu()
     sizes = torch.bincount(a)
     order = sorted(torch.nonzero(sizes).flatten().tolist(), key=lambda k: (-int(sizes[k]), k))
+    majority = share = None
+    if labels is not None:
+        majority, share = majority_labels(a, labels, len(sizes))
     out = {}
     for k in order:
         members = torch.nonzero(a == k).flatten()
         members = members[s[members].argsort(descending=True, stable=True)]
-        majority = share = None
-        if labels is not None:
-            counts = torch.bincount(labels.long().cpu()[members])
-            majority = int(counts.argmax())
-            share = float(counts[majority]) / len(members)
-        out[k] = Cluster(k, int(sizes[k]), members, majority, share)
+        out[k] = Cluster(k, int(sizes[k]), members,
+                         None if majority is None else int(majority[k]),
+                         None if share is None else float(share[k]))
     return out
 
 
