@@ -13,13 +13,15 @@ image of the valid ``[0, 1]`` range: ``lo_c = -mean_c / std_c``, ``hi_c = (1 - m
 
 Two methods:
 
-* ``"ce"`` (the product's method): Adam on ``w * CE(scores / ce_temperature, t)
-  + lam_l2 * ||x_cf - x||^2 / D + lam_tv * TV(x_cf)``; every image stops (and is frozen) as soon
+* ``"ce"`` (the product's method): normalised gradient steps with momentum on
+  ``w * CE(scores / ce_temperature, t) + lam_l2 * ||x_cf - x||^2 / D + lam_tv * TV(x_cf)``
+  (steepest descent in L2, the norm of the change); every image stops (and is frozen) as soon
   as it is assigned to ``t`` with a margin ``log p_t - max_{k != t} log p_k >= margin`` at the
   assignment temperature (a log-odds margin: unlike a margin on probabilities it means the same
   for K = 30 and K = 3000, where every probability is small).  The cross-entropy is taken at its
   own, sharper temperature, and its weight ``w`` doubles while an image stays short of the margin
-  (see :class:`CEOptions`).
+  (see :class:`CEOptions`).  Each edit is then shrunk to its smallest multiple that still
+  reaches the target.
 * ``"logit"`` (a tutorial's recipe, kept for comparison): Adam on ``-score_t + MSE(x_cf, x)
   + lam_tv * TV(x_cf) + lam_norm * mean(x_cf^2)`` for a fixed number of steps, no early stop.
 
@@ -65,7 +67,10 @@ METHODS = ("ce", "logit")
 class CEOptions:
     """Settings of ``method="ce"`` (pass them as keyword arguments of :func:`explain`).
 
-    ``lr``: Adam's step on the normalised pixels; ``max_steps``: the most steps per image;
+    ``lr``: the size of a step, as the root-mean-square change of the normalised pixels (a step
+    moves an image by ``lr * sqrt(D)`` in L2 along its normalised gradient with ``momentum``:
+    steepest descent in the norm the change is measured in); ``max_steps``: the most steps per
+    image;
     ``margin``: the stop (and validity) condition ``log p_t - max_{k != t} log p_k >= margin`` on
     the assignment probabilities (0.1: the target at least 1.1 times as likely as the runner-up);
     ``ce_temperature``: the temperature of the cross-entropy that is minimised; ``lam_l2``,
@@ -101,9 +106,17 @@ class CEOptions:
     ``other_label`` mode) with luminance-only edits of grayscale digits are farther; on seed 0's
     digits default (256 held-out digits) validity goes from 94.5% at 300 to 98.4% at 600, at a
     mean of 47 steps (images stop at the margin, so the budget costs only the hard ones).
+
+    The search: Adam (``lr`` 0.01) until this version.  Normalised gradient steps with momentum
+    0.9, then the edit shrunk to its smallest valid multiple, on 3 seeds of the digits default
+    (256 held-out digits, luminance-only edits): mean L2 0.699 -> 0.649 with nearest targets
+    (Adam: 0.801; Adam with per-channel edits: 0.629) and 1.123 -> 1.053 with ``other_label``
+    targets (Adam: 1.314), validity 100% everywhere (Adam: 98.4-100%), in fewer steps.  ``lr``
+    0.003: 1-2% less change, but 98.4% validity on one seed.
     """
 
-    lr: float = 0.01
+    lr: float = 0.005
+    momentum: float = 0.9
     max_steps: int = 600
     margin: float = 0.1
     ce_temperature: float = 0.02
@@ -113,6 +126,8 @@ class CEOptions:
 
     def __post_init__(self) -> None:
         _check_positive("lr", self.lr)
+        if not 0.0 <= self.momentum < 1.0:
+            raise ValueError(f"momentum: must be in [0, 1), got {self.momentum}")
         _check_steps("max_steps", self.max_steps)
         if not self.margin >= 0.0:
             raise ValueError(f"margin: must be >= 0, got {self.margin}")
@@ -466,16 +481,18 @@ def _ce_loss(problem: _Problem, opts: CEOptions, xi: torch.Tensor, scores: torch
 
 
 def _run_ce(problem: _Problem, opts: CEOptions) -> tuple[torch.Tensor, torch.Tensor]:
-    """Early-stopped cross-entropy search. Returns ``(x_cf, steps)``.
+    """Early-stopped cross-entropy search, then the smallest valid multiple of each edit.
+    Returns ``(x_cf, steps)``.
 
     Every iteration scores the still active images; those that reach the margin are frozen
-    (their value is restored after every optimiser step, as Adam's momentum would move them on),
-    the others take one Adam step on their own loss (summed over images, so each image's
-    gradient and Adam update is independent of the rest of the batch).
+    (their value is restored after every step, as the momentum would move them on), the others
+    take one normalised step on their own loss (summed over images, so each image's gradient and
+    step are independent of the rest of the batch).
     """
     n, device = len(problem.x), problem.x.device
     v = problem.start().requires_grad_(True)
-    optimizer = torch.optim.Adam([v], lr=problem.lr(opts.lr))
+    velocity = torch.zeros_like(v)
+    step = problem.lr(opts.lr) * v[0].numel() ** 0.5  # an RMS change of lr per variable
     steps = torch.zeros(n, dtype=torch.long, device=device)
     active = torch.ones(n, dtype=torch.bool, device=device)
     for _ in range(opts.max_steps):
@@ -488,18 +505,63 @@ def _run_ce(problem: _Problem, opts: CEOptions) -> tuple[torch.Tensor, torch.Ten
         if not bool(active.any()):
             break
         frozen = v.detach()[~active].clone()
-        optimizer.zero_grad(set_to_none=True)
         # Wachter et al. (2017): the cross-entropy weight doubles every `patience` steps an image
         # spends short of the margin, so the regularisers cannot hold it in front of its target.
         weight = 2.0 ** torch.div(steps[idx], opts.patience, rounding_mode="floor").float()
         loss = _ce_loss(problem, opts, xi, scores, idx, weight)
-        loss[~reached].sum().backward(inputs=[v])
-        optimizer.step()
+        (grad,) = torch.autograd.grad(loss[~reached].sum(), v)
         with torch.no_grad():
+            _normalised_momentum_step_(v, grad, velocity, step, opts.momentum)
             v[~active] = frozen
         problem.clamp_(v)
         steps[active] += 1
-    return problem.image(v.detach()), steps
+    return _smallest_valid_edit(problem, v.detach(), opts), steps
+
+
+def _normalised_momentum_step_(v: torch.Tensor, grad: torch.Tensor, velocity: torch.Tensor,
+                               step: float, momentum: float) -> None:
+    """``v -= step * m / ||m||`` per image, ``m = momentum * m + g / ||g||`` (in place).
+
+    Steepest descent in the L2 norm, which is the norm the change is measured in: a step moves an
+    image by ``step`` along its gradient, so the pixels that matter most move most.  (Adam moves
+    every pixel by about its step size whatever its gradient, steepest descent in the max norm:
+    on the digits default it needs 15-20% more L2 change for the same targets.)  The momentum
+    averages the directions, so a search between two close runners-up does not zig-zag.
+    """
+    def unit(t: torch.Tensor) -> torch.Tensor:
+        norm = t.flatten(1).norm(dim=1).clamp_min(1e-12)
+        return t / norm.view(-1, *[1] * (t.dim() - 1))
+
+    velocity.mul_(momentum).add_(unit(grad))
+    v.sub_(step * unit(velocity))
+
+
+def _smallest_valid_edit(problem: _Problem, v: torch.Tensor, opts: CEOptions,
+                         iterations: int = 10) -> torch.Tensor:
+    """Each counterfactual pulled back to ``x + a * (x_cf - x)`` with the smallest ``a`` in
+    ``(0, 1]`` (bisection to ``2^-iterations``) that still reaches the target by the margin.
+
+    The search stops at the first step past the margin and carries the regularisers' and the
+    momentum's detours; scaling the edit down keeps its pattern, stays in the pixel range (a
+    mix of two valid images) and, for gray edits, gray.  On the digits default it takes 5-10%
+    off the L2 change.  Images that did not reach the target keep their edit."""
+    x = problem.x
+    delta = problem.image(v) - x
+    shape = (-1,) + (1,) * (x.dim() - 1)
+    ok_hi = torch.ones(len(x), dtype=x.dtype, device=x.device)
+    lo = torch.zeros_like(ok_hi)
+    with torch.no_grad():
+        valid = success(assignment_probs(problem.scores(x + delta), problem.temperature),
+                        problem.target, opts.margin)
+        for _ in range(iterations):
+            mid = (lo + ok_hi) / 2
+            probs = assignment_probs(problem.scores(x + mid.view(shape) * delta),
+                                     problem.temperature)
+            ok = success(probs, problem.target, opts.margin)
+            ok_hi = torch.where(ok, mid, ok_hi)
+            lo = torch.where(ok, lo, mid)
+    scale = torch.where(valid, ok_hi, torch.ones_like(ok_hi))
+    return x + scale.view(shape) * delta
 
 
 def _run_logit(problem: _Problem, opts: LogitOptions) -> tuple[torch.Tensor, torch.Tensor]:
@@ -553,8 +615,8 @@ def explain(
             or :func:`other_label_candidates`); ``None``: all.
         grayscale: edit luminance only, so that a grayscale image (three equal channels)
             stays grayscale; ``None``: when every image of the batch is grayscale.
-        method_kwargs: :class:`CEOptions` (``lr, max_steps, margin, ce_temperature, lam_l2,
-            lam_tv``) or
+        method_kwargs: :class:`CEOptions` (``lr, momentum, max_steps, margin, ce_temperature,
+            lam_l2, lam_tv, patience``) or
             :class:`LogitOptions` (``lr, steps, lam_tv, lam_norm``) fields.
 
     Raises:

@@ -229,7 +229,8 @@ def test_total_variation_is_the_mean_neighbour_difference():
     ({"method": "pgd"}, "method: unknown method 'pgd'"),
     ({"mean": (0.5,)}, "mean: 1 values for 3 channels"),
     ({"std": (0.5, 0.5)}, "std: 2 values for 3 channels"),
-    ({"momentum": 0.9}, "method_kwargs: unknown option(s) ['momentum']"),
+    ({"betas": 0.9}, "method_kwargs: unknown option(s) ['betas']"),
+    ({"momentum": 1.0}, "momentum: must be in [0, 1), got 1.0"),
     ({"method": "logit", "max_steps": 3}, "method_kwargs: unknown option(s) ['max_steps']"),
     ({"ce_temperature": 0.0}, "ce_temperature: must be > 0, got 0.0"),
     ({"patience": 0}, "patience: must be an int >= 1, got 0"),
@@ -368,3 +369,33 @@ def test_label_aware_targets_have_another_majority_label(model, images):
     with pytest.raises(ValueError, match=r"^candidates: expected a bool mask of shape \(30,\) "
                                          r"or \(16, 30\)"):
         explain(model, images, candidates=candidates[:3], **NORM)
+
+
+def test_a_step_moves_each_image_by_the_step_along_its_averaged_unit_gradient():
+    """Hand-computed: grads (3, 4) and (0, -2) -> unit (0.6, 0.8) and (0, -1); the second step
+    with grad (0, 1) averages 0.9 * (0.6, 0.8) + (0, 1) = (0.54, 1.72) before normalising."""
+    from swav.counterfactual import _normalised_momentum_step_
+
+    v = torch.zeros(2, 2, 1, 1)
+    velocity = torch.zeros_like(v)
+    _normalised_momentum_step_(v, torch.tensor([[3.0, 4.0], [0.0, -2.0]]).view(2, 2, 1, 1),
+                               velocity, 0.5, 0.9)
+    torch.testing.assert_close(v.flatten(1), torch.tensor([[-0.3, -0.4], [0.0, 0.5]]))
+    _normalised_momentum_step_(v, torch.tensor([[0.0, 1.0], [0.0, 0.0]]).view(2, 2, 1, 1),
+                               velocity, 0.5, 0.9)
+    m = torch.tensor([0.54, 1.72])
+    torch.testing.assert_close(v.flatten(1)[0], torch.tensor([-0.3, -0.4]) - 0.5 * m / m.norm())
+    # an image without gradient keeps coasting on its momentum, by the same step length
+    torch.testing.assert_close(v.flatten(1)[1], torch.tensor([0.0, 1.0]))
+
+
+def test_each_edit_is_shrunk_to_its_smallest_valid_multiple(model, images, ce):
+    """The search overshoots the margin by up to a step; the kept edit is the smallest multiple
+    (to 2^-10) that still reaches the target, so 99% of it falls short for nearly every image."""
+    valid = ce.valid
+    edit = ce.counterfactual - ce.original
+    for factor, most in ((0.99, True), (1.0, False)):
+        probs = _probs(model, ce.original + factor * edit)
+        reached = success(probs, ce.target, ce.margin)[valid]
+        share = reached.float().mean().item()
+        assert (share <= 0.1) if most else (share == 1.0), (factor, share)
