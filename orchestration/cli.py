@@ -18,6 +18,7 @@ import argparse
 import logging
 import math
 import os
+import socket
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -36,16 +37,16 @@ def connect_ray(cfg: ExperimentConfig, extra_cpus: float = 0.0, log_to_driver: b
     if ray.is_initialized():
         return False
     if os.environ.get("RAY_ADDRESS"):
+        address = os.environ["RAY_ADDRESS"]
+        if _refused_for_want_of_token(address):
+            raise _missing_token(address)
         try:
             ray.init(log_to_driver=log_to_driver,
                      logging_level=logging.INFO if log_to_driver else logging.WARNING)
         except ConnectionError as err:
             if "AuthenticationError" not in repr(err.__cause__) + str(err.__cause__):
                 raise
-            raise ConfigError(
-                f"RAY_ADDRESS: the cluster at {os.environ['RAY_ADDRESS']} wants its auth token: "
-                "set RAY_AUTH_MODE=token and RAY_AUTH_TOKEN (or copy ~/.ray/auth_token from the "
-                "head; `ray get-auth-token` there prints it)") from None
+            raise _missing_token(address) from None
         return True
     sc = cfg.scaling
     needed = sc.num_workers * sc.cpus_per_worker + extra_cpus
@@ -61,6 +62,40 @@ def connect_ray(cfg: ExperimentConfig, extra_cpus: float = 0.0, log_to_driver: b
              log_to_driver=log_to_driver,
              logging_level=logging.INFO if log_to_driver else logging.WARNING)
     return True
+
+
+def _missing_token(address: str) -> ConfigError:
+    return ConfigError(
+        f"RAY_ADDRESS: the cluster at {address} wants its auth token: "
+        "set RAY_AUTH_MODE=token and RAY_AUTH_TOKEN (or copy ~/.ray/auth_token from the "
+        "head; `ray get-auth-token` there prints it)")
+
+
+def _refused_for_want_of_token(address: str) -> bool:
+    """One connection to the GCS at ``host:port``: True when it refuses us for want of a token.
+
+    ``ray.init`` retries that refusal once a second for about 20 s before it fails; one probe
+    answers in under a second.  Anything else (no ``host:port``, nothing listening, another
+    error, Ray's internals moved) is left to ``ray.init`` to report."""
+    host, sep, port = address.rpartition(":")
+    if not sep or not port.isdigit() or "://" in address:
+        return False
+    try:
+        socket.create_connection((host, int(port)), timeout=2).close()
+    except OSError:
+        return False
+    try:
+        from ray._raylet import GcsClient
+        from ray.exceptions import AuthenticationError
+    except ImportError:
+        return False
+    try:
+        GcsClient(address=address)
+    except AuthenticationError:
+        return True
+    except Exception:  # noqa: BLE001 - ray.init says what it is
+        return False
+    return False
 
 
 def check_local_capacity(cfg: ExperimentConfig) -> None:

@@ -100,7 +100,7 @@ def test_short_run_on_digits_lowers_the_loss_without_collapse():
     most prototypes (a collapsed model assigns everything to one or a few)."""
     torch.manual_seed(3)
     k = 100
-    loader = _digits_loader(1024, 64)
+    loader = _digits_loader(512, 64)
     epochs = 6
     engine = _engine(total_steps=epochs * len(loader), n_prototypes=k, batch_size=64,
                      optimizer="adamw", lr=2e-3, epsilon=0.03, freeze_prototypes_iters=len(loader))
@@ -110,4 +110,4 @@ def test_short_run_on_digits_lowers_the_loss_without_collapse():
     assert losses[-1] < losses[0] - 0.5
     assert stats[-1].used_prototypes >= 0.8 * k
     assert stats[-1].code_entropy > 0.8 * math.log(k)
-    assert stats[-1].images == 1024
+    assert stats[-1].images == 512

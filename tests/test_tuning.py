@@ -4,6 +4,7 @@ concurrent trials nested under one parent run, ASHA stopping a bad trial, resumi
 from __future__ import annotations
 
 import math
+import time
 from pathlib import Path
 
 import pytest
@@ -102,26 +103,37 @@ def test_a_grid_of_concurrent_trials_is_one_parent_run_with_a_child_per_trial(
     assert best.scaling.run_name is None and best.eval.final_evaluation  # the base's evaluation
 
 
-def test_asha_stops_bad_trials_and_a_resumed_sweep_reruns_only_the_unfinished(
+def _all_cpus_come_back(ray, within_s: float = 30.0) -> None:
+    """Every CPU of the cluster is free again (Ray reports releases with a short delay)."""
+    deadline = time.monotonic() + within_s
+    while True:
+        free, total = ray.available_resources().get("CPU", 0.0), ray.cluster_resources()["CPU"]
+        if free == total:
+            return
+        assert time.monotonic() < deadline, f"{total - free:g} of {total:g} CPUs still held"
+        time.sleep(0.5)
+
+
+def test_asha_stops_a_bad_trial_and_a_resumed_sweep_reruns_only_the_unfinished(
         ray_local, mlflow_url, tmp_path):
-    """Three trials, one at a time; each would die for good at its third epoch (the first time).
-    The loss starts near ln K, so after one epoch K=200 and K=150 are far worse than K=10: ASHA
-    stops both (KILLED), and the trial after a stopped one still runs. The resumed sweep
-    finishes the one that died from its last checkpoint into the same MLflow run and leaves
-    the stopped ones alone."""
-    spec = load_sweep(sweep(tmp_path, mlflow_url, {"model.n_prototypes": {"grid": [10, 200, 150]}},
+    """Two trials, one at a time; each would die for good at its third epoch (the first time).
+    The loss starts near ln K, so after one epoch K=200 is far worse than K=10: ASHA stops it
+    (KILLED), and its trial gives back every CPU (workers, placement group, driver). The resumed
+    sweep finishes the one that died from its last checkpoint into the same MLflow run and
+    leaves the stopped one alone."""
+    spec = load_sweep(sweep(tmp_path, mlflow_url, {"model.n_prototypes": {"grid": [10, 200]}},
                             metric="loss", max_concurrent_trials=1,
                             scheduler={"name": "asha", "grace_period": 1, "reduction_factor": 3},
                             overrides={"fail_at_epoch": 2, "scaling.max_failures": 0}))
     first = run_sweep(spec, name="asha")
     rows = first.rows  # in trial order
-    assert [r.values["model.n_prototypes"] for r in rows] == [10, 200, 150]
-    assert [r.status for r in rows] == ["error", "stopped", "stopped"]
+    assert [r.values["model.n_prototypes"] for r in rows] == [10, 200]
+    assert [r.status for r in rows] == ["error", "stopped"]
     assert rows[1].epochs == 1 and rows[1].metric > math.log(100)  # stopped for being bad
-    assert rows[2].epochs == 1  # the stopped trial freed its workers and placement group
+    _all_cpus_come_back(ray_local)  # nothing of the stopped (or the failed) trial lingers
     client = MlflowClient(mlflow_url)
     kids = children(client, first.parent_run_id)
-    assert [kids[r.trial_id].info.status for r in rows] == ["FAILED", "KILLED", "KILLED"]
+    assert [kids[r.trial_id].info.status for r in rows] == ["FAILED", "KILLED"]
     stopped = {r.trial_id: (steps(client, kids[r.trial_id].info.run_id),
                             sorted(p.name for p in (tmp_path / "runs" / f"asha-{r.trial_id}")
                                    .rglob("*")))
@@ -131,13 +143,13 @@ def test_asha_stops_bad_trials_and_a_resumed_sweep_reruns_only_the_unfinished(
     assert again.parent_run_id == first.parent_run_id
     assert client.get_run(again.parent_run_id).info.status == "FINISHED"
     kids = children(client, first.parent_run_id)
-    assert len(kids) == 3 and all(r.info.status != "RUNNING" for r in kids.values())
+    assert len(kids) == 2 and all(r.info.status != "RUNNING" for r in kids.values())
     # K=10 resumes from its checkpoint and finishes: every epoch logged exactly once.
     assert again.rows[0].status == "finished"
     assert kids[rows[0].trial_id].info.status == "FINISHED"
     assert steps(client, kids[rows[0].trial_id].info.run_id) == list(range(EPOCHS))
-    # The stopped ones are not re-run: their runs and files are untouched.
-    assert [r.status for r in again.rows[1:]] == ["stopped", "stopped"]
+    # The stopped one is not re-run: its run and files are untouched.
+    assert [r.status for r in again.rows[1:]] == ["stopped"]
     assert {r.trial_id: (steps(client, kids[r.trial_id].info.run_id),
                          sorted(p.name for p in (tmp_path / "runs" / f"asha-{r.trial_id}")
                                 .rglob("*")))
