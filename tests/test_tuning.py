@@ -103,14 +103,14 @@ def test_a_grid_of_concurrent_trials_is_one_parent_run_with_a_child_per_trial(
     assert best.scaling.run_name is None and best.eval.final_evaluation  # the base's evaluation
 
 
-def _all_cpus_come_back(ray, within_s: float = 30.0) -> None:
-    """Every CPU of the cluster is free again (Ray reports releases with a short delay)."""
+def _cpus_come_back(ray, free_before: float, within_s: float = 60.0) -> None:
+    """At least ``free_before`` CPUs are free again (Ray reports releases with a delay)."""
     deadline = time.monotonic() + within_s
     while True:
-        free, total = ray.available_resources().get("CPU", 0.0), ray.cluster_resources()["CPU"]
-        if free == total:
+        free = ray.available_resources().get("CPU", 0.0)
+        if free >= free_before:
             return
-        assert time.monotonic() < deadline, f"{total - free:g} of {total:g} CPUs still held"
+        assert time.monotonic() < deadline, f"{free_before - free:g} CPUs still held"
         time.sleep(0.5)
 
 
@@ -121,6 +121,7 @@ def test_asha_stops_a_bad_trial_and_a_resumed_sweep_reruns_only_the_unfinished(
     (KILLED), and its trial gives back every CPU (workers, placement group, driver). The resumed
     sweep finishes the one that died from its last checkpoint into the same MLflow run and
     leaves the stopped one alone."""
+    free_before = ray_local.available_resources().get("CPU", 0.0)
     spec = load_sweep(sweep(tmp_path, mlflow_url, {"model.n_prototypes": {"grid": [10, 200]}},
                             metric="loss", max_concurrent_trials=1,
                             scheduler={"name": "asha", "grace_period": 1, "reduction_factor": 3},
@@ -130,7 +131,7 @@ def test_asha_stops_a_bad_trial_and_a_resumed_sweep_reruns_only_the_unfinished(
     assert [r.values["model.n_prototypes"] for r in rows] == [10, 200]
     assert [r.status for r in rows] == ["error", "stopped"]
     assert rows[1].epochs == 1 and rows[1].metric > math.log(100)  # stopped for being bad
-    _all_cpus_come_back(ray_local)  # nothing of the stopped (or the failed) trial lingers
+    _cpus_come_back(ray_local, free_before)  # nothing of the stopped or failed trial lingers
     client = MlflowClient(mlflow_url)
     kids = children(client, first.parent_run_id)
     assert [kids[r.trial_id].info.status for r in rows] == ["FAILED", "KILLED"]
