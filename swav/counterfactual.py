@@ -543,7 +543,7 @@ def _smallest_valid_edit(problem: _Problem, v: torch.Tensor, opts: CEOptions,
 
     The search stops at the first step past the margin and carries the regularisers' and the
     momentum's detours; scaling the edit down keeps its pattern, stays in the pixel range (a
-    mix of two valid images) and, for gray edits, gray.  On the digits default it takes 5-10%
+    mix of two valid images) and, for gray edits, gray.  On the digits default it takes 5-8%
     off the L2 change.  Images that did not reach the target keep their edit."""
     x = problem.x
     delta = problem.image(v) - x
