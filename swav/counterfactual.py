@@ -457,7 +457,7 @@ class _Problem:
         return self._start if rows is None else self._start[rows]
 
     def lr(self, lr: float) -> float:
-        """Adam's step for the variable: ``lr`` is a step on normalised pixels; a gray pixel
+        """The step size for the variable: ``lr`` is a step on normalised pixels; a gray pixel
         moves each channel by its ``1 / std`` times the step."""
         return lr if not self.gray else lr / float((self.hi - self.lo).mean())
 

@@ -112,7 +112,7 @@ def test_distances_are_in_pixel_space(ce):
 
 def test_stopped_images_are_frozen_once_valid(model, images, ce):
     """A short run (max_steps = S) and the default run (600) give identical counterfactuals for
-    every image that stopped before S: Adam's momentum does not move a frozen image on."""
+    every image that stopped before S: the search's momentum does not move a frozen image on."""
     s = int(ce.steps.float().median()) + 1
     short = explain(model, images, max_steps=s, **NORM)
     stopped = short.steps < s
