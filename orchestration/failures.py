@@ -89,3 +89,6 @@ class TrainingFailed(RuntimeError):
     @property
     def bad_input(self) -> bool:
         return self.not_retryable is not None and self.not_retryable.bad_input
+
+    def __reduce__(self):  # a Tune trial's error is copied and pickled: keep every field
+        return (self.__class__, (self.cause, self.not_retryable, self.attempts, self.run_dir))

@@ -99,24 +99,32 @@ class ResidentBatches:
     """Batches of a resident uint8 image tensor in a seeded random order, last partial dropped.
 
     ``generator`` is a CPU generator like a ``DataLoader``'s (the epoch loop reseeds it); the
-    first batch of every epoch carries the count of images that could not be decoded.
+    first batch of every epoch carries the count of images that could not be decoded
+    (``dropped``). Their places are refilled by repeats of decoded images, as the loader path
+    refills a batch: every worker's shard has the same rows, so every worker takes the same
+    number of steps whatever it failed to decode (one step fewer would hang the others' DDP).
     """
 
     def __init__(self, images: torch.Tensor, batch_size: int, device: torch.device,
                  seed: int = 0, dropped: int = 0) -> None:
-        if len(images) < batch_size:
+        if len(images) + dropped < batch_size:
             raise ValueError(f"optim.batch_size: {batch_size} images per step exceed the "
-                             f"{len(images)} images of each worker's shard")
+                             f"{len(images) + dropped} images of each worker's shard")
+        if len(images) == 0:
+            raise ValueError(f"data: none of the {dropped} images of a worker's shard decode")
         self.images = images.to(device)
         self.batch_size = batch_size
         self.generator = torch.Generator().manual_seed(seed)
         self.dropped = dropped  # undecodable images left out: counted in every epoch's figures
 
     def __len__(self) -> int:
-        return len(self.images) // self.batch_size
+        return (len(self.images) + self.dropped) // self.batch_size
 
     def __iter__(self) -> Iterator[RawBatch]:
-        order = torch.randperm(len(self.images), generator=self.generator)
+        n = len(self.images)
+        order = torch.randperm(n, generator=self.generator)
+        if self.dropped:  # the shard's full length: repeats, in the same random order
+            order = order.repeat(self.dropped // n + 2)[:n + self.dropped]
         order = order.to(self.images.device)
         for step in range(len(self)):
             rows = order[step * self.batch_size: (step + 1) * self.batch_size]

@@ -107,3 +107,15 @@ def test_the_cli_report_ends_with_the_cause_and_offers_a_resume_only_with_checkp
         "under /r/runs/exp-1; once the cause is fixed, run again with scaling.run_name=exp-1 "
         "to resume",
         "swav-ray: error: training failed: rank 1: RuntimeError: worker died"]
+
+
+def test_a_training_failure_survives_copy_and_pickle_with_its_fields():
+    """Ray Tune copies a trial's error (``copy.copy``) and pickles it to the driver: a failure
+    that cannot be rebuilt from its args turns into a TypeError about its constructor."""
+    import copy
+
+    fatal = NotRetryable("data: 1 of 256 images failed to decode", bad_input=True)
+    failed = TrainingFailed("data: 1 of 256 images failed to decode", fatal, 1, "/runs/a")
+    for again in (copy.copy(failed), pickle.loads(pickle.dumps(failed))):
+        assert (again.cause, again.attempts, again.run_dir, again.bad_input, str(again)) == (
+            failed.cause, 1, "/runs/a", True, str(failed))

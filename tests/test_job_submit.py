@@ -75,6 +75,12 @@ def _kill_tree(pids: list[int]) -> None:
 def ray_head():
     temp_dir = tempfile.mkdtemp(prefix="swr-", dir="/tmp")  # short: Ray's socket paths are limited
     port, dashboard = _free_port(), _free_port()
+    # Free ports for the agents too: their defaults (52365, ...) are taken by any other Ray
+    # instance on the machine (the suite's own, in process), and a job agent that cannot bind
+    # its port never registers ("No available agent to submit job").
+    agents = [f"--{name}={_free_port()}" for name in (
+        "dashboard-agent-listen-port", "dashboard-agent-grpc-port", "runtime-env-agent-port",
+        "metrics-export-port", "ray-client-server-port")]
     # Token authentication (on by default for new clusters since Ray 2.60): a token of our own,
     # given to the head and to the job client alike; ~/.ray/auth_token is left alone.
     env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "RAY_AUTH_MODE": "token",
@@ -83,7 +89,7 @@ def ray_head():
     subprocess.run(
         [str(BIN / "ray"), "start", "--head", f"--temp-dir={temp_dir}", f"--port={port}",
          "--node-ip-address=127.0.0.1", "--dashboard-host=127.0.0.1",
-         f"--dashboard-port={dashboard}", "--num-cpus=3", "--num-gpus=0",
+         f"--dashboard-port={dashboard}", *agents, "--num-cpus=3", "--num-gpus=0",
          "--include-dashboard=true", "--disable-usage-stats"],
         check=True, env=env, capture_output=True, timeout=180,
     )

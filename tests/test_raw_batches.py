@@ -73,12 +73,18 @@ def test_resident_images_decode_once_skip_undecodable_and_refuse_what_does_not_f
 
 def test_resident_batches_are_a_seeded_permutation_per_epoch():
     images = torch.arange(10, dtype=torch.uint8).view(10, 1, 1, 1).expand(10, 3, 2, 2)
+    batches = ResidentBatches(images, 4, torch.device("cpu"), seed=5)
+    assert len(batches) == 2  # the partial batch is dropped
+    assert len(set(torch.cat([b.images[:, 0, 0, 0] for b in batches]).tolist())) == 8
+    # A shard of 12 rows of which 2 did not decode takes as many steps as a whole one of 12
+    # (the other workers' DDP waits on every step): the 2 places are refilled by repeats.
     batches = ResidentBatches(images, 3, torch.device("cpu"), seed=5, dropped=2)
-    assert len(batches) == 3  # the partial batch is dropped
+    assert len(batches) == len(ResidentBatches(torch.cat([images, images[:2]]), 3,
+                                               torch.device("cpu"))) == 4
     epoch = list(batches)
     seen = torch.cat([b.images[:, 0, 0, 0] for b in epoch])
-    assert len(set(seen.tolist())) == 9  # no image twice within an epoch
-    assert [b.corrupt for b in epoch] == [2, 0, 0]  # left-out images counted once per epoch
+    assert len(seen) == 12 and set(seen.tolist()) == set(range(10))  # all 10, 2 of them twice
+    assert [b.corrupt for b in epoch] == [2, 0, 0, 0]  # left-out images counted once per epoch
     batches.generator.manual_seed(5)
     again = torch.cat([b.images[:, 0, 0, 0] for b in batches])
     assert torch.equal(seen, again)

@@ -14,6 +14,8 @@ from orchestration.recipe import (
     check_components,
     check_data,
     check_data_here,
+    crop_examples,
+    crop_names,
     crops_on_device,
     eval_loaders,
     eval_sets,
@@ -40,7 +42,7 @@ def test_the_global_batch_is_split_over_the_processes_that_train():
 def test_one_process_trains_on_the_global_batch_from_the_seeded_initialisation():
     cfg = load_config(None, TINY)
     training = build_training(cfg)
-    crops, _ = next(iter(training.loader)).crops, None
+    crops = training._crops(next(iter(training.loader))).crops  # crops.device auto: batched
     assert [c.shape[0] for c in crops] == [2 * 64, 4 * 64]  # 2 + 4 crops of 64 images
     assert training.steps_per_epoch == 256 // 64
     assert training.engine.batch_size == 64
@@ -54,7 +56,7 @@ def test_one_process_trains_on_the_global_batch_from_the_seeded_initialisation()
 
 
 def test_each_worker_gets_its_own_shard_and_the_same_shuffle_after_a_resume():
-    cfg = load_config(None, TINY)
+    cfg = load_config(None, [*TINY, "crops.device=cpu"])  # a DataLoader over the shard's rows
     rank0, rank1 = build_training(cfg, 0, 2), build_training(cfg, 1, 2)
     assert rank0.loader.batch_size == rank1.loader.batch_size == 32
     rows0, rows1 = set(rank0.loader.dataset.base.indices), set(rank1.loader.dataset.base.indices)
@@ -97,10 +99,12 @@ def test_component_checks_name_the_key_and_build_large_models_without_memory():
 
 def test_crops_on_the_device_follow_the_crops_device_switch():
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
-    for value, on_cpu, on_cuda in (("auto", False, True), ("cpu", False, False),
-                                   ("gpu", True, True)):
+    # (a streamed shard on the CPU, a resident one on the CPU, any on a GPU)
+    for value, expected in (("auto", (False, True, True)), ("cpu", (False, False, False)),
+                            ("gpu", (True, True, True))):
         cfg = load_config(None, [f"crops.device={value}"])
-        assert (crops_on_device(cfg, cpu), crops_on_device(cfg, cuda)) == (on_cpu, on_cuda)
+        assert (crops_on_device(cfg, cpu), crops_on_device(cfg, cpu, resident=True),
+                crops_on_device(cfg, cuda)) == expected, value
     with pytest.raises(ConfigError, match="^crops.device: expected auto, cpu, gpu, got 'tpu'"):
         load_config(None, ["crops.device=tpu"])
 
@@ -119,6 +123,23 @@ def test_crops_on_the_device_train_from_resident_uint8_images_reproducibly():
     assert runs[0] == runs[1]  # shuffle and crops are functions of (seed, rank, epoch)
     assert runs[0][1] < runs[0][0]
     crops = training._crops(next(iter(training.loader))).crops
+    assert [tuple(c.shape) for c in crops] == [(2 * 64, 3, 16, 16), (4 * 64, 3, 12, 12)]
+
+
+def test_on_the_cpu_auto_crops_a_resident_shard_batched_and_a_streamed_one_with_pil(
+        monkeypatch):
+    import orchestration.recipe as recipe
+
+    cfg = load_config(None, TINY)  # crops.device: auto
+    training = build_training(cfg)
+    assert isinstance(training.loader, ResidentBatches) and training.augment is not None
+    assert training.run_epoch(0).images == 256
+    pil = build_training(load_config(None, [*TINY, "crops.device=cpu"]))
+    assert isinstance(pil.loader, torch.utils.data.DataLoader) and pil.augment is None
+    monkeypatch.setattr(recipe, "resident_images", lambda *args, **kwargs: None)  # too large
+    training = build_training(cfg)
+    assert isinstance(training.loader, torch.utils.data.DataLoader) and training.augment is None
+    crops = next(iter(training.loader)).crops  # made by the PIL transform
     assert [tuple(c.shape) for c in crops] == [(2 * 64, 3, 16, 16), (4 * 64, 3, 12, 12)]
 
 
@@ -147,3 +168,27 @@ def test_on_a_cluster_a_data_path_is_checked_where_the_workers_read_it(tmp_path,
         check_data_here(cfg)  # what each worker runs first (not retried: a ValueError)
     (tmp_path / "on-the-workers").mkdir()
     check_data_here(cfg)
+
+
+@pytest.mark.parametrize("device", ["cpu", "gpu"])
+def test_crop_examples_give_each_image_its_own_crops_as_the_run_makes_them(tmp_path, device):
+    """The figure's crops, one ``[n, 3, s, s]`` tensor per named crop, row i of every crop cut
+    from image i (images of one flat grey each; no colour jitter): by PIL or batched."""
+    from PIL import Image
+
+    for i, level in enumerate((20, 90, 160, 230)):
+        (tmp_path / f"c{i}").mkdir()
+        for j in range(3):
+            Image.new("RGB", (10, 10), (level,) * 3).save(tmp_path / f"c{i}" / f"{j}.png")
+    cfg = load_config(None, ["data.source=imagefolder", f"data.path={tmp_path}",
+                             "crops.color_strength=0",
+                             f"crops.device={device}"])
+    originals, crops = crop_examples(cfg, n=4)
+    assert len(crops) == len(crop_names(cfg)) == 6
+    assert [tuple(c.shape) for c in crops] == [(4, 3, 16, 16)] * 2 + [(4, 3, 12, 12)] * 4
+    levels = originals.mean(dim=(1, 2, 3))
+    assert len(set(levels.tolist())) >= 2  # (the split is drawn: at least two levels among 4)
+    mean, std = cfg.crops.mean[0], cfg.crops.std[0]
+    for crop in crops:
+        torch.testing.assert_close(crop.mean(dim=(1, 2, 3)) * std + mean, levels, atol=0.02,
+                                   rtol=0)
