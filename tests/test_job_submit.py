@@ -105,8 +105,8 @@ def test_ray_job_submit_trains_the_embedded_default_and_it_learns(ray_head, tmp_
     recipe, 8 of its 32 epochs: the suite's time), final evaluation and explanations included.
 
     Held-out kNN well above the same encoder at random initialisation, loss far below ln K, no
-    collapse (the full default, 3 seeds: BENCHMARKS.md; at 8 epochs, seed 0, one process: kNN
-    0.986 against 0.930 at random init, loss 2.77 = 0.60 ln K, 100 prototypes used)."""
+    collapse (the full default, 3 seeds: BENCHMARKS.md; at 8 epochs, seed 0, `swav-ray train`:
+    kNN 0.972 against 0.930 at random init, loss 2.74 = 0.59 ln K, 100 prototypes used)."""
     address, env = ray_head
     db = tmp_path / "mlflow.db"
     command = [
