@@ -506,3 +506,21 @@ def test_evaluate_and_explain_log_into_the_run_and_reject_bad_input(straight, tm
         f"swav-ray: error: tracking_uri: no MLflow store at {elsewhere / 'mlflow.db'}; run this "
         f"where the training run's mlflow.db is, or pass --tracking-uri")
     assert list(elsewhere.iterdir()) == []
+
+
+def test_a_run_without_ray_datasets_starts_no_ray_data_actor():
+    """Ray Train starts a DatasetManager actor (a process) per run even with no datasets; ours
+    read their data in the workers, so the trainer leaves that callback out, and only that."""
+    import ray.train
+    import ray.train.torch
+
+    from orchestration.train import _TorchTrainer
+
+    def names(trainer) -> list[str]:
+        return [type(c).__name__ for c in trainer._create_default_callbacks()]
+
+    scaling = ray.train.ScalingConfig(num_workers=1)
+    stock = names(ray.train.torch.TorchTrainer(lambda config: None, scaling_config=scaling))
+    ours = names(_TorchTrainer(lambda config: None, scaling_config=scaling))
+    assert "DatasetsCallback" in stock
+    assert ours == [name for name in stock if name != "DatasetsCallback"]
