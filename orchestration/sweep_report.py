@@ -32,6 +32,7 @@ class TrialRow:
     status: str  # finished | stopped (by the scheduler) | error
     config: dict[str, Any]  # the trial's whole config tree
     curve: list[tuple[int, float]] = field(default_factory=list)  # (epoch, metric)
+    error: str | None = None  # an errored trial: the line naming why
 
 
 def trial_rows(grid, spec: SweepSpec, client, parent_run_id: str) -> list[TrialRow]:
@@ -51,8 +52,26 @@ def trial_rows(grid, spec: SweepSpec, client, parent_run_id: str) -> list[TrialR
                   "stopped" if epochs < cfg.optim.epochs else "finished")
         rows.append(TrialRow(trial_id, run_ids.get(trial_id), values, _last(metrics, spec.metric),
                              epochs, cfg.optim.epochs, status, cfg.to_dict(),
-                             _curve(result.metrics_dataframe, spec.metric)))
+                             _curve(result.metrics_dataframe, spec.metric),
+                             error_line(result.error)))
     return sorted(rows, key=lambda r: r.trial_id)
+
+
+def error_line(error: BaseException | None) -> str | None:
+    """Why a trial failed, in one line: a ``TrainingFailed``'s cause (Ray wraps a trial's error
+    and keeps the original as ``cause``), else the error's own first line."""
+    if error is None:
+        return None
+    inner: Any = error
+    for _ in range(4):
+        cause = getattr(inner, "cause", None)
+        if isinstance(cause, str):
+            return cause
+        if not isinstance(cause, BaseException):
+            break
+        inner = cause
+    text = str(inner).strip()
+    return text.splitlines()[0] if text else type(inner).__name__
 
 
 def _trial_id_from_path(path: str) -> str:
@@ -139,8 +158,10 @@ def format_table(rows: list[TrialRow], spec: SweepSpec, best: TrialRow | None) -
              "-" if r.metric is None else f"{r.metric:.4f}", f"{r.epochs}/{r.planned_epochs}",
              r.status] for r in rows]
     widths = [max(len(str(line[i])) for line in [header, *body]) for i in range(len(header))]
-    return "\n".join("  ".join(str(c).ljust(w) for c, w in zip(line, widths)).rstrip()
-                     for line in [header, *body])
+    lines = ["  ".join(str(c).ljust(w) for c, w in zip(line, widths)).rstrip()
+             for line in [header, *body]]
+    lines += [f"trial {r.trial_id} failed: {r.error}" for r in rows if r.error]
+    return "\n".join(lines)
 
 
 def _short(value: Any) -> str:

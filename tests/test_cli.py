@@ -44,7 +44,9 @@ def test_sweep_summary_shows_the_table_the_best_trial_and_its_evaluation(capsys)
 
     spec = SweepSpec(base={}, dimensions=[Dimension("swav.epsilon", "grid", [0.03, 0.05])])
     rows = [TrialRow("aaaaa_00000", "r0", {"swav.epsilon": 0.03}, 0.91, 12, 12, "finished", {}),
-            TrialRow("aaaaa_00001", "r1", {"swav.epsilon": 0.05}, 0.85, 3, 12, "stopped", {})]
+            TrialRow("aaaaa_00001", "r1", {"swav.epsilon": 0.05}, 0.85, 3, 12, "stopped", {}),
+            TrialRow("aaaaa_00002", "r2", {"swav.epsilon": 0.04}, None, 0, 12, "error", {},
+                     error="data: 3 of 256 images failed to decode")]
     outcome = SimpleNamespace(name="s", rows=rows, best=rows[0], parent_run_id="p1",
                               tracking_uri="sqlite:////tmp/m.db",
                               best_metrics={"knn_top1": 0.92, "eval_knn_top1": 0.92,
@@ -58,6 +60,8 @@ def test_sweep_summary_shows_the_table_the_best_trial_and_its_evaluation(capsys)
     assert out[header].split() == ["trial", "swav.epsilon", "knn_top1", "epochs", "status"]
     assert out[header + 1].split() == ["*", "aaaaa_00000", "0.03", "0.9100", "12/12", "finished"]
     assert out[header + 2].split() == ["aaaaa_00001", "0.05", "0.8500", "3/12", "stopped"]
+    assert out[header + 3].split() == ["aaaaa_00002", "0.04", "-", "0/12", "error"]
+    assert out[header + 4] == "trial aaaaa_00002 failed: data: 3 of 256 images failed to decode"
     assert any(line.startswith("best: trial aaaaa_00000 (MLflow run r0), knn_top1 0.9100")
                for line in out)
     assert "best trial evaluation (held-out): kNN top-1 0.920 (random init 0.900), linear " \

@@ -130,6 +130,10 @@ def test_asha_stops_a_bad_trial_and_a_resumed_sweep_reruns_only_the_unfinished(
     rows = first.rows  # in trial order
     assert [r.values["model.n_prototypes"] for r in rows] == [10, 200]
     assert [r.status for r in rows] == ["error", "stopped"]
+    # Why the first one failed, as the console prints it (the worker the test killed).
+    assert rows[0].error.startswith("rank ") and "WorkerHealthCheckFailed" in rows[0].error, \
+        rows[0].error
+    assert rows[1].error is None
     assert rows[1].epochs == 1 and rows[1].metric > math.log(100)  # stopped for being bad
     _cpus_come_back(ray_local, free_before)  # nothing of the stopped or failed trial lingers
     client = MlflowClient(mlflow_url)
