@@ -131,8 +131,9 @@ def crop_examples(cfg: ExperimentConfig, n: int = 4, seed: int = 0
     """The first ``n`` decodable training images (``[n, 3, H, W]`` in [0, 1]; images of other
     sizes are padded as the uint8 batches pad them) and each of their crops (one normalised
     ``[n, 3, s, s]`` tensor per crop, in :func:`crop_names` order), made as the run makes them:
-    the PIL transform per image, or (:func:`crops_on_device`) the batched :class:`BatchMultiCrop`, here on the CPU (the same code).  The global RNGs are left as
-    they were."""
+    the PIL transform per image, or (:func:`crops_on_device`) the batched
+    :class:`BatchMultiCrop`, here on the CPU (the same code).  The global RNGs are left as they
+    were."""
     train = open_splits(cfg).train
     samples = []
     for i in range(len(train)):  # type: ignore[arg-type]

@@ -14,6 +14,7 @@ from typing import Any
 
 import yaml
 
+from orchestration.failures import first_line
 from orchestration.sweep import SweepSpec, trial_config
 
 __all__ = ["TrialRow", "best_row", "format_table", "log_sweep_results", "trial_rows"]
@@ -70,8 +71,7 @@ def error_line(error: BaseException | None) -> str | None:
         if not isinstance(cause, BaseException):
             break
         inner = cause
-    text = str(inner).strip()
-    return text.splitlines()[0] if text else type(inner).__name__
+    return first_line(inner)
 
 
 def _trial_id_from_path(path: str) -> str:
