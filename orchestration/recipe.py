@@ -47,10 +47,10 @@ from swav.model import SwAVModel, build_model
 from swav.multicrop import MultiCropTransform
 from swav.optim import build_optimizer, build_scheduler
 from swav.raw_batches import (
-    MAX_RESIDENT_BYTES,
     RawBatch,
     ResidentBatches,
     collate_uint8,
+    fits_in_memory,
     resident_images,
     to_uint8,
 )
@@ -148,7 +148,7 @@ def crop_examples(cfg: ExperimentConfig, n: int = 4, seed: int = 0
     # Whether a worker's shard would be kept resident, judged from these images (the workers
     # decide on their whole shard): one size, and the shard's pixels within the bound.
     per_worker = len(train) // cfg.scaling.num_workers  # type: ignore[arg-type]
-    resident = raw.sizes is None and per_worker * raw.images[0].numel() <= MAX_RESIDENT_BYTES
+    resident = raw.sizes is None and fits_in_memory(per_worker, raw.images[0])
     if crops_on_device(cfg, worker, resident):
         groups = batch_crop_transform(cfg, torch.device("cpu"), seed)(raw.images, raw.sizes)
         crops = [crop for group in groups for crop in group.split(len(samples))]  # crop-major
@@ -194,9 +194,9 @@ def train_loader(cfg: ExperimentConfig, splits: SourceSplits, rank: int, world: 
                          f"images of each worker's shard")
     workers = cfg.data.loader_workers
     seed = cfg.scaling.seed + rank
-    if cfg.crops.device != "cpu":
+    if crops_on_device(cfg, device, resident=True):  # batched if the shard is kept
         resident = resident_images(own, workers)
-        if resident is not None and crops_on_device(cfg, device, resident=True):
+        if resident is not None:
             return ResidentBatches(resident[0], batch, device, seed, dropped=resident[1])
     on_device = crops_on_device(cfg, device)
     dataset = Transformed(own, to_uint8 if on_device else crop_transform(cfg))

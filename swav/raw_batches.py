@@ -23,7 +23,8 @@ from torch.utils.data import DataLoader, Dataset
 
 from swav.data import Transformed
 
-__all__ = ["RawBatch", "ResidentBatches", "collate_uint8", "resident_images", "to_uint8"]
+__all__ = ["RawBatch", "ResidentBatches", "collate_uint8", "fits_in_memory", "resident_images",
+           "to_uint8"]
 
 log = logging.getLogger(__name__)
 MAX_RESIDENT_BYTES = 4 * 2**30  # a shard larger than this is streamed by loader workers
@@ -69,6 +70,12 @@ def collate_uint8(samples: list) -> RawBatch:
     return RawBatch(images, None if same else shapes, label_tensor, corrupt)
 
 
+def fits_in_memory(count: int, image: torch.Tensor, max_bytes: int = MAX_RESIDENT_BYTES) -> bool:
+    """Whether ``count`` uint8 images the size of ``image`` stay within ``max_bytes``: the bound
+    under which a shard is kept resident (:func:`resident_images`)."""
+    return count * image.numel() <= max_bytes
+
+
 def resident_images(dataset: Dataset, workers: int = 0,
                     max_bytes: int = MAX_RESIDENT_BYTES) -> tuple[torch.Tensor, int] | None:
     """All images of ``dataset`` as one ``uint8 [N, 3, H, W]`` tensor and the number of
@@ -77,7 +84,7 @@ def resident_images(dataset: Dataset, workers: int = 0,
     n = len(dataset)  # type: ignore[arg-type]
     first = next((s for s in (Transformed(dataset, to_uint8)[i] for i in range(min(n, 8)))
                   if s is not None), None)
-    if first is None or n * first[0].numel() > max_bytes:
+    if first is None or not fits_in_memory(n, first[0], max_bytes):
         return None
     shape = first[0].shape
     loader = DataLoader(Transformed(dataset, to_uint8), batch_size=DECODE_BATCH,

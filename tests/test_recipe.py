@@ -181,8 +181,7 @@ def test_crop_examples_give_each_image_its_own_crops_as_the_run_makes_them(tmp_p
         for j in range(3):
             Image.new("RGB", (10, 10), (level,) * 3).save(tmp_path / f"c{i}" / f"{j}.png")
     cfg = load_config(None, ["data.source=imagefolder", f"data.path={tmp_path}",
-                             "crops.color_strength=0",
-                             f"crops.device={device}"])
+                             "crops.color_strength=0", f"crops.device={device}"])
     originals, crops = crop_examples(cfg, n=4)
     assert len(crops) == len(crop_names(cfg)) == 6
     assert [tuple(c.shape) for c in crops] == [(4, 3, 16, 16)] * 2 + [(4, 3, 12, 12)] * 4
