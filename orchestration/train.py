@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import secrets
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -86,16 +87,15 @@ def run_training(
         tracked = TrackedRun.start(cfg, run_dir, name, parent_run_id, tags, tracking_uri)
         print(f"swav-ray: run {name} ({'resumed' if tracked.resumed else 'new'}), MLflow run "
               f"{tracked.run_id}, checkpoints under {run_dir}", flush=True)
-        if not tracked.resumed:
-            _log_crops(cfg, tracked)
+        figure = None if tracked.resumed else _start_crops_figure(cfg, tracked)
         board = ProgressBoard.remote() if console else None
         make_trainer = _trainer_factory(cfg, name, root, run_dir, tracked,
                                         [Heartbeat(lock), *(callbacks or [])], board)
         if board is None:
-            result = _fit_and_log(cfg, make_trainer, run_dir, tracked)
+            result = _fit_and_log(cfg, make_trainer, run_dir, tracked, figure)
         else:
             with ConsoleProgress(board, cfg.optim.epochs):
-                result = _fit_and_log(cfg, make_trainer, run_dir, tracked)
+                result = _fit_and_log(cfg, make_trainer, run_dir, tracked, figure)
     metrics = dict(result.metrics or {})
     if cfg.eval.final_evaluation or cfg.eval.explain_images:
         # A Ray task, so that on a cluster it runs where a worker would (a GPU node).
@@ -104,6 +104,15 @@ def run_training(
             num_cpus=sc.cpus_per_worker, num_gpus=1 if sc.use_gpu else 0)
         metrics.update(ray.get(task.remote(tracked.run_id, tracked.uri, cfg.to_dict())))
     return TrainOutcome(tracked.run_id, tracked.uri, metrics, result.checkpoint.path, name)
+
+
+def _start_crops_figure(cfg: ExperimentConfig, tracked: TrackedRun) -> threading.Thread:
+    """:func:`_log_crops` beside the trainer's start: Ray Train's controller and workers take
+    seconds to start, one after the other, and leave a core free meanwhile."""
+    thread = threading.Thread(target=_log_crops, args=(cfg, tracked), name="crops-figure",
+                              daemon=True)
+    thread.start()
+    return thread
 
 
 def _log_crops(cfg: ExperimentConfig, tracked: TrackedRun) -> None:
@@ -127,12 +136,17 @@ def default_run_name(experiment: str) -> str:
     return f"{experiment}-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(3)}"
 
 
-def _fit_and_log(cfg: ExperimentConfig, make_trainer, run_dir: str,
-                 tracked: TrackedRun) -> ray.train.Result:
+def _fit_and_log(cfg: ExperimentConfig, make_trainer, run_dir: str, tracked: TrackedRun,
+                 figure: threading.Thread | None = None) -> ray.train.Result:
     """Fit, log the final model and end the MLflow run: FINISHED, FAILED with the cause, or
-    KILLED (interrupted: Ctrl-C)."""
+    KILLED (interrupted: Ctrl-C). ``figure``: a thread still logging into the run, waited for
+    before the run ends."""
     try:
-        result = _fit(make_trainer, cfg.scaling.max_failures, run_dir)
+        try:
+            result = _fit(make_trainer, cfg.scaling.max_failures, run_dir)
+        finally:
+            if figure is not None:
+                figure.join()
         if result.checkpoint is None:
             raise RuntimeError("training ended without a checkpoint")
         with result.checkpoint.as_directory() as directory:
