@@ -4,9 +4,9 @@ The driver creates the run (nested under a parent when Tune passes one), logs th
 params and the environment as tags, and writes the run id next to the Ray run's checkpoints.  A
 retry or a later ``swav-ray train`` with the same ``scaling.run_name`` finds that id and continues
 the same MLflow run, never a duplicate.  Per-epoch metrics come from
-:class:`EpochMetricsLogger`, a Ray Train callback that runs after each report *once the
-checkpoint is persisted*: an epoch that is re-run after a failure was never reported, so every
-epoch is logged exactly once.
+:class:`orchestration.train_callbacks.EpochMetricsLogger`, a Ray Train callback that runs after
+each report *once the checkpoint is persisted*: an epoch that is re-run after a failure was never
+reported, so every epoch is logged exactly once.
 """
 
 from __future__ import annotations
@@ -26,12 +26,10 @@ import yaml
 from mlflow.entities import Metric, Param, RunStatus
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
-from ray.train import UserCallback
 
 from orchestration.config import ConfigError, ExperimentConfig, resume_changes
-from orchestration.metrics import loggable
 
-__all__ = ["EpochMetricsLogger", "TrackedRun", "resolve_tracking_uri"]
+__all__ = ["TrackedRun", "resolve_tracking_uri"]
 
 RUN_ID_FILE = "mlflow_run_id"
 CONFIG_ARTIFACT = "config.yaml"
@@ -209,17 +207,3 @@ def write_text(path: str, text: str) -> None:
     fs.create_dir(p.rsplit("/", 1)[0], recursive=True)
     with fs.open_output_stream(p) as f:
         f.write(text.encode())
-
-
-class EpochMetricsLogger(UserCallback):
-    """Ray Train callback (runs in the Train controller): logs rank 0's report of each epoch."""
-
-    def __init__(self, uri: str, run_id: str) -> None:
-        self.uri, self.run_id = uri, run_id
-
-    def after_report(self, run_context, metrics: list[dict[str, Any]], checkpoint) -> None:
-        if not metrics:
-            return
-        report = metrics[0]
-        run = TrackedRun(self.uri, self.run_id, resumed=False)
-        run.log_metrics(loggable(report), step=int(report["epoch"]))

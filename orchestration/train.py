@@ -33,7 +33,8 @@ from orchestration.failures import TrainingFailed, cause_of
 from orchestration.progress import ConsoleProgress, ProgressBoard
 from orchestration.recipe import crop_examples, crop_names, data_path_missing, initial_model
 from orchestration.run_lock import Heartbeat, RunLock
-from orchestration.tracking import EpochMetricsLogger, TrackedRun
+from orchestration.tracking import TrackedRun
+from orchestration.train_callbacks import EpochMetricsLogger
 from orchestration.worker import train_loop_per_worker
 
 __all__ = ["TrainOutcome", "check_cluster_resources", "default_run_name", "run_training",

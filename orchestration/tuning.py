@@ -26,7 +26,6 @@ import ray
 import yaml
 from mlflow.tracking import MlflowClient
 from ray import tune
-from ray.tune.integration.ray_train import TuneReportCallback
 
 from orchestration.capacity import check_fits, connected_cluster, totals
 from orchestration.config import ConfigError, ExperimentConfig
@@ -35,6 +34,7 @@ from orchestration.sweep import SweepSpec, trial_config
 from orchestration.sweep_report import log_sweep_results, trial_rows
 from orchestration.tracking import TrackedRun, check_reachable, read_text, resolve_tracking_uri, write_text
 from orchestration.train import run_training, storage_root
+from orchestration.train_callbacks import ReportEpochsToTune
 
 __all__ = ["SweepOutcome", "run_sweep", "trial_resources"]
 
@@ -123,21 +123,6 @@ def _tune_config(spec: SweepSpec, max_concurrent: int) -> tune.TuneConfig:
                            max_concurrent_trials=max_concurrent)
 
 
-class _ReportEpochsToTune(TuneReportCallback):
-    """Tune's Train callback, holding back the last epoch: the trial reports it itself once its
-    run has ended (model logged, run FINISHED), so that a scheduler's stop on the last epoch
-    never cuts the run's end short."""
-
-    def __init__(self, epochs: int) -> None:
-        super().__init__()
-        self.epochs = epochs
-
-    def after_report(self, run_context, metrics, checkpoint) -> None:
-        if metrics and metrics[0].get("epochs_done", 0) >= self.epochs:
-            return
-        super().after_report(run_context, metrics, checkpoint)
-
-
 def _trial(config: dict[str, Any], context: dict[str, Any]) -> None:
     """One trial (a Tune function): the trial's config, trained by a full Ray Train run."""
     from orchestration.sweep import Dimension
@@ -146,7 +131,7 @@ def _trial(config: dict[str, Any], context: dict[str, Any]) -> None:
     dims = [Dimension(**d) for d in context["dimensions"]]
     cfg = trial_config(context["base"], dims, config)
     outcome = run_training(cfg, parent_run_id=context["parent"],
-                           callbacks=[_ReportEpochsToTune(cfg.optim.epochs)],
+                           callbacks=[ReportEpochsToTune(cfg.optim.epochs)],
                            run_name=f"{context['sweep']}-{trial_id}", tracking_uri=context["uri"],
                            tags={"trial_id": trial_id, "sweep": context["sweep"]})
     tune.report({k: v for k, v in outcome.metrics.items() if isinstance(v, (int, float))})

@@ -1,0 +1,51 @@
+"""The Ray Train callbacks of a run: per-epoch MLflow metrics, and Tune's reports in a sweep.
+
+Ray Train sends the run's ``RunConfig``, callbacks included, to the controller and to every worker,
+so each worker imports the module of each callback; that happens for every run and every Tune
+trial.  Hence a module of its own that imports only Ray: MLflow is imported when the controller
+first logs (see :class:`orchestration.run_lock.Heartbeat`, the lock's, likewise light).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ray.train import UserCallback
+from ray.tune.integration.ray_train import TuneReportCallback
+
+from orchestration.metrics import loggable
+
+__all__ = ["EpochMetricsLogger", "ReportEpochsToTune"]
+
+
+class EpochMetricsLogger(UserCallback):
+    """Logs rank 0's report of each epoch into the run (in the Train controller, after the
+    epoch's checkpoint is persisted: an epoch re-run after a failure was never reported, so every
+    epoch is logged once)."""
+
+    def __init__(self, uri: str, run_id: str) -> None:
+        self.uri, self.run_id = uri, run_id
+
+    def after_report(self, run_context, metrics: list[dict[str, Any]], checkpoint) -> None:
+        if not metrics:
+            return
+        from orchestration.tracking import TrackedRun
+
+        report = metrics[0]
+        run = TrackedRun(self.uri, self.run_id, resumed=False)
+        run.log_metrics(loggable(report), step=int(report["epoch"]))
+
+
+class ReportEpochsToTune(TuneReportCallback):
+    """Tune's Train callback, holding back the last epoch: the trial reports it itself once its
+    run has ended (model logged, run FINISHED), so that a scheduler's stop on the last epoch
+    never cuts the run's end short."""
+
+    def __init__(self, epochs: int) -> None:
+        super().__init__()
+        self.epochs = epochs
+
+    def after_report(self, run_context, metrics, checkpoint) -> None:
+        if metrics and metrics[0].get("epochs_done", 0) >= self.epochs:
+            return
+        super().after_report(run_context, metrics, checkpoint)
