@@ -37,6 +37,19 @@ def digits():
     return load_digits_arrays()
 
 
+def test_the_digits_are_scikit_learn_s_scaled_to_uint8(digits):
+    """Read from the package's CSV file: the images and labels ``load_digits`` gives, 0..16
+    scaled to 0..255."""
+    from sklearn.datasets import load_digits
+
+    images, labels = digits
+    reference = load_digits()
+    assert images.dtype == np.uint8 and images.shape == (1797, 8, 8)
+    np.testing.assert_array_equal(labels, reference.target)
+    np.testing.assert_array_equal(images, np.round(reference.images * 255 / 16).astype(np.uint8))
+    assert images.max() == 255 and images.min() == 0
+
+
 @pytest.fixture()
 def parquet_dir(tmp_path, digits):
     """Two Parquet files of 60 digits each (row groups of 20); row 7 is corrupt."""
