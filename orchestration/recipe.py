@@ -42,6 +42,7 @@ from swav.data import (
     subset,
 )
 from swav.engine import EpochStats, SwAVEngine, convert_sync_batchnorm
+from swav.kept_batches import KeptBatches
 from swav.loss import SwAVLoss
 from swav.model import SwAVModel, build_model
 from swav.multicrop import MultiCropTransform
@@ -307,7 +308,7 @@ class Training:
     rank: int
     engine: SwAVEngine
     loader: DataLoader | ResidentBatches
-    evaluation: tuple[DataLoader, DataLoader, int] | None  # bank, held-out, classes (own shards)
+    evaluation: tuple[KeptBatches, KeptBatches, int] | None  # bank, held-out, classes (own shards)
     augment: BatchMultiCrop | None = None  # crops made on the device from uint8 batches
 
     @property
@@ -348,7 +349,9 @@ def build_training(cfg: ExperimentConfig, rank: int = 0, world: int = 1,
     sets = eval_sets(cfg, splits)
     evaluation = None
     if sets is not None:
-        evaluation = (*eval_loaders(cfg, sets, rank, world), sets.n_classes)
+        # The same images every kNN pass, through a transform without randomness: kept.
+        bank, held = eval_loaders(cfg, sets, rank, world)
+        evaluation = (KeptBatches(bank), KeptBatches(held), sets.n_classes)
     raw = isinstance(loader, ResidentBatches) or loader.collate_fn is collate_uint8
     augment = batch_crop_transform(cfg, device) if raw else None  # uint8 in, crops made here
     return Training(cfg, rank, engine, loader, evaluation, augment)

@@ -52,7 +52,7 @@ def test_one_process_trains_on_the_global_batch_from_the_seeded_initialisation()
     stats = training.run_epoch(0)
     assert stats.images == 256 and stats.epoch == 0
     bank_loader, held_loader, n_classes = training.evaluation
-    assert n_classes == 10 and len(bank_loader.dataset) == 256
+    assert n_classes == 10 and len(bank_loader.loader.dataset) == 256
 
 
 def test_each_worker_gets_its_own_shard_and_the_same_shuffle_after_a_resume():
