@@ -14,20 +14,54 @@ from __future__ import annotations
 import os
 import pickle
 import random
+import tempfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-__all__ = ["STATE_FILE", "CheckpointError", "load_state", "rng_state", "save_state",
-           "set_rng_state"]
+__all__ = ["STATE_FILE", "CheckpointError", "check_storage", "load_state", "rng_state",
+           "save_state", "set_rng_state"]
 
 STATE_FILE = "state.pt"
 
 
 class CheckpointError(RuntimeError):
     """A checkpoint that cannot be loaded (unreadable, truncated, or not plain tensors/values)."""
+
+
+def check_storage(storage_path: str) -> None:
+    """A local ``scaling.storage_path`` where this process cannot create the run folders: one
+    line, before Ray starts or any run is created. Tried for real (a probe file, where missing
+    folders are made and then removed again), as permission bits say nothing for root or on a
+    read-only mount; URIs such as ``s3://`` are left to the workers that write there."""
+    from orchestration.config import ConfigError
+
+    if "://" in storage_path:
+        return
+    path = Path(storage_path).expanduser().absolute()
+    if path.is_file():
+        raise ConfigError(f"scaling.storage_path: {path} is a file, not a directory")
+    missing = []  # deepest first
+    parent = path
+    while not parent.exists():
+        missing.append(parent)
+        parent = parent.parent
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        handle, probe = tempfile.mkstemp(dir=path, prefix=".swav-ray-probe-")
+        os.close(handle)
+        os.unlink(probe)
+    except OSError as err:
+        raise ConfigError(f"scaling.storage_path: {path} is not writable "
+                          f"({err.strerror or err})") from None
+    finally:
+        for folder in missing:
+            try:
+                folder.rmdir()
+            except OSError:
+                break
 
 
 def rng_state() -> dict[str, Any]:

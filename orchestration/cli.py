@@ -151,6 +151,7 @@ def _print_evaluation(m: dict, prefix: str = "") -> None:
 
 def cmd_train(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)  # fails here, before Ray, on bad input
+    from orchestration.checkpoints import check_storage
     from orchestration.recipe import check_data
     from orchestration.tracking import check_reachable, resolve_tracking_uri
 
@@ -161,6 +162,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         raise ConfigError(str(err)) from None
 
     check_reachable(resolve_tracking_uri(cfg.tracking.tracking_uri))
+    check_storage(cfg.scaling.storage_path)
     import ray
 
     from orchestration.failures import TrainingFailed
@@ -224,12 +226,14 @@ def cmd_tune(args: argparse.Namespace) -> int:
             raise ConfigError("sweep: name a sweep file (e.g. experiments/sweep_default.yaml) "
                               "or --resume NAME")
         spec = load_sweep(args.sweep, args.overrides)  # fails here, before Ray, on bad input
+    from orchestration.checkpoints import check_storage
     from orchestration.recipe import check_data
 
     try:
         check_data(spec.base_config())  # the base experiment's data, as swav-ray train does
     except ValueError as err:
         raise ConfigError(str(err)) from None
+    check_storage(spec.base_config().scaling.storage_path)
     # Quiet console: our progress bar and table instead of Tune's status tables and MLflow's
     # run links.
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")

@@ -122,5 +122,10 @@ def test_the_cli_rejects_a_bad_sweep_with_exit_code_2_before_ray_starts(tmp_path
     err = capsys.readouterr().err.strip()
     assert err.startswith("swav-ray: error: optim.batch_size: 4096 images per step exceed the ")
     assert len(err.splitlines()) == 1
+    path = write(tmp_path, overrides={"scaling.storage_path": "/proc/swav-ray-sweeps"})
+    assert cli.main(["tune", path]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("swav-ray: error: scaling.storage_path: /proc/swav-ray-sweeps is not "
+                          "writable") and len(err.splitlines()) == 1
     assert cli.main(["train", "sweep_default"]) == 2
     assert "is a sweep file; run it with swav-ray tune" in capsys.readouterr().err

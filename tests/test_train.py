@@ -233,6 +233,8 @@ def cli_train(monkeypatch, capsys):
         (["tracking.tracking_uri=http://127.0.0.1:9"],
          "swav-ray: error: tracking.tracking_uri: MLflow server http://127.0.0.1:9 is unreachable"),
         (["no-such-experiment.yaml"], "swav-ray: error: config: no such experiment file"),
+        (["scaling.storage_path=/proc/swav-ray-runs"],
+         "swav-ray: error: scaling.storage_path: /proc/swav-ray-runs is not writable"),
     ],
 )
 def test_bad_input_is_one_clear_line_and_leaves_nothing_behind(cli_train, tmp_path, args,
