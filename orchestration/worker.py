@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import os
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -93,6 +94,10 @@ def _maybe_fail(cfg: ExperimentConfig, epoch: int, rank: int, run_dir: str | Non
     if rank == min(1, cfg.scaling.num_workers - 1) and not marker.exists():
         marker.parent.mkdir(parents=True, exist_ok=True)
         marker.write_text(f"rank {rank} killed at epoch {epoch}\n")
+        # First let the controller take the reports already made (it polls the workers every
+        # 0.25 s here): on a loaded machine it once had registered only epoch 0 of the three
+        # reported when it saw the death, and the tests rely on the last registered epoch.
+        time.sleep(1.0)
         os._exit(17)
 
 
