@@ -21,6 +21,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from orchestration.config import ConfigError
+
 __all__ = ["STATE_FILE", "CheckpointError", "check_storage", "load_state", "rng_state",
            "save_state", "set_rng_state"]
 
@@ -36,8 +38,6 @@ def check_storage(storage_path: str) -> None:
     line, before Ray starts or any run is created. Tried for real (a probe file, where missing
     folders are made and then removed again), as permission bits say nothing for root or on a
     read-only mount; URIs such as ``s3://`` are left to the workers that write there."""
-    from orchestration.config import ConfigError
-
     if "://" in storage_path:
         return
     path = Path(storage_path).expanduser().absolute()

@@ -29,7 +29,7 @@ class KeptBatches:
         self.streaming = False  # the batches did not fit: never kept
 
     def __len__(self) -> int:
-        return len(self.kept) if self.kept is not None else len(self.loader)  # type: ignore
+        return len(self.loader)  # type: ignore[arg-type]
 
     def __iter__(self) -> Iterator[Any]:
         if self.kept is not None:
