@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -37,7 +38,7 @@ from torchvision.ops import roi_align
 
 from swav.multicrop import IMAGENET_MEAN, IMAGENET_STD, blur_kernel_size, check_multicrop_args
 
-__all__ = ["BatchMultiCrop", "crop_boxes"]
+__all__ = ["BatchMultiCrop", "CropDraws", "apply_color_jitter", "augment_crops", "crop_boxes"]
 
 GRAY = (0.2989, 0.587, 0.114)  # torchvision's rgb_to_grayscale weights
 RATIO = (3.0 / 4.0, 4.0 / 3.0)
@@ -88,42 +89,28 @@ def _gray(x: torch.Tensor) -> torch.Tensor:
     return (GRAY[0] * r + GRAY[1] * g + GRAY[2] * b).unsqueeze(1)
 
 
-def _blend(x: torch.Tensor, other: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
-    f = factor.view(-1, 1, 1, 1)
-    return (f * x + (1.0 - f) * other).clamp_(0.0, 1.0)
+def _adjust_hue(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+    """torchvision's ``adjust_hue`` (RGB -> HSV, hue + shift, HSV -> RGB) per crop, in closed form.
 
-
-def _rgb_to_hsv(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    With ``v = max``, ``delta = max - min`` and the hue ``h`` in sixths of a turn, each output
+    channel is ``v - delta * clamp(min(k, 4 - k), 0, 1)`` with ``k = (h + n) mod 6`` and
+    ``n = 5, 3, 1`` for red, green, blue: the six-sector table of ``hsv_to_rgb`` (``v * s`` is
+    ``delta``), without building it.  Grey pixels (``delta = 0``) keep their value, as there.
+    """
     r, g, b = x.unbind(dim=1)
     maxc, minc = x.amax(dim=1), x.amin(dim=1)
     delta = maxc - minc
-    grey = delta == 0
-    sat = delta / torch.where(grey, torch.ones_like(maxc), maxc)
-    d = torch.where(grey, torch.ones_like(delta), delta)
-    rc, gc, bc = (maxc - r) / d, (maxc - g) / d, (maxc - b) / d
-    hue = torch.where(maxc == r, bc - gc,
-                      torch.where(maxc == g, 2.0 + rc - bc, 4.0 + gc - rc))
-    hue = torch.where(grey, torch.zeros_like(hue), hue)
-    return torch.remainder(hue / 6.0, 1.0), sat, maxc
-
-
-def _hsv_to_rgb(hue: torch.Tensor, sat: torch.Tensor, val: torch.Tensor) -> torch.Tensor:
-    h6 = hue * 6.0
-    sector = torch.floor(h6)
-    f = h6 - sector
-    sector = sector.long() % 6
-    p = (val * (1.0 - sat)).clamp(0.0, 1.0)
-    q = (val * (1.0 - sat * f)).clamp(0.0, 1.0)
-    t = (val * (1.0 - sat * (1.0 - f))).clamp(0.0, 1.0)
-    # (r, g, b) per sector 0..5: (v,t,p) (q,v,p) (p,v,t) (p,q,v) (t,p,v) (v,p,q)
-    table = torch.stack([torch.stack(c, dim=1) for c in (
-        (val, t, p), (q, val, p), (p, val, t), (p, q, val), (t, p, val), (val, p, q))], dim=1)
-    return table.gather(1, sector[:, None, None].expand(-1, 1, 3, -1, -1)).squeeze(1)
-
-
-def _adjust_hue(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
-    hue, sat, val = _rgb_to_hsv(x)
-    return _hsv_to_rgb(torch.remainder(hue + shift.view(-1, 1, 1), 1.0), sat, val)
+    red_max, green_max = maxc == r, maxc == g
+    # Hue in sixths before the shift: (g - b) / delta where red is the maximum, 2 + (b - r) /
+    # delta where green is, 4 + (r - g) / delta otherwise (torchvision's order of precedence).
+    rise = torch.where(red_max, g - b, torch.where(green_max, b - r, r - g))
+    sector = torch.where(red_max, 0.0, torch.where(green_max, 2.0, 4.0))
+    h6 = rise / delta.clamp(min=1e-12) + sector + 6.0 * shift.view(-1, 1, 1)
+    channels = []
+    for n in (5.0, 3.0, 1.0):
+        k = torch.remainder(h6 + n, 6.0)
+        channels.append(maxc - delta * torch.minimum(k, 4.0 - k).clamp_(0.0, 1.0))
+    return torch.stack(channels, dim=1)
 
 
 def _gaussian_blur(x: torch.Tensor, sigma: torch.Tensor, kernel: int) -> torch.Tensor:
@@ -138,11 +125,40 @@ def _gaussian_blur(x: torch.Tensor, sigma: torch.Tensor, kernel: int) -> torch.T
     return y.view(n, c, h, w)
 
 
+@dataclass
+class CropDraws:
+    """The random parameters of one resolution group's crops, one row per crop."""
+
+    flip: torch.Tensor  # bool [n]
+    jitter: torch.Tensor | None  # bool [n]: colour jitter applied (None: none configured)
+    factors: torch.Tensor | None  # [n, 4]: brightness, contrast, saturation, hue shift
+    order: torch.Tensor | None  # [n, 4]: each crop's order of the four operations
+    gray: torch.Tensor  # bool [n]
+    blur: torch.Tensor | None  # bool [n] (None: no blur at this size)
+    sigma: torch.Tensor | None  # [n]
+
+
+def augment_crops(x: torch.Tensor, draws: CropDraws, mean: torch.Tensor, std: torch.Tensor,
+                  blur_kernel: int, hue: bool) -> torch.Tensor:
+    """Flip, colour jitter, grayscale, blur and normalise crops ``[n, 3, s, s]`` in [0, 1] with
+    the parameters ``draws``: no randomness here, so that it can be compiled into few kernels."""
+    x = torch.where(draws.flip.view(-1, 1, 1, 1), x.flip(-1), x)
+    if draws.jitter is not None:
+        x = apply_color_jitter(x, draws.jitter, draws.factors, draws.order, hue=hue)
+    x = torch.where(draws.gray.view(-1, 1, 1, 1), _gray(x).expand_as(x), x)
+    if draws.blur is not None:
+        blurred = _gaussian_blur(x, draws.sigma, blur_kernel)
+        x = torch.where(draws.blur.view(-1, 1, 1, 1), blurred, x)
+    return (x - mean) / std
+
+
 class BatchMultiCrop:
     """Multi-crop a uint8 batch on its device; the arguments of :class:`MultiCropTransform`.
 
     ``seed`` seeds a generator on the device of the first batch; :meth:`reseed` restarts it (the
-    epoch loop does so per epoch, so a resumed run draws the same crops).
+    epoch loop does so per epoch, so a resumed run draws the same crops).  ``compile``: run
+    :func:`augment_crops` through ``torch.compile`` (the same crops, fused into few kernels;
+    compiled once per crop size on first use).
     """
 
     def __init__(self, nmb_crops: Sequence[int], size_crops: Sequence[int],
@@ -150,8 +166,8 @@ class BatchMultiCrop:
                  mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD,
                  color_strength: float = 1.0, color_prob: float = 0.8,
                  grayscale_prob: float = 0.2, blur_prob: float = 0.5, flip_prob: float = 0.5,
-                 seed: int = 0, memory_format: torch.memory_format = torch.contiguous_format
-                 ) -> None:
+                 seed: int = 0, memory_format: torch.memory_format = torch.contiguous_format,
+                 compile: bool = False) -> None:
         check_multicrop_args(nmb_crops, size_crops, min_scale_crops, max_scale_crops, mean, std,
                              color_strength, color_prob=color_prob,
                              grayscale_prob=grayscale_prob, blur_prob=blur_prob,
@@ -164,6 +180,8 @@ class BatchMultiCrop:
         self.color_prob, self.grayscale_prob = float(color_prob), float(grayscale_prob)
         self.blur_prob, self.flip_prob = float(blur_prob), float(flip_prob)
         self.memory_format = memory_format
+        self.compiled = bool(compile)
+        self._augment = torch.compile(augment_crops, dynamic=False) if compile else augment_crops
         self._seed = int(seed)
         self._gen: torch.Generator | None = None
         self._stats: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
@@ -195,31 +213,36 @@ class BatchMultiCrop:
             sizes = torch.stack([torch.full((b,), x.shape[2], device=x.device),
                                  torch.full((b,), x.shape[3], device=x.device)], dim=1)
         sizes = sizes.to(x.device)
+        mean, std = self._mean_std(x.device)
         out = []
         for (count, size), scale in zip(self.groups, self.scales):
-            n = count * b
             index = torch.arange(b, device=x.device).repeat(count)  # crop-major rows
             boxes = crop_boxes(sizes[index, 0], sizes[index, 1], scale, gen)
             rois = torch.cat([index[:, None].float(), boxes], dim=1)
             crops = roi_align(x, rois, output_size=(size, size), spatial_scale=1.0,
                               sampling_ratio=-1, aligned=True)
-            out.append(self._augment(crops, size, n, gen))
+            kernel = blur_kernel_size(size)
+            draws = self._draw(count * b, kernel, gen, x.device)
+            crops = self._augment(crops, draws, mean, std, kernel, self.jitter[3] > 0)
+            out.append(crops.contiguous(memory_format=self.memory_format))
         return out
 
-    def _augment(self, x: torch.Tensor, size: int, n: int, gen: torch.Generator) -> torch.Tensor:
-        dev = x.device
+    def _draw(self, n: int, kernel: int, gen: torch.Generator, dev: torch.device) -> CropDraws:
+        """The group's random parameters, drawn in a fixed order from ``gen``."""
         flip = torch.rand(n, generator=gen, device=dev) < self.flip_prob
-        x = torch.where(flip.view(-1, 1, 1, 1), x.flip(-1), x)
-        x = self._color_jitter(x, n, gen)
+        jitter = factors = order = None
+        if self.color_prob > 0 and any(self.jitter):
+            jitter = torch.rand(n, generator=gen, device=dev) < self.color_prob
+            b, c, s, h = self.jitter
+            draws = [_uniform((n,), max(0.0, 1 - v), 1 + v, gen, dev) for v in (b, c, s)]
+            factors = torch.stack([*draws, _uniform((n,), -h, h, gen, dev)], dim=1)
+            order = torch.rand((n, 4), generator=gen, device=dev).argsort(dim=1)  # op order
         gray = torch.rand(n, generator=gen, device=dev) < self.grayscale_prob
-        x = torch.where(gray.view(-1, 1, 1, 1), _gray(x).expand_as(x), x)
-        kernel = blur_kernel_size(size)
+        blur = sigma = None
         if self.blur_prob > 0 and kernel > 1:
             blur = torch.rand(n, generator=gen, device=dev) < self.blur_prob
             sigma = _uniform((n,), 0.1, 2.0, gen, dev)
-            x = torch.where(blur.view(-1, 1, 1, 1), _gaussian_blur(x, sigma, kernel), x)
-        mean, std = self._mean_std(dev)
-        return ((x - mean) / std).contiguous(memory_format=self.memory_format)
+        return CropDraws(flip, jitter, factors, order, gray, blur, sigma)
 
     def _mean_std(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """Normalisation constants, copied to the device once."""
@@ -227,17 +250,6 @@ class BatchMultiCrop:
             self._stats[device] = (torch.tensor(self.mean, device=device).view(1, 3, 1, 1),
                                    torch.tensor(self.std, device=device).view(1, 3, 1, 1))
         return self._stats[device]
-
-    def _color_jitter(self, x: torch.Tensor, n: int, gen: torch.Generator) -> torch.Tensor:
-        if self.color_prob == 0 or not any(self.jitter):
-            return x
-        dev = x.device
-        apply = torch.rand(n, generator=gen, device=dev) < self.color_prob
-        b, c, s, h = self.jitter
-        factors = [_uniform((n,), max(0.0, 1 - v), 1 + v, gen, dev) for v in (b, c, s)]
-        factors.append(_uniform((n,), -h, h, gen, dev))
-        order = torch.rand((n, 4), generator=gen, device=dev).argsort(dim=1)  # random op order
-        return apply_color_jitter(x, apply, torch.stack(factors, dim=1), order, hue=h > 0)
 
 
 def _linear_jitter(x: torch.Tensor, op: torch.Tensor, factors: torch.Tensor) -> torch.Tensor:
@@ -249,9 +261,9 @@ def _linear_jitter(x: torch.Tensor, op: torch.Tensor, factors: torch.Tensor) -> 
     picked = factors[:, :3].gather(1, op.clamp(max=2)[:, None]).squeeze(1)
     f = torch.where(op < 3, picked, torch.ones_like(picked)).view(-1, 1, 1, 1)
     grey = _gray(x)
-    other = (grey * (op == 2).view(-1, 1, 1, 1)
-             + grey.mean(dim=(1, 2, 3), keepdim=True) * (op == 1).view(-1, 1, 1, 1))
-    return (f * x + (1.0 - f) * other).clamp_(0.0, 1.0)
+    other = torch.where((op == 2).view(-1, 1, 1, 1), grey,
+                        grey.mean(dim=(1, 2, 3), keepdim=True) * (op == 1).view(-1, 1, 1, 1))
+    return torch.lerp(other, x, f).clamp_(0.0, 1.0)  # f * x + (1 - f) * other
 
 
 def apply_color_jitter(x: torch.Tensor, apply: torch.Tensor, factors: torch.Tensor,

@@ -76,6 +76,16 @@ def test_every_image_of_a_batch_draws_its_own_parameters():
     assert len(distinct) == 64  # shared parameters (transforms.v2 on a batch) would give 1
 
 
+@pytest.mark.slow  # torch.compile generates and builds C++ kernels: about 20 s on 2 cores
+def test_compiled_augmentation_gives_the_same_crops():
+    images = colourful(8)
+    args = ([2], [24], [0.14], [1.0])  # every operation, the blur included (one compilation)
+    eager, fused = BatchMultiCrop(*args, seed=5), BatchMultiCrop(*args, seed=5, compile=True)
+    for _ in range(2):  # the second batch runs the compiled kernels without recompiling
+        for a, b in zip(eager(images), fused(images)):
+            torch.testing.assert_close(b, a, atol=1e-5, rtol=0)
+
+
 def test_rejects_what_is_not_a_uint8_batch():
     aug = BatchMultiCrop([1], [8], [0.5], [1.0])
     with pytest.raises(TypeError, match="images: expected uint8"):
@@ -194,8 +204,11 @@ def test_colour_jitter_applies_each_crop_s_ops_in_its_own_order():
 
 
 def test_hue_rotation_equals_torchvision_s():
-    x = colourful(3).float() / 255
-    shifts = torch.tensor([-0.2, 0.05, 0.2])
+    x = colourful(6).float() / 255
+    x[3] = (x[3] * 3).round() / 3  # four levels: ties between the largest channels
+    x[4] = x[4, :1].expand(3, -1, -1)  # grey: no hue, the value is kept
+    x[5, :, :4] = 0.0  # black
+    shifts = torch.tensor([-0.5, -0.2, 0.05, 0.2, 0.3, 0.5])
     expected = torch.stack([TF.adjust_hue(img, float(s)) for img, s in zip(x, shifts)])
     torch.testing.assert_close(_adjust_hue(x, shifts), expected, atol=1e-5, rtol=0)
 

@@ -69,3 +69,17 @@ def test_channels_last_step_matches_the_default_layout():
                             batch_size=16, amp=False, channels_last=channels_last)
         losses.append(float(engine.step(crops)[0]))
     assert abs(losses[0] - losses[1]) < 1e-2 * abs(losses[0])
+
+
+def test_batched_crops_on_the_gpu_compiled_equal_eager_and_stay_on_the_gpu():
+    from swav.batch_multicrop import BatchMultiCrop
+
+    images = torch.randint(0, 256, (64, 3, 32, 32), dtype=torch.uint8,
+                           generator=torch.Generator().manual_seed(4)).cuda()
+    args = ([2, 4], [32, 16], [0.14, 0.05], [1.0, 0.14])
+    eager = BatchMultiCrop(*args, seed=7, memory_format=torch.channels_last)
+    fused = BatchMultiCrop(*args, seed=7, memory_format=torch.channels_last, compile=True)
+    for _ in range(2):
+        for a, b in zip(eager(images), fused(images)):
+            assert b.is_cuda and b.is_contiguous(memory_format=torch.channels_last)
+            torch.testing.assert_close(b, a, atol=1e-4, rtol=0)

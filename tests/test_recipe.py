@@ -10,6 +10,7 @@ import torch
 
 from orchestration.config import ConfigError, load_config
 from orchestration.recipe import (
+    batch_crop_transform,
     build_training,
     check_components,
     check_data,
@@ -107,6 +108,13 @@ def test_crops_on_the_device_follow_the_crops_device_switch():
                 crops_on_device(cfg, cuda)) == expected, value
     with pytest.raises(ConfigError, match="^crops.device: expected auto, cpu, gpu, got 'tpu'"):
         load_config(None, ["crops.device=tpu"])
+
+
+def test_crops_compile_fuses_the_augmentation_on_a_gpu_only():
+    cfg = load_config(None, ["crops.compile=true"])
+    assert batch_crop_transform(cfg, torch.device("cuda")).compiled  # (compiled on first use)
+    assert not batch_crop_transform(cfg, torch.device("cpu")).compiled  # no faster there
+    assert not batch_crop_transform(load_config(None, []), torch.device("cuda")).compiled
 
 
 def test_crops_on_the_device_train_from_resident_uint8_images_reproducibly():
