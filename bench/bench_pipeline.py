@@ -1,5 +1,6 @@
 """Data-pipeline throughput: multi-crop images/s of the PIL path (loader processes) and of the
-batched path (``swav.batch_multicrop`` on the GPU, and on the CPU for reference).
+batched path (``swav.batch_multicrop`` on the GPU, eager and compiled with ``crops.compile``, and
+on the CPU for reference).
 
 The images are the training split of an experiment (decoded once to uint8 for the batched path,
 as the run keeps them); the crops are the experiment's.  The PIL path is timed through a
@@ -71,21 +72,37 @@ def main() -> None:
               "images_per_s_per_core": round(rate / max(workers, 1))})
     images, _ = resident_images(splits.train, max(int(args.workers.split(",")[-1]), 0))
     devices = [torch.device(args.device)] + ([torch.device("cpu")] if args.device != "cpu" else [])
-    for device in devices:
-        augment = batch_crop_transform(cfg, device)
+    # On a GPU the batched path runs eager and compiled (crops.compile), alternating per repeat.
+    variants = [(device, fused) for device in devices
+                for fused in ((False, True) if device.type == "cuda" else (False,))]
+    rates: dict[tuple, list[float]] = {v: [] for v in variants}
+    streams = {}
+    for device, fused in variants:
+        fused_cfg = load_config(args.config, [*args.overrides, "scaling.num_workers=1",
+                                              f"crops.compile={fused}"])
+        augment = batch_crop_transform(fused_cfg, device)
         resident = ResidentBatches(images, batch, device)
-        crops = (augment(raw.images) for raw in resident)
-
-        def sync() -> None:
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-
-        n = args.device_batches if device.type == "cuda" else max(2, args.batches // 2)
-        rates = [n * batch / timed(crops, n, sync) for _ in range(args.repeats)]
+        streams[device, fused] = (augment(raw.images) for raw in _forever(resident))
+        next(streams[device, fused])  # compiled on first use: not timed
+    for _ in range(args.repeats):
+        for device, fused in variants:
+            n = args.device_batches if device.type == "cuda" else max(2, args.batches // 2)
+            rates[device, fused].append(n * batch / timed(streams[device, fused], n, _sync(device)))
+    for (device, fused), measured in rates.items():
         name = torch.cuda.get_device_name(device) if device.type == "cuda" else (
             f"cpu ({torch.get_num_threads()} threads)")
-        emit({**common, "path": "batched", "device": name,
-              "images_per_s": round(statistics.median(rates))})
+        emit({**common, "path": "batched", "device": name, "compiled": fused,
+              "images_per_s": round(statistics.median(measured))})
+
+
+def _forever(resident: ResidentBatches):
+    """Batches of ``resident``, epoch after epoch (a repeat may run past one epoch)."""
+    while True:
+        yield from resident
+
+
+def _sync(device: torch.device):
+    return (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
 
 
 if __name__ == "__main__":

@@ -7,7 +7,8 @@ recipe every run uses (``orchestration.recipe``) from the config defaults plus t
 alternating every repeat: ``lightly`` (lightly's SwaV parts, one backbone pass per resolution
 group, SGD; ``bench/lightly_peer.py``), ``ours-sgd`` (our engine with SGD, the same optimiser as
 that peer) and ``ours-compile`` (``torch.compile`` of backbone and head).  Prints one JSON line per
-row and repeat and the medians.
+row and repeat and the medians; ``--profile`` adds each row's operations per step (CUDA kernels on
+a GPU) and the costliest of them.
 
     python bench/bench_step.py --device cuda --backbone resnet50 --batch-size 64 \
         --crops 2x224,6x96 --prototypes 3000 --queue 3840 --optimizer lars
@@ -67,6 +68,8 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--rows", default="ours", help="ours, ours-sgd, ours-compile, lightly")
+    ap.add_argument("--profile", action="store_true",
+                    help="then profile 3 steps per row: operations per step and the costliest")
     ap.add_argument("overrides", nargs="*", help="further dotted config overrides")
     args = ap.parse_args()
     device = torch.device(args.device)
@@ -84,6 +87,10 @@ def main() -> None:
             rates[row].append(rate)
             print(json.dumps({"row": row, "repeat": repeat, "images_per_s": round(rate, 1),
                               "ms_per_step": round(ms, 2), "loss": round(loss, 4)}), flush=True)
+    if args.profile:
+        for row in rows:
+            print(json.dumps({"row": row, "profile": profile_steps(steppers[row], batch, device)}),
+                  flush=True)
     peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
     medians = {row: round(statistics.median(r), 1) for row, r in rates.items()}
     print(json.dumps({
@@ -133,6 +140,44 @@ def measure(step, batch, args, device: torch.device) -> tuple[float, float, floa
     sync()
     seconds = time.perf_counter() - start
     return args.steps * args.batch_size / seconds, 1000 * seconds / args.steps, float(loss)
+
+
+# Operations that only describe or allocate tensors: no kernel runs for them.
+NO_KERNEL = {"empty", "empty_like", "empty_strided", "as_strided", "as_strided_", "resize_",
+             "detach", "view", "_reshape_alias", "alias", "t", "transpose", "expand", "unsqueeze",
+             "squeeze", "slice", "select", "permute", "unbind", "split", "narrow", "reshape",
+             "flatten", "_unsafe_view", "result_type", "lift_fresh", "to", "_to_copy", "item",
+             "_local_scalar_dense", "is_nonzero", "set_"}
+
+
+def profile_steps(step, batch, device: torch.device, steps: int = 3) -> dict:
+    """Operations per step and the ten costliest (ms per step): CUDA kernels on a GPU; on the
+    CPU, the ATen operations that do work (leaves of the call tree), a proxy for kernels."""
+    from torch.profiler import DeviceType, ProfilerActivity, profile
+
+    cuda = device.type == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=activities) as prof:
+        for _ in range(steps):
+            step(batch)
+        if cuda:
+            torch.cuda.synchronize(device)
+    if cuda:
+        ops = [e for e in prof.events() if e.device_type == DeviceType.CUDA]
+        cost = lambda e: e.device_time  # noqa: E731  (microseconds)
+    else:
+        def works(e) -> bool:
+            return e.name.startswith("aten::") and e.name[6:] not in NO_KERNEL
+
+        ops = [e for e in prof.events() if works(e) and not any(map(works, e.cpu_children))]
+        cost = lambda e: e.self_cpu_time_total  # noqa: E731
+    totals: dict[str, float] = {}
+    for e in ops:
+        totals[e.name] = totals.get(e.name, 0.0) + cost(e)
+    top = sorted(totals.items(), key=lambda kv: -kv[1])[:10]
+    return {"ops_per_step": round(len(ops) / steps, 1),
+            "ms_per_step": round(sum(totals.values()) / steps / 1000, 3),
+            "top_ms_per_step": {name[:80]: round(us / steps / 1000, 3) for name, us in top}}
 
 
 if __name__ == "__main__":

@@ -1,0 +1,46 @@
+#!/bin/bash
+# What issue 9 still has to show on a GPU, as one prepared device call (about 8 minutes):
+#   1. the step against lightly's grouped loop, ResNet-18 and ResNet-50, with torch.compile of the
+#      model as a row (5 alternating repeats each), and a profile of each row's step;
+#   2. end to end against the step only, in the same call: cifar10_wallclock's step, then 120 s of
+#      its training with the crops made and compiled on the GPU (crops.compile=true);
+#   3. the batched multi-crop eager against compiled.
+# Needs, in the ignored folder .gpu/ of the checkout (carried to the device): the CIFAR-10 Parquet
+# (.gpu/cifar10/{train,test}.parquet) and lightly's wheel (pip download --no-deps lightly==1.6.0).
+# Run from the repository root: bash bench/device_check.sh (JSON lines under $OUT, else a new
+# temporary folder).
+export PYTHONUNBUFFERED=1
+OUT=${OUT:-$(mktemp -d)}  # the device tool sets $OUT
+mkdir -p "$OUT" && echo "output: $OUT"
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site \
+    .gpu/lightly-*.whl || exit 1
+export PYTHONPATH=/tmp/site
+nvidia-smi -L
+python3 -c "import torch, torchvision; print(torch.__version__, torchvision.__version__)"
+S=$(date +%s)
+mark() { echo "== $1 at $(( $(date +%s) - S )) s"; }
+run() {  # run <seconds> <output name> <command...>: JSON lines kept, warnings dropped
+    local limit=$1 name=$2
+    shift 2
+    timeout "$limit" "$@" 2>&1 | grep -v Warning | tee "$OUT/$name.jsonl"
+}
+mark gpu_tests  # the CUDA-only tests (pytest is not always installed there)
+python3 -c "import pytest" 2>/dev/null && timeout 90 python3 -m pytest -q -p no:cacheprovider \
+    tests/test_gpu.py 2>&1 | tail -5
+ROWS=ours,ours-sgd,lightly,ours-compile
+mark step_r18
+run 120 step_r18 python3 bench/bench_step.py --backbone resnet18 --cifar-stem --batch-size 256 \
+    --crops 2x32,4x16 --channels-last --prototypes 3000 --rows $ROWS --repeats 5 --steps 30 --profile
+mark step_r50
+run 150 step_r50 python3 bench/bench_step.py --backbone resnet50 --batch-size 64 \
+    --crops 2x224,6x96 --channels-last --prototypes 3000 --rows $ROWS --repeats 5 --steps 20 --profile
+mark step_wallclock
+run 45 step_wallclock python3 bench/bench_step.py --backbone resnet18 --cifar-stem \
+    --batch-size 512 --crops 2x32 --channels-last --prototypes 3000 --rows ours --repeats 5
+mark tta
+run 200 tta python3 bench/bench_time_to_accuracy.py --data .gpu/cifar10 --budget 120 \
+    --marks 60,120 --recipes ours --workers 15 --cf-images 256 crops.compile=true
+mark pipeline
+run 60 pipeline python3 bench/bench_pipeline.py cifar10_wallclock data.path=.gpu/cifar10 \
+    --workers 15 --batches 10 --device-batches 50 --repeats 3
+mark done
