@@ -56,6 +56,7 @@ def main() -> None:
     ap.add_argument("--device-batches", type=int, default=50, help="timed batches, batched path")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--no-compiled", action="store_true", help="on a GPU, the eager path only")
     args = ap.parse_args()
     cfg = load_config(args.config, [*args.overrides, "scaling.num_workers=1"])
     batch, splits = cfg.optim.batch_size, open_splits(cfg)
@@ -74,7 +75,8 @@ def main() -> None:
     devices = [torch.device(args.device)] + ([torch.device("cpu")] if args.device != "cpu" else [])
     # On a GPU the batched path runs eager and compiled (crops.compile), alternating per repeat.
     variants = [(device, fused) for device in devices
-                for fused in ((False, True) if device.type == "cuda" else (False,))]
+                for fused in ((False, True) if device.type == "cuda" and not args.no_compiled
+                              else (False,))]
     rates: dict[tuple, list[float]] = {v: [] for v in variants}
     streams = {}
     for device, fused in variants:

@@ -27,7 +27,15 @@ run() {  # run <seconds> <output name> <command...>: JSON lines kept, warnings d
 mark gpu_tests  # the CUDA-only tests (pytest is not always installed there)
 python3 -c "import pytest" 2>/dev/null && timeout 90 python3 -m pytest -q -p no:cacheprovider \
     tests/test_gpu.py 2>&1 | tail -5
-ROWS=ours,ours-sgd,lightly,ours-compile
+# torch.compile needs a working Triton toolchain (and a C compiler for its launcher): probe it,
+# and leave the compiled rows out where it fails rather than lose the call.
+ROWS=ours,ours-sgd,lightly COMPILE=crops.compile=false EAGER_ONLY=--no-compiled
+if timeout 120 python3 -c "import torch; f = torch.compile(lambda x: x * 2 + 1)
+assert f(torch.ones(8, device='cuda')).sum().item() == 24"; then
+    ROWS=$ROWS,ours-compile COMPILE=crops.compile=true EAGER_ONLY=
+else
+    echo "== torch.compile does not work here: compiled rows left out"
+fi
 mark step_r18
 run 120 step_r18 python3 bench/bench_step.py --backbone resnet18 --cifar-stem --batch-size 256 \
     --crops 2x32,4x16 --channels-last --prototypes 3000 --rows $ROWS --repeats 5 --steps 30 --profile
@@ -39,8 +47,8 @@ run 45 step_wallclock python3 bench/bench_step.py --backbone resnet18 --cifar-st
     --batch-size 512 --crops 2x32 --channels-last --prototypes 3000 --rows ours --repeats 5
 mark tta
 run 200 tta python3 bench/bench_time_to_accuracy.py --data .gpu/cifar10 --budget 120 \
-    --marks 60,120 --recipes ours --workers 15 --cf-images 256 crops.compile=true
+    --marks 60,120 --recipes ours --workers 15 --cf-images 256 $COMPILE
 mark pipeline
 run 60 pipeline python3 bench/bench_pipeline.py cifar10_wallclock data.path=.gpu/cifar10 \
-    --workers 15 --batches 10 --device-batches 50 --repeats 3
+    --workers 15 --batches 10 --device-batches 50 --repeats 3 $EAGER_ONLY
 mark done
