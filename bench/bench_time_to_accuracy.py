@@ -6,6 +6,8 @@ the ``bench`` extra) train on the same Parquet images, on the same GPU, in the s
 ``--budget`` seconds of wall-clock training (data loading included; evaluations pause the clock).
 Ours maps its epoch schedule (``optim.warmup_epochs / optim.epochs``) onto the budget; lightly's
 cosine runs over its published 200 epochs (``--lightly-anneal``: over the budget instead).
+``--variants`` names variants of ours (overrides on top of it) that ``--recipes`` can list: the
+runs that choose a recipe share one decode of the data and one call.
 
 kNN (weighted cosine, k=200, T=0.1 as lightly's benchmarks) uses all training images as the bank
 and the test split as queries, each recipe's own normalisation, no augmentation; the same encoders
@@ -13,6 +15,8 @@ at random initialisation give the baseline.  One JSON line per mark and recipe.
 
     python bench/bench_time_to_accuracy.py --data ../shared/data/cifar10 --budget 120 \
         --marks 60,120 --recipes ours,lightly
+    python bench/bench_time_to_accuracy.py --data ../shared/data/cifar10 --budget 120 \
+        --marks 120 --recipes ours,k1000 --variants "k1000:model.n_prototypes=1000"
 """
 
 from __future__ import annotations
@@ -100,12 +104,13 @@ def counterfactuals(model, cfg, test_u8: torch.Tensor, n: int, device) -> dict:
     return out
 
 
-def train_ours(cfg, budget: float, marks: list[float], evaluate, device) -> dict:
+def train_ours(cfg, budget: float, marks: list[float], evaluate, device,
+               name: str = "ours") -> dict:
     """The experiment through the one epoch loop; LR schedule mapped onto the time budget."""
     setup = time.perf_counter()
     training = build_training(cfg, device=device)
     engine, o = training.engine, cfg.optim
-    emit({"recipe": "ours", "setup_s": round(time.perf_counter() - setup, 1),
+    emit({"recipe": name, "setup_s": round(time.perf_counter() - setup, 1),
           "steps_per_epoch": training.steps_per_epoch, "loader": type(training.loader).__name__})
     clock = {"trained": 0.0, "last": time.perf_counter()}
     warm = o.warmup_epochs / o.epochs
@@ -133,7 +138,7 @@ def train_ours(cfg, budget: float, marks: list[float], evaluate, device) -> dict
         epoch += 1
         while pending and clock["trained"] >= pending[0]:
             mark = pending.pop(0)
-            emit({"recipe": "ours", "mark_s": mark, "trained_s": round(clock["trained"], 1),
+            emit({"recipe": name, "mark_s": mark, "trained_s": round(clock["trained"], 1),
                   "epochs": epoch, "loss": round(stats.loss, 4),
                   "images_per_s": round(images / clock["trained"]),
                   "last_epoch_images_per_s": round(epoch_rate),  # the steady state
@@ -142,7 +147,33 @@ def train_ours(cfg, budget: float, marks: list[float], evaluate, device) -> dict
     return {"epochs": epoch, "images_per_s": round(images / clock["trained"]), "model": engine.net}
 
 
-def main() -> None:
+def parse_variants(text: str) -> dict[str, list[str]]:
+    """``name:key=value,key=value;name2:...`` -> ``{name: [overrides]}``."""
+    variants = {}
+    for part in filter(None, (p.strip() for p in text.split(";"))):
+        name, _, overrides = part.partition(":")
+        if not name or name in ("ours", "lightly") or not overrides:
+            raise SystemExit(f"--variants: expected name:key=value[,key=value], got {part!r}")
+        variants[name] = overrides.split(",")
+    return variants
+
+
+def run_ours(name: str, cfg, args, ev: Evaluator, test_u8: torch.Tensor, marks: list[float],
+             device: torch.device) -> dict:
+    """Our recipe (or a named variant of it): random-init kNN, the timed training with its
+    marks, then counterfactuals of the final model."""
+    norm = (cfg.crops.mean, cfg.crops.std)
+    emit({"recipe": name, "mark_s": 0,
+          "random_init_knn_top1": ev.knn(initial_model(cfg).backbone.to(device), *norm)})
+    summary = train_ours(cfg, args.budget, marks, lambda enc: ev.knn(enc, *norm), device, name)
+    model = summary.pop("model")
+    if args.cf_images:
+        emit({"recipe": name, "counterfactuals": counterfactuals(
+            model, cfg, test_u8, args.cf_images, device), "cf_images": args.cf_images})
+    return summary
+
+
+def parse_args() -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data", required=True, help="folder with train.parquet and test.parquet")
     ap.add_argument("--config", default="experiments/cifar10_wallclock.yaml")
@@ -157,12 +188,27 @@ def main() -> None:
                     help="counterfactuals of our final model on this many test images (0: none)")
     ap.add_argument("--knn-k", type=int, default=200)
     ap.add_argument("--knn-t", type=float, default=0.1)
+    ap.add_argument("--variants", default="",
+                    help="named variants of ours for --recipes, each its overrides on top of the "
+                         "others: 'k1000:model.n_prototypes=1000;b1024:optim.batch_size=1024,"
+                         "optim.lr=4.8'")
     ap.add_argument("overrides", nargs="*", help="dotted overrides of our experiment")
-    args = ap.parse_args()
+    return ap.parse_args()
+
+
+def main() -> None:
+    args = parse_args()
+    variants = parse_variants(args.variants)
+    unknown = set(args.recipes.split(",")) - {"ours", "lightly", *variants}
+    if unknown:
+        raise SystemExit(f"--recipes: {sorted(unknown)} are neither ours, lightly nor a variant")
     device = torch.device(args.device)
     marks = [float(m) for m in args.marks.split(",")]
-    cfg = load_config(args.config, [f"data.path={args.data}", "data.source=parquet",
-                                    f"data.loader_workers={args.workers}", *args.overrides])
+    base = [f"data.path={args.data}", "data.source=parquet",
+            f"data.loader_workers={args.workers}", *args.overrides]
+    cfg = load_config(args.config, base)
+    # Every variant's config is checked now, before any GPU time is spent (the data is base's).
+    configs = {name: load_config(args.config, [*base, *extra]) for name, extra in variants.items()}
     splits = open_splits(cfg)
     t0 = time.perf_counter()
     train_u8, _ = resident_images(splits.train, args.workers)
@@ -175,18 +221,9 @@ def main() -> None:
     n = args.eval_limit
     ev = Evaluator(train_u8[:n], y_train[:n], test_u8[:n], y_test[:n], device, args.knn_k,
                    args.knn_t)
-    ours_norm = (cfg.crops.mean, cfg.crops.std)
     for recipe in args.recipes.split(","):
-        if recipe == "ours":
-            emit({"recipe": "ours", "mark_s": 0, "random_init_knn_top1":
-                  ev.knn(initial_model(cfg).backbone.to(device), *ours_norm)})
-            summary = train_ours(cfg, args.budget, marks, lambda enc: ev.knn(enc, *ours_norm),
-                                 device)
-            model = summary.pop("model")
-            if args.cf_images:
-                emit({"recipe": "ours", "counterfactuals": counterfactuals(
-                    model, cfg, test_u8, args.cf_images, device), "cf_images": args.cf_images})
-            del model
+        if recipe == "ours" or recipe in variants:
+            summary = run_ours(recipe, configs.get(recipe, cfg), args, ev, test_u8, marks, device)
         else:
             from lightly_peer import LIGHTLY_RESNET18, LightlySwaV, published_cifar10
 

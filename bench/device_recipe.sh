@@ -1,0 +1,18 @@
+#!/bin/bash
+# Issue 9's wall-clock recipe, second device call (about 7 minutes; after bench/device_check.sh
+# when the session's device time allows both): cifar10_wallclock against two variants, 120 s of
+# training each on the same GPU, one decode of the data. Session 4 measured the LR (2.4 beat 1.2);
+# not yet measured for short budgets: K and the batch size.
+#   k1000: model.n_prototypes=1000 (lightly's CIFAR-10 recipe uses 512; we use 3000)
+#   b256:  optim.batch_size=256 at the same rate per image (lr 1.2): twice the updates per epoch
+# Needs .gpu/cifar10/{train,test}.parquet in the checkout (carried). Run from the repository root.
+export PYTHONUNBUFFERED=1
+OUT=${OUT:-$(mktemp -d)}  # the device tool sets $OUT
+mkdir -p "$OUT" && echo "output: $OUT"
+nvidia-smi -L
+S=$(date +%s)
+timeout 540 python3 bench/bench_time_to_accuracy.py --data .gpu/cifar10 --budget 120 \
+    --marks 60,120 --recipes ours,k1000,b256 --workers 15 --cf-images 0 \
+    --variants "k1000:model.n_prototypes=1000;b256:optim.batch_size=256,optim.lr=1.2" \
+    2>&1 | grep -v Warning | tee "$OUT/recipe.jsonl"
+echo "== done at $(( $(date +%s) - S )) s"
