@@ -100,8 +100,11 @@ class OptimConfig:
     warmup_epochs: float = 10.0
     weight_decay: float = 1e-6
     momentum: float = 0.9
-    epochs: int = 100
+    epochs: int = 100  # with time_budget_s: the most epochs
     batch_size: int = 64  # images per worker per step
+    # Train for about this many seconds (the epochs' own time; orchestration/time_budget.py):
+    # whole epochs planned from the last one's time, the schedule fitted to end with the budget.
+    time_budget_s: Union[float, None] = None
 
 
 @dataclass
@@ -182,6 +185,10 @@ class ExperimentConfig:
 # -- loading ----------------------------------------------------------------------------------
 
 def _type_name(tp: Any) -> str:
+    """``float``, ``list[int]``, ``float or null`` (YAML's word for None)."""
+    if typing.get_origin(tp) is Union:
+        return " or ".join("null" if t is type(None) else _type_name(t)
+                           for t in typing.get_args(tp))
     return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
 
 
@@ -329,9 +336,9 @@ CROP_DEVICES = ("auto", "cpu", "gpu")
 # What a resume (the same scaling.run_name again) may change: how long it trains, where results
 # go and how they are evaluated, failures tolerated, loader processes and where crops are made.
 # Anything else would silently continue a different experiment under the old run's params.
-RESUMABLE = ("optim.epochs", "tracking.", "eval.", "scaling.run_name", "scaling.max_failures",
-             "scaling.cpus_per_worker", "data.loader_workers", "crops.device", "crops.compile",
-             "fail_at_epoch")
+RESUMABLE = ("optim.epochs", "optim.time_budget_s", "tracking.", "eval.", "scaling.run_name",
+             "scaling.max_failures", "scaling.cpus_per_worker", "data.loader_workers",
+             "crops.device", "crops.compile", "fail_at_epoch")
 
 
 def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -384,6 +391,8 @@ def validate(cfg: ExperimentConfig) -> None:
     _check(o.epochs >= 1, "optim.epochs", f"must be >= 1, got {o.epochs}")
     _check(0 <= o.warmup_epochs <= o.epochs, "optim.warmup_epochs",
            f"must be in [0, optim.epochs={o.epochs}], got {o.warmup_epochs}")
+    _check(o.time_budget_s is None or o.time_budget_s > 0, "optim.time_budget_s",
+           f"must be > 0 seconds or null, got {o.time_budget_s}")
     _check(cfg.crops.device in CROP_DEVICES, "crops.device",
            f"expected {', '.join(CROP_DEVICES)}, got {cfg.crops.device!r}")
     _check(d.source in DATA_SOURCES, "data.source",

@@ -28,9 +28,12 @@ LABELLED_METRICS = ("knn_top1", "knn_top1_random_init")
 
 
 def epoch_report(stats: EpochStats, knn_top1: float | None = None,
-                 knn_top1_random_init: float | None = None) -> dict[str, Any]:
+                 knn_top1_random_init: float | None = None,
+                 epochs_planned: int | None = None) -> dict[str, Any]:
     """The report of one epoch: ``epoch`` (0-based, the MLflow step), ``epochs_done`` (epochs
-    trained so far: Tune's time axis, right after a resume too) and the vocabulary's names."""
+    trained so far: Tune's time axis, right after a resume too), ``epochs_planned`` (the run's
+    length as planned now: ``optim.epochs``, or what fits ``optim.time_budget_s``) and the
+    vocabulary's names."""
     report: dict[str, Any] = {
         "epoch": stats.epoch,
         "epochs_done": stats.epoch + 1,
@@ -42,6 +45,8 @@ def epoch_report(stats: EpochStats, knn_top1: float | None = None,
         "code_entropy": stats.code_entropy,
         "corrupt_images": stats.corrupt_images,
     }
+    if epochs_planned is not None:
+        report["epochs_planned"] = epochs_planned
     if knn_top1 is not None:
         report["knn_top1"] = knn_top1
     if knn_top1_random_init is not None:

@@ -92,6 +92,7 @@ class ConsoleProgress:
             return
         for report in reports:
             self.seen += 1
+            self._replan(report.get("epochs_planned", self.epochs))
             self.bar.write(epoch_line(report, self.epochs), file=self.file)
         if step is not None:
             epoch, done, total = step["epoch"], step["done"], max(step["total"], 1)
@@ -100,6 +101,11 @@ class ConsoleProgress:
                                      f"images/s", refresh=False)
             self.bar.n = min(epoch + done / total, self.epochs)
             self.bar.refresh()
+
+    def _replan(self, epochs: int) -> None:
+        """A time budget's run plans its length after every epoch: the bar follows."""
+        if epochs != self.epochs:
+            self.epochs = self.bar.total = epochs
 
 
 class StepPoster:

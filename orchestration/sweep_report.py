@@ -49,10 +49,11 @@ def trial_rows(grid, spec: SweepSpec, client, parent_run_id: str) -> list[TrialR
         values = {d.key: result.config.get(d.key) for d in spec.dimensions}
         cfg = trial_config(spec.base, spec.dimensions, values)
         epochs = int(metrics.get("epochs_done", 0))
+        planned = int(metrics.get("epochs_planned", cfg.optim.epochs))  # (a time budget's plan)
         status = ("error" if result.error else
-                  "stopped" if epochs < cfg.optim.epochs else "finished")
+                  "stopped" if epochs < planned else "finished")
         rows.append(TrialRow(trial_id, run_ids.get(trial_id), values, _last(metrics, spec.metric),
-                             epochs, cfg.optim.epochs, status, cfg.to_dict(),
+                             epochs, planned, status, cfg.to_dict(),
                              _curve(result.metrics_dataframe, spec.metric),
                              error_line(result.error)))
     return sorted(rows, key=lambda r: r.trial_id)

@@ -15,7 +15,7 @@ from ray.tune.integration.ray_train import TuneReportCallback
 
 from orchestration.metrics import loggable
 
-__all__ = ["EpochMetricsLogger", "ReportEpochsToTune"]
+__all__ = ["EpochMetricsLogger", "ReportEpochsToTune", "is_last_epoch"]
 
 
 class EpochMetricsLogger(UserCallback):
@@ -46,6 +46,12 @@ class ReportEpochsToTune(TuneReportCallback):
         self.epochs = epochs
 
     def after_report(self, run_context, metrics, checkpoint) -> None:
-        if metrics and metrics[0].get("epochs_done", 0) >= self.epochs:
+        if metrics and is_last_epoch(metrics[0], self.epochs):
             return
         super().after_report(run_context, metrics, checkpoint)
+
+
+def is_last_epoch(report: dict, epochs: int) -> bool:
+    """Whether ``report`` is the run's last epoch: ``epochs`` (``optim.epochs``), or the epochs a
+    time budget planned (each report carries the plan as ``epochs_planned``)."""
+    return report.get("epochs_done", 0) >= report.get("epochs_planned", epochs)

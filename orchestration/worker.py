@@ -39,6 +39,7 @@ from orchestration.metrics import epoch_report
 from orchestration.progress import StepPoster
 from orchestration.recipe import Training, build_training, check_data_here
 from orchestration.system_metrics import node_monitor
+from orchestration.time_budget import TrainingClock, fit_schedule, plan_epochs
 from swav.engine import SwAVEngine
 from swav.evaluation import extract_features, knn_predict
 from swav.model import SwAVModel
@@ -126,47 +127,77 @@ def _train_epochs(cfg: ExperimentConfig, config: dict[str, Any]) -> None:
     check_data_here(cfg)
     training = build_training(cfg, rank, world, device, wrap=ray.train.torch.prepare_model)
     engine = training.engine
-    start_epoch = _restore(engine, rank)
+    epoch, clock = _restore(engine, rank)
+    planned = _plan(training, epoch, clock)
     board = config.get("board")  # the driver's console (swav-ray train), else None
     # The same encoder before training: the baseline every kNN figure is compared with.
     init_knn = None
-    if start_epoch == 0 and training.evaluation is not None:
+    if epoch == 0 and training.evaluation is not None:
         init_knn = distributed_knn(engine.net, training.evaluation, cfg, device)
     images_seen = corrupt_seen = 0
-    for epoch in range(start_epoch, cfg.optim.epochs):
+    while epoch < planned:
         _maybe_fail(cfg, epoch, rank, config.get("run_dir"))
         poster = None
         if board is not None and rank == 0:
             poster = StepPoster(board, epoch, training.steps_per_epoch, engine.iteration,
                                 cfg.optim.batch_size)
-        stats = training.run_epoch(epoch, on_step=poster)
+        started = time.perf_counter()
+        stats = training.run_epoch(epoch, on_step=poster)  # (its figures wait for the device)
+        clock.add_epoch(time.perf_counter() - started, device)
+        planned = _plan(training, epoch + 1, clock)
         images_seen += stats.images
         corrupt_seen += stats.corrupt_images
         if corrupt_seen > cfg.data.max_corrupt_fraction * images_seen:
             raise ValueError(
                 f"data: {corrupt_seen} of {images_seen} images failed to decode, more than "
                 f"data.max_corrupt_fraction={cfg.data.max_corrupt_fraction}")
-        report = epoch_report(stats, _epoch_knn(training, epoch, device),
-                              init_knn if epoch == 0 else None)
-        rng = _all_rng_states()
-        with tempfile.TemporaryDirectory() as tmp:
-            ckpt = None
-            if rank == 0:
-                save_state(Path(tmp), {"engine": engine.state_dict(), "epoch": epoch, "rng": rng,
-                                       "config": config["cfg"]})
-                ckpt = ray.train.Checkpoint.from_directory(tmp)
-            # Named by epoch: the previous checkpoint (a fallback) is the next name down.
-            ray.train.report(report, checkpoint=ckpt,
-                             checkpoint_dir_name=f"checkpoint_epoch{epoch:06d}")
+        report = epoch_report(stats, _epoch_knn(training, epoch, planned, device),
+                              init_knn if epoch == 0 else None, epochs_planned=planned)
+        _report_with_checkpoint(report, engine, epoch, clock, rank, config)
         if poster is not None:
             board.post_epoch.remote(report)
+        epoch += 1
 
 
-def _restore(engine: SwAVEngine, rank: int) -> int:
-    """Load the newest readable checkpoint into the engine; the first epoch still to run."""
+def _plan(training: Training, done: int, clock: TrainingClock) -> int:
+    """Epochs the run trains: ``optim.epochs``, or what fits ``optim.time_budget_s`` (then the
+    schedule is fitted to the plan)."""
+    o = training.cfg.optim
+    if o.time_budget_s is None:
+        return o.epochs
+    planned = plan_epochs(done, clock, o.time_budget_s, o.epochs)
+    if (clock.epochs == 1 and training.rank == 0 and planned == o.epochs
+            and plan_epochs(done, clock, o.time_budget_s, 2 ** 31) > o.epochs):
+        log.warning("optim.time_budget_s: %g s fit more than optim.epochs=%d epochs; the run "
+                    "ends after %d (raise optim.epochs, and warmup_epochs with it to keep the "
+                    "warmup's share)", o.time_budget_s, o.epochs, o.epochs)
+    clock.planned, clock.budget_s = planned, o.time_budget_s
+    fit_schedule(training.engine.scheduler, training.engine.optimizer, planned,
+                 training.steps_per_epoch, o.warmup_epochs / o.epochs)
+    return planned
+
+
+def _report_with_checkpoint(report: dict[str, Any], engine: SwAVEngine, epoch: int,
+                            clock: TrainingClock, rank: int, config: dict[str, Any]) -> None:
+    """Report the epoch; rank 0 attaches the checkpoint (every rank's RNG state in it)."""
+    rng = _all_rng_states()
+    with tempfile.TemporaryDirectory() as tmp:
+        ckpt = None
+        if rank == 0:
+            save_state(Path(tmp), {"engine": engine.state_dict(), "epoch": epoch, "rng": rng,
+                                   "clock": clock.state_dict(), "config": config["cfg"]})
+            ckpt = ray.train.Checkpoint.from_directory(tmp)
+        # Named by epoch: the previous checkpoint (a fallback) is the next name down.
+        ray.train.report(report, checkpoint=ckpt,
+                         checkpoint_dir_name=f"checkpoint_epoch{epoch:06d}")
+
+
+def _restore(engine: SwAVEngine, rank: int) -> tuple[int, TrainingClock]:
+    """Load the newest readable checkpoint into the engine; the first epoch still to run and
+    the training time so far."""
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is None:
-        return 0
+        return 0, TrainingClock()
     if rank == 0:
         for path in _unregistered(checkpoint):
             checkpoint.filesystem.delete_dir(path)
@@ -189,7 +220,7 @@ def _restore(engine: SwAVEngine, rank: int) -> int:
             for error in errors:
                 log.warning("%s; using an older checkpoint", error)
             log.warning("resumed from the checkpoint of epoch %d", state["epoch"])
-        return state["epoch"] + 1
+        return state["epoch"] + 1, TrainingClock.from_state(state.get("clock"))
     raise CheckpointError("; ".join(errors))
 
 
@@ -221,11 +252,12 @@ def _unregistered(latest: ray.train.Checkpoint) -> list[str]:
     return _siblings(latest)[1]
 
 
-def _epoch_knn(training: Training, epoch: int, device: torch.device) -> float | None:
-    """Held-out kNN top-1 every ``eval.knn_every`` epochs and after the last one."""
+def _epoch_knn(training: Training, epoch: int, planned: int,
+               device: torch.device) -> float | None:
+    """Held-out kNN top-1 every ``eval.knn_every`` epochs and after the last (``planned``) one."""
     cfg = training.cfg
     every = cfg.eval.knn_every
-    due = epoch == cfg.optim.epochs - 1 or (every > 0 and (epoch + 1) % every == 0)
+    due = epoch == planned - 1 or (every > 0 and (epoch + 1) % every == 0)
     if training.evaluation is None or not due:
         return None
     return distributed_knn(training.engine.net, training.evaluation, cfg, device)

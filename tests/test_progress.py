@@ -30,7 +30,10 @@ def test_the_console_prints_each_posted_epoch_once_in_order(ray_local):
             poster(it, 5.0 - it)
         ray.get(board.post_epoch.remote({"epoch": 0, "loss": 4.5}))
         ray.get(board.post_epoch.remote({"epoch": 1, "loss": 4.0}))
+        # A time budget's run plans its length after each epoch: the console follows the plan.
+        ray.get(board.post_epoch.remote({"epoch": 2, "loss": 3.5, "epochs_planned": 7}))
         step, _ = ray.get(board.read.remote(0))
     assert step["epoch"] == 0 and step["done"] == 4 and step["loss"] == 1.0
-    assert out.getvalue().splitlines() == ["epoch 1/3  loss 4.5000", "epoch 2/3  loss 4.0000"]
-    assert console.seen == 2
+    assert out.getvalue().splitlines() == ["epoch 1/3  loss 4.5000", "epoch 2/3  loss 4.0000",
+                                           "epoch 3/7  loss 3.5000"]
+    assert console.seen == 3 and console.bar.total == 7

@@ -114,6 +114,28 @@ def test_two_worker_run_is_tracked_as_one_mlflow_run_with_a_loadable_model(strai
     assert from_dict(yaml.safe_load(Path(config_file).read_text())) == cfg
 
 
+def test_a_time_budget_ends_the_run_with_its_schedule_in_whole_epochs(ray_local, tmp_path):
+    """optim.time_budget_s: the epochs planned from the last one's time (the slower worker's),
+    the cosine fitted to end with the budget, the last epoch evaluated, the run FINISHED."""
+    budget = 4.0
+    outcome = run_training(tiny(tmp_path, "optim.epochs=60", f"optim.time_budget_s={budget}",
+                                "eval.knn_every=0", "optim.lr=1.0", "optim.final_lr=0.001",
+                                "scaling.run_name=budget"))
+    client = MlflowClient(outcome.tracking_uri)
+    run = client.get_run(outcome.run_id)
+    assert run.info.status == "FINISHED"
+    seconds = [m.value for m in client.get_metric_history(outcome.run_id, "epoch_time_s")]
+    epochs = len(seconds)
+    assert 2 <= epochs < 60 and outcome.metrics["epochs_planned"] == epochs, seconds
+    # Within about an epoch of the budget (the engine's own epoch time is a little shorter
+    # than the worker's clock, which also counts the epoch's statistics).
+    assert abs(sum(seconds) - budget) <= 1.5 * max(seconds) + 0.5, seconds
+    lrs = [m.value for m in client.get_metric_history(outcome.run_id, "lr")]
+    assert lrs[-1] < 0.1 * max(lrs), lrs  # annealed by the end (over 60 epochs: near 1.0)
+    knn = client.get_metric_history(outcome.run_id, "knn_top1")
+    assert [m.step for m in knn] == [epochs - 1]  # the planned last epoch is evaluated
+
+
 def test_an_interrupted_run_resumes_and_a_killed_worker_is_replaced(straight, tmp_path,
                                                                    digits_parquet):
     """A run that dies for good (no retries left) is resumed by a new run_training with the same

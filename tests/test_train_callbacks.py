@@ -9,7 +9,7 @@ import sys
 from mlflow.tracking import MlflowClient
 
 from orchestration.run_lock import Heartbeat, RunLock
-from orchestration.train_callbacks import EpochMetricsLogger, ReportEpochsToTune
+from orchestration.train_callbacks import EpochMetricsLogger, ReportEpochsToTune, is_last_epoch
 
 
 def test_an_epoch_report_is_logged_at_its_epoch_with_the_vocabulary_s_figures(tmp_path):
@@ -39,3 +39,10 @@ def test_a_worker_unpickling_the_callbacks_imports_neither_mlflow_nor_torch(tmp_
     out = subprocess.run([sys.executable, "-c", code, str(blob)], capture_output=True,
                          text=True, check=True, cwd=tmp_path).stdout.splitlines()
     assert out == ["['EpochMetricsLogger', 'Heartbeat', 'ReportEpochsToTune']", "[]"]
+
+
+def test_the_run_s_last_epoch_is_optim_epochs_or_the_time_budget_s_plan():
+    """Tune hears every epoch but the last, which the trial reports once its run has ended."""
+    assert [is_last_epoch({"epochs_done": d}, 10) for d in (9, 10)] == [False, True]
+    planned = [is_last_epoch({"epochs_done": d, "epochs_planned": 3}, 10) for d in (2, 3)]
+    assert planned == [False, True]  # a budget planned 3 of at most 10 epochs

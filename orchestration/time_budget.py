@@ -1,0 +1,90 @@
+"""Training for a wall-clock budget (``optim.time_budget_s``): whole epochs, the schedule over them.
+
+A run with a budget trains whole epochs until about ``time_budget_s`` seconds of training have
+passed (the epochs' own time: start-up, evaluations and checkpoints do not count), at most
+``optim.epochs``.  After every epoch the number of epochs is planned again from the pace so far
+(each epoch counted at the slowest worker's time, so that every worker plans the same; the first
+epoch's start-up left out once there are others), until half of the plan has run; then it stays.
+The warmup + cosine schedule is fitted to the plan: the warmup keeps its share
+(``warmup_epochs / epochs``) and the learning rate reaches ``final_lr`` at the end, as a schedule
+over that many epochs would.  Until the first epoch has been timed, the plan is ``optim.epochs``.
+
+Planning at epoch boundaries, from figures all workers agree on, keeps the workers' learning
+rates identical (DDP replicas would drift apart otherwise) and needs no host synchronisation
+inside an epoch.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+__all__ = ["TrainingClock", "fit_schedule", "plan_epochs"]
+
+
+@dataclass
+class TrainingClock:
+    """Training time so far and the plan (kept in checkpoints: a resume goes on with both)."""
+
+    trained_s: float = 0.0  # seconds of training, each epoch the slowest worker's
+    epochs: int = 0  # epochs timed
+    first_s: float = 0.0  # the first epoch's seconds: start-up effects, left out of the pace
+    planned: int = 0  # epochs in all, as last planned (0: not yet)
+    budget_s: float = 0.0  # the budget that plan was made for
+
+    def add_epoch(self, seconds: float, device: torch.device) -> None:
+        """Count an epoch that took ``seconds`` here: the slowest worker's time, on all."""
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            agreed = torch.tensor([seconds], dtype=torch.float64, device=device)
+            dist.all_reduce(agreed, op=dist.ReduceOp.MAX)
+            seconds = float(agreed.item())
+        if self.epochs == 0:
+            self.first_s = seconds
+        self.trained_s += seconds
+        self.epochs += 1
+
+    @property
+    def pace(self) -> float:
+        """Seconds per epoch: the mean of the epochs after the first (the first, until then)."""
+        if self.epochs <= 1:
+            return self.first_s
+        return (self.trained_s - self.first_s) / (self.epochs - 1)
+
+    def state_dict(self) -> dict[str, float]:
+        return asdict(self)
+
+    @classmethod
+    def from_state(cls, state: dict[str, Any] | None) -> TrainingClock:
+        return cls(**state) if state else cls()
+
+
+def plan_epochs(done: int, clock: TrainingClock, budget_s: float, most: int) -> int:
+    """Epochs in all: the ``done`` ones and as many more as fit in what is left of the budget at
+    the clock's pace (to the nearest epoch), at most ``most``; ``most`` before any is timed.
+
+    Once more than half of a plan for this budget has run, the plan stays: the second half of
+    the cosine is never cut short by a slower epoch near the end (a run then ends within about
+    the pace's change of the budget)."""
+    if clock.epochs == 0 or clock.pace <= 0:
+        return most
+    if clock.planned and clock.budget_s == budget_s and 2 * done > clock.planned:
+        return clock.planned
+    more = max(0, math.floor((budget_s - clock.trained_s) / clock.pace + 0.5))
+    return max(done, min(most, done + more))
+
+
+def fit_schedule(scheduler, optimizer, epochs: int, steps_per_epoch: int,
+                 warmup_share: float) -> None:
+    """Stretch the per-iteration warmup + cosine (:class:`swav.optim.WarmupCosine`) over
+    ``epochs``, the warmup over ``warmup_share`` of them; the next step's rate follows at once."""
+    total = max(1, epochs * steps_per_epoch)
+    scheduler.total_steps = total
+    scheduler.warmup_steps = round(warmup_share * total)
+    rates = scheduler.get_lr()
+    for group, lr in zip(optimizer.param_groups, rates):
+        group["lr"] = lr
+    scheduler._last_lr = rates
