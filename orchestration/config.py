@@ -364,6 +364,16 @@ def resume_changes(stored: dict[str, Any], new: dict[str, Any]) -> tuple[list[st
     return refused, allowed
 
 
+def _validate_schedule(o: OptimConfig) -> None:
+    _check(o.final_lr >= 0, "optim.final_lr", f"must be >= 0, got {o.final_lr}")
+    _check(o.start_warmup >= 0, "optim.start_warmup", f"must be >= 0, got {o.start_warmup}")
+    _check(o.epochs >= 1, "optim.epochs", f"must be >= 1, got {o.epochs}")
+    _check(0 <= o.warmup_epochs <= o.epochs, "optim.warmup_epochs",
+           f"must be in [0, optim.epochs={o.epochs}], got {o.warmup_epochs}")
+    _check(o.time_budget_s is None or o.time_budget_s > 0, "optim.time_budget_s",
+           f"must be > 0 seconds or null, got {o.time_budget_s}")
+
+
 def validate(cfg: ExperimentConfig) -> None:
     """Fail fast on a bad value, naming its key. Builds the pure SwAV components once, through
     the same recipe the run uses."""
@@ -386,13 +396,7 @@ def validate(cfg: ExperimentConfig) -> None:
         raise ConfigError(f"swav.{err}") from None
     _check(s.freeze_prototypes_iters >= 0, "swav.freeze_prototypes_iters", "must be >= 0")
     _check(s.epoch_queue_starts >= 0, "swav.epoch_queue_starts", "must be >= 0")
-    _check(o.final_lr >= 0, "optim.final_lr", f"must be >= 0, got {o.final_lr}")
-    _check(o.start_warmup >= 0, "optim.start_warmup", f"must be >= 0, got {o.start_warmup}")
-    _check(o.epochs >= 1, "optim.epochs", f"must be >= 1, got {o.epochs}")
-    _check(0 <= o.warmup_epochs <= o.epochs, "optim.warmup_epochs",
-           f"must be in [0, optim.epochs={o.epochs}], got {o.warmup_epochs}")
-    _check(o.time_budget_s is None or o.time_budget_s > 0, "optim.time_budget_s",
-           f"must be > 0 seconds or null, got {o.time_budget_s}")
+    _validate_schedule(o)
     _check(cfg.crops.device in CROP_DEVICES, "crops.device",
            f"expected {', '.join(CROP_DEVICES)}, got {cfg.crops.device!r}")
     _check(d.source in DATA_SOURCES, "data.source",

@@ -73,6 +73,8 @@ def test_round_trip_through_a_dict_and_flat_params():
         ("swav.queue_length=-64", "swav.queue_length: must be >= 0"),
         ("optim.name=adam", "optim.name: unknown optimizer 'adam'"),
         ("optim.warmup_epochs=50", "optim.warmup_epochs: must be in [0, optim.epochs=32]"),
+        ("optim.time_budget_s=0", "optim.time_budget_s: must be > 0 seconds or null, got 0.0"),
+        ("optim.time_budget_s=soon", "optim.time_budget_s: expected float or null, got 'soon'"),
         ("data.source=mnist", "data.source: unknown source 'mnist'"),
         ("data.source=imagefolder", "data.path: required for source 'imagefolder'"),
         ("scaling.num_workers=0", "scaling.num_workers: must be >= 1"),
