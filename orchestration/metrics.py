@@ -17,6 +17,8 @@ EPOCH_METRICS: dict[str, tuple[str, str]] = {
     "lr": ("learning rate at the epoch's last step", "max"),
     "images_per_s": ("training images per second, all workers", "max"),
     "epoch_time_s": ("seconds of training in the epoch", "min"),
+    "training_s": ("seconds of training so far, the epochs' own (optim.time_budget_s's clock)",
+                   "min"),
     "prototypes_used": ("prototypes that won at least one code", "max"),
     "code_entropy": ("entropy of the hard code assignments (nats)", "max"),
     "corrupt_images": ("undecodable images skipped", "min"),
@@ -29,11 +31,12 @@ LABELLED_METRICS = ("knn_top1", "knn_top1_random_init")
 
 def epoch_report(stats: EpochStats, knn_top1: float | None = None,
                  knn_top1_random_init: float | None = None,
-                 epochs_planned: int | None = None) -> dict[str, Any]:
+                 epochs_planned: int | None = None,
+                 training_s: float | None = None) -> dict[str, Any]:
     """The report of one epoch: ``epoch`` (0-based, the MLflow step), ``epochs_done`` (epochs
     trained so far: Tune's time axis, right after a resume too), ``epochs_planned`` (the run's
     length as planned now: ``optim.epochs``, or what fits ``optim.time_budget_s``) and the
-    vocabulary's names."""
+    vocabulary's names (``training_s``: the run's clock, which a budget is spent on)."""
     report: dict[str, Any] = {
         "epoch": stats.epoch,
         "epochs_done": stats.epoch + 1,
@@ -47,6 +50,8 @@ def epoch_report(stats: EpochStats, knn_top1: float | None = None,
     }
     if epochs_planned is not None:
         report["epochs_planned"] = epochs_planned
+    if training_s is not None:
+        report["training_s"] = training_s
     if knn_top1 is not None:
         report["knn_top1"] = knn_top1
     if knn_top1_random_init is not None:

@@ -152,7 +152,8 @@ def _train_epochs(cfg: ExperimentConfig, config: dict[str, Any]) -> None:
                 f"data: {corrupt_seen} of {images_seen} images failed to decode, more than "
                 f"data.max_corrupt_fraction={cfg.data.max_corrupt_fraction}")
         report = epoch_report(stats, _epoch_knn(training, epoch, planned, device),
-                              init_knn if epoch == 0 else None, epochs_planned=planned)
+                              init_knn if epoch == 0 else None, epochs_planned=planned,
+                              training_s=clock.trained_s)
         _report_with_checkpoint(report, engine, epoch, clock, rank, config)
         if poster is not None:
             board.post_epoch.remote(report)
