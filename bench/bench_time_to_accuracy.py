@@ -4,8 +4,9 @@ Our recipe (an experiment file, trained by the one epoch loop through ``orchestr
 crops on the GPU) and lightly's published CIFAR-10 SwaV recipe (``bench/lightly_peer.py``; needs
 the ``bench`` extra) train on the same Parquet images, on the same GPU, in the same call, each for
 ``--budget`` seconds of wall-clock training (data loading included; evaluations pause the clock).
-Ours maps its epoch schedule (``optim.warmup_epochs / optim.epochs``) onto the budget; lightly's
-cosine runs over its published 200 epochs (``--lightly-anneal``: over the budget instead).
+Ours trains for the budget as ``swav-ray train`` does with ``optim.time_budget_s`` (whole epochs
+planned from the pace, its schedule fitted to them); lightly's cosine runs over its published 200
+epochs (``--lightly-anneal``: over the budget instead).
 ``--variants`` names variants of ours (overrides on top of it) that ``--recipes`` can list: the
 runs that choose a recipe share one decode of the data and one call.
 
@@ -22,6 +23,7 @@ at random initialisation give the baseline.  One JSON line per mark and recipe.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import time
@@ -34,9 +36,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from orchestration.config import load_config  # noqa: E402
 from orchestration.recipe import build_training, initial_model, open_splits  # noqa: E402
+from orchestration.time_budget import TrainingClock, plan_run  # noqa: E402
 from swav.counterfactual import METHODS, explain, populated_prototypes, prototype_scores  # noqa: E402,E501
 from swav.evaluation import knn_accuracy  # noqa: E402
-from swav.optim import warmup_cosine  # noqa: E402
 from swav.raw_batches import resident_images  # noqa: E402
 
 IMAGENET = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))  # lightly's normalisation
@@ -106,45 +108,36 @@ def counterfactuals(model, cfg, test_u8: torch.Tensor, n: int, device) -> dict:
 
 def train_ours(cfg, budget: float, marks: list[float], evaluate, device,
                name: str = "ours") -> dict:
-    """The experiment through the one epoch loop; LR schedule mapped onto the time budget."""
+    """The experiment through the one epoch loop for ``budget`` seconds of training, planned as
+    ``swav-ray train`` plans ``optim.time_budget_s`` (:mod:`orchestration.time_budget`: whole
+    epochs, the schedule fitted to them). A mark is read at the first epoch's end past it; the
+    marks not reached by the run's end (within half an epoch of the budget) are read there."""
+    cfg = dataclasses.replace(cfg, optim=dataclasses.replace(cfg.optim, time_budget_s=budget))
     setup = time.perf_counter()
     training = build_training(cfg, device=device)
-    engine, o = training.engine, cfg.optim
+    engine, steps = training.engine, training.steps_per_epoch
     emit({"recipe": name, "setup_s": round(time.perf_counter() - setup, 1),
-          "steps_per_epoch": training.steps_per_epoch, "loader": type(training.loader).__name__})
-    clock = {"trained": 0.0, "last": time.perf_counter()}
-    warm = o.warmup_epochs / o.epochs
-
-    def on_step(iteration: int, loss) -> None:  # the LR of the next step, from the time spent
-        now = time.perf_counter()
-        clock["trained"] += now - clock["last"]
-        clock["last"] = now
-        progress = min(clock["trained"] / budget, 1.0)
-        lr = warmup_cosine(int(progress * 1e6), 1_000_000, int(warm * 1e6), o.lr, o.final_lr,
-                           o.start_warmup)
-        for group in engine.optimizer.param_groups:
-            group["lr"] = lr
-
+          "steps_per_epoch": steps, "loader": type(training.loader).__name__})
+    clock = TrainingClock()
+    planned, _ = plan_run(cfg.optim, engine, clock, 0, steps)
     pending, epoch, images = sorted(marks), 0, 0
-    on_step(0, None)
-    while clock["trained"] < budget:
-        before = clock["trained"]
-        stats = training.run_epoch(epoch, on_step=on_step)
+    while epoch < planned:
+        started = time.perf_counter()
+        stats = training.run_epoch(epoch)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
-        on_step(0, None)
-        epoch_rate = stats.images / (clock["trained"] - before)  # GPU work included
+        seconds = time.perf_counter() - started  # GPU work included
+        clock.add_epoch(seconds, device)
         images += stats.images
         epoch += 1
-        while pending and clock["trained"] >= pending[0]:
-            mark = pending.pop(0)
-            emit({"recipe": name, "mark_s": mark, "trained_s": round(clock["trained"], 1),
-                  "epochs": epoch, "loss": round(stats.loss, 4),
-                  "images_per_s": round(images / clock["trained"]),
-                  "last_epoch_images_per_s": round(epoch_rate),  # the steady state
+        planned, _ = plan_run(cfg.optim, engine, clock, epoch, steps)
+        while pending and (clock.trained_s >= pending[0] or epoch == planned):
+            emit({"recipe": name, "mark_s": pending.pop(0), "trained_s": round(clock.trained_s, 1),
+                  "epochs": epoch, "epochs_planned": planned, "loss": round(stats.loss, 4),
+                  "images_per_s": round(images / clock.trained_s),
+                  "last_epoch_images_per_s": round(stats.images / seconds),  # the steady state
                   "knn_top1": evaluate(engine.net.backbone)})
-            clock["last"] = time.perf_counter()
-    return {"epochs": epoch, "images_per_s": round(images / clock["trained"]), "model": engine.net}
+    return {"epochs": epoch, "images_per_s": round(images / clock.trained_s), "model": engine.net}
 
 
 def parse_variants(text: str) -> dict[str, list[str]]:

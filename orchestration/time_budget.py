@@ -23,7 +23,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-__all__ = ["TrainingClock", "fit_schedule", "plan_epochs"]
+__all__ = ["TrainingClock", "fit_schedule", "plan_epochs", "plan_run"]
 
 
 @dataclass
@@ -88,3 +88,20 @@ def fit_schedule(scheduler, optimizer, epochs: int, steps_per_epoch: int,
     for group, lr in zip(optimizer.param_groups, rates):
         group["lr"] = lr
     scheduler._last_lr = rates
+
+
+def plan_run(optim: Any, engine: Any, clock: TrainingClock, done: int,
+             steps_per_epoch: int) -> tuple[int, bool]:
+    """The run's length after ``done`` epochs, and whether the budget fits more epochs than
+    ``optim.epochs`` allows: ``optim.epochs`` without a budget; with one, the plan, to which the
+    engine's schedule is fitted (the warmup's share is ``warmup_epochs / epochs``)."""
+    budget = optim.time_budget_s
+    if budget is None:
+        return optim.epochs, False
+    planned = plan_epochs(done, clock, budget, optim.epochs)
+    capped = planned == optim.epochs and plan_epochs(done, clock, budget, 2 ** 31) > planned
+    clock.planned, clock.budget_s = planned, budget
+    fit_schedule(engine.scheduler, engine.optimizer, planned, steps_per_epoch,
+                 optim.warmup_epochs / optim.epochs)
+    return planned, capped
+

@@ -39,7 +39,7 @@ from orchestration.metrics import epoch_report
 from orchestration.progress import StepPoster
 from orchestration.recipe import Training, build_training, check_data_here
 from orchestration.system_metrics import node_monitor
-from orchestration.time_budget import TrainingClock, fit_schedule, plan_epochs
+from orchestration.time_budget import TrainingClock, plan_run
 from swav.engine import SwAVEngine
 from swav.evaluation import extract_features, knn_predict
 from swav.model import SwAVModel
@@ -161,20 +161,13 @@ def _train_epochs(cfg: ExperimentConfig, config: dict[str, Any]) -> None:
 
 
 def _plan(training: Training, done: int, clock: TrainingClock) -> int:
-    """Epochs the run trains: ``optim.epochs``, or what fits ``optim.time_budget_s`` (then the
-    schedule is fitted to the plan)."""
+    """Epochs the run trains: ``optim.epochs``, or what fits ``optim.time_budget_s``."""
     o = training.cfg.optim
-    if o.time_budget_s is None:
-        return o.epochs
-    planned = plan_epochs(done, clock, o.time_budget_s, o.epochs)
-    if (clock.epochs == 1 and training.rank == 0 and planned == o.epochs
-            and plan_epochs(done, clock, o.time_budget_s, 2 ** 31) > o.epochs):
+    planned, capped = plan_run(o, training.engine, clock, done, training.steps_per_epoch)
+    if capped and clock.epochs == 1 and training.rank == 0:  # said once, at the first plan
         log.warning("optim.time_budget_s: %g s fit more than optim.epochs=%d epochs; the run "
                     "ends after %d (raise optim.epochs, and warmup_epochs with it to keep the "
                     "warmup's share)", o.time_budget_s, o.epochs, o.epochs)
-    clock.planned, clock.budget_s = planned, o.time_budget_s
-    fit_schedule(training.engine.scheduler, training.engine.optimizer, planned,
-                 training.steps_per_epoch, o.warmup_epochs / o.epochs)
     return planned
 
 
