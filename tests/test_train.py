@@ -135,6 +135,11 @@ def test_a_time_budget_ends_the_run_with_its_schedule_in_whole_epochs(ray_local,
     assert lrs[-1] < 0.1 * max(lrs), lrs  # annealed by the end (over 60 epochs: near 1.0)
     knn = client.get_metric_history(outcome.run_id, "knn_top1")
     assert [m.step for m in knn] == [epochs - 1]  # the planned last epoch is evaluated
+    # The checkpoint carries the clock and the plan: a resume goes on with them.
+    state = torch.load(Path(outcome.checkpoint_path) / STATE_FILE, weights_only=True)
+    assert state["clock"]["epochs"] == state["clock"]["planned"] == epochs
+    assert state["clock"]["budget_s"] == budget
+    assert state["clock"]["trained_s"] == pytest.approx(clock[-1])
 
 
 def test_an_interrupted_run_resumes_and_a_killed_worker_is_replaced(straight, tmp_path,
