@@ -17,6 +17,8 @@ A sweep file (``experiments/sweep_*.yaml``)::
     metric: knn_top1                     # a per-epoch metric (orchestration.metrics); mode from it
     num_samples: 1                       # samples of the random dimensions (x every grid point)
     scheduler: {name: asha, grace_period: 2, reduction_factor: 2}    # or {name: fifo}
+                                         # (grace_period: epochs; seconds of training when the
+                                         # trials have optim.time_budget_s)
     searcher: random                     # random (Ray's variant generator) | grid | optuna
     max_concurrent_trials: null          # default: what the cluster holds at once
     eval: {final_evaluation: true, explain_images: 16}                # for the best trial

@@ -4,7 +4,8 @@ Ray Train V2 inside Tune, as the installed Ray documents it: each trial is a dri
 builds the trial's config (:func:`orchestration.sweep.trial_config`) and calls
 :func:`orchestration.train.run_training`, whose TorchTrainer reports every epoch to Tune through
 ``TuneReportCallback``.  So a trial has its own worker group and gathers its Sinkhorn codes over
-it, and ASHA sees one result per epoch (time axis ``epochs_done``).  Trial runs are named
+it, and ASHA sees one result per epoch (time axis ``epochs_done``; for trials with
+``optim.time_budget_s``, the training seconds ``training_s``).  Trial runs are named
 ``<sweep>-<trial id>``: a resumed sweep restarts an unfinished trial under the same name, and Ray
 Train resumes it from its last checkpoint.
 
@@ -84,8 +85,21 @@ def concurrent_trials(spec: SweepSpec) -> int:
 
 def max_epochs(spec: SweepSpec) -> int:
     """The most epochs a trial of the sweep trains (``optim.epochs`` may be searched)."""
-    epochs = {d.key: d for d in spec.dimensions}.get("optim.epochs")
-    return max(epochs.representatives()) if epochs else spec.base_config().optim.epochs
+    return max(_searched_or_base(spec, "optim.epochs"))
+
+
+def max_time_budget(spec: SweepSpec) -> float | None:
+    """The largest ``optim.time_budget_s`` of the sweep's trials, None if none has one."""
+    budgets = [b for b in _searched_or_base(spec, "optim.time_budget_s") if b is not None]
+    return max(budgets) if budgets else None
+
+
+def _searched_or_base(spec: SweepSpec, key: str) -> list[Any]:
+    dim = {d.key: d for d in spec.dimensions}.get(key)
+    if dim is not None:
+        return dim.representatives()
+    section, name = key.split(".")
+    return [getattr(getattr(spec.base_config(), section), name)]
 
 
 def _distribution(dim, grid_searcher: bool):
@@ -103,8 +117,14 @@ def _distribution(dim, grid_searcher: bool):
 def _tune_config(spec: SweepSpec, max_concurrent: int) -> tune.TuneConfig:
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
-    s = spec.scheduler
-    if s["name"] == "asha":
+    s, budget = spec.scheduler, max_time_budget(spec)
+    if s["name"] == "asha" and budget is not None:
+        # Trials with a wall-clock budget are compared at equal training time (the run's clock,
+        # training_s): grace_period is then in seconds, by default an eighth of the budget.
+        scheduler = ASHAScheduler(time_attr="training_s", max_t=budget,
+                                  grace_period=s.get("grace_period", max(1, round(budget / 8))),
+                                  reduction_factor=s.get("reduction_factor", 2))
+    elif s["name"] == "asha":
         scheduler = ASHAScheduler(time_attr="epochs_done", max_t=max_epochs(spec),
                                   grace_period=s.get("grace_period", 1),
                                   reduction_factor=s.get("reduction_factor", 2))

@@ -14,7 +14,7 @@ from mlflow.tracking import MlflowClient
 from orchestration.config import ConfigError, load_config
 from orchestration.mlflow_server import serving
 from orchestration.sweep import load_sweep
-from orchestration.tuning import concurrent_trials, load_saved_spec, run_sweep
+from orchestration.tuning import _tune_config, concurrent_trials, load_saved_spec, run_sweep
 
 pytestmark = pytest.mark.slow  # Ray Train/Tune runs end to end (CI runs them all)
 
@@ -196,3 +196,24 @@ def test_runs_of_trials_tune_never_ended_are_not_left_running(mlflow_url):
     assert [client.get_run(kids[t]).info.status for t in ("t0", "t1", "t2")] == [
         "FINISHED", "FAILED", "KILLED"]
     assert client.get_run(parent).info.status == "RUNNING"  # the parent is the sweep's to end
+
+
+def test_asha_compares_budgeted_trials_at_equal_training_time(tmp_path):
+    """Epochs without a budget; with optim.time_budget_s (base or searched) the run's clock,
+    training_s, with the grace period in seconds (an eighth of the largest budget by default)."""
+    def asha(search: dict, overrides: dict, scheduler: dict | None = None):
+        sweep = tmp_path / "sweep.yaml"
+        sweep.write_text(yaml.safe_dump({
+            "experiment": "default", "overrides": {"optim.epochs": 12, **overrides},
+            "search": search, "scheduler": scheduler or {"name": "asha"}}))
+        s = _tune_config(load_sweep(str(sweep)), 1).scheduler
+        return s._time_attr, s._max_t, s._brackets[0]._rungs[-1][0]  # (the lowest rung last)
+
+    eps = {"swav.epsilon": {"grid": [0.03, 0.05]}}
+    assert asha(eps, {}) == ("epochs_done", 12, 1)
+    assert asha(eps, {"optim.time_budget_s": 120}) == ("training_s", 120, 15)
+    assert asha({"optim.time_budget_s": {"grid": [60, 240]}}, {}) == ("training_s", 240, 30)
+    assert asha(eps, {"optim.time_budget_s": 120},
+                {"name": "asha", "grace_period": 20, "reduction_factor": 3}) == \
+        ("training_s", 120, 20)
+
