@@ -189,24 +189,34 @@ def end_trial_runs(uri: str, parent_run_id: str, status: str, trial_id: str | No
 
 
 class SweepProgress(tune.Callback):
-    """The console of ``swav-ray tune``: one progress bar over all trials' epochs (the best
-    metric so far beside it) and one line per ended trial."""
+    """The console of ``swav-ray tune``: one progress bar over all trials' epochs, or their
+    training seconds when they have a time budget (the best metric so far beside it), and one
+    line per ended trial."""
 
-    def __init__(self, spec: SweepSpec, total_epochs: int) -> None:
-        self.spec, self.total = spec, total_epochs
+    def __init__(self, spec: SweepSpec, trials: int) -> None:
+        budget = max_time_budget(spec)
+        self.spec, self.timed = spec, budget is not None
+        self.total = trials * (budget if self.timed else max_epochs(spec))
         self.bar = None
         self.best: float | None = None
+        self.clocks: dict[str, float] = {}  # trial id -> its training_s so far
 
     def _ensure_bar(self):
         if self.bar is None:
             from tqdm import tqdm
 
-            self.bar = tqdm(total=self.total, unit="epoch", desc="sweep", dynamic_ncols=True)
+            self.bar = tqdm(total=self.total, unit="s" if self.timed else "epoch", desc="sweep",
+                            dynamic_ncols=True)
         return self.bar
 
     def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
         bar = self._ensure_bar()
-        bar.update(1)
+        if self.timed:
+            now = float(result.get("training_s", 0.0))
+            bar.update(max(0.0, now - self.clocks.get(trial.trial_id, 0.0)))
+            self.clocks[trial.trial_id] = now
+        else:
+            bar.update(1)
         value = result.get(self.spec.metric)
         if value is not None and (self.best is None or (
                 value > self.best if self.spec.mode == "max" else value < self.best)):
@@ -308,7 +318,7 @@ def _fit(spec: SweepSpec, name: str, root: str, parent: TrackedRun, uri: str,
     callbacks = [TrialRunStatus(parent.run_id)]
     if progress:  # (a restored sweep keeps the callbacks it was started with)
         grid = math.prod(len(d.values) for d in spec.dimensions if d.kind == "grid")
-        callbacks.append(SweepProgress(spec, max_epochs(spec) * grid * spec.num_samples))
+        callbacks.append(SweepProgress(spec, grid * spec.num_samples))
     if resume and tune.Tuner.can_restore(sweep_dir_of(root, name)):
         tuner = tune.Tuner.restore(sweep_dir_of(root, name), trainable, resume_unfinished=True,
                                    resume_errored=True)

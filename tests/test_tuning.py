@@ -14,7 +14,13 @@ from mlflow.tracking import MlflowClient
 from orchestration.config import ConfigError, load_config
 from orchestration.mlflow_server import serving
 from orchestration.sweep import load_sweep
-from orchestration.tuning import _tune_config, concurrent_trials, load_saved_spec, run_sweep
+from orchestration.tuning import (
+    SweepProgress,
+    _tune_config,
+    concurrent_trials,
+    load_saved_spec,
+    run_sweep,
+)
 
 pytestmark = pytest.mark.slow  # Ray Train/Tune runs end to end (CI runs them all)
 
@@ -216,4 +222,25 @@ def test_asha_compares_budgeted_trials_at_equal_training_time(tmp_path):
     assert asha(eps, {"optim.time_budget_s": 120},
                 {"name": "asha", "grace_period": 20, "reduction_factor": 3}) == \
         ("training_s", 120, 20)
+
+
+def test_the_sweep_bar_counts_epochs_or_with_budgets_seconds_of_training(tmp_path):
+    from types import SimpleNamespace
+
+    def spec_with(overrides: dict):
+        sweep = tmp_path / "sweep.yaml"
+        sweep.write_text(yaml.safe_dump({"experiment": "default",
+                                         "overrides": {"optim.epochs": 12, **overrides},
+                                         "search": {"swav.epsilon": {"grid": [0.03, 0.05]}}}))
+        return load_sweep(str(sweep))
+
+    trials = [SimpleNamespace(trial_id=t, config={"swav.epsilon": 0.03}) for t in "ab"]
+    epochs = SweepProgress(spec_with({}), trials=2)
+    timed = SweepProgress(spec_with({"optim.time_budget_s": 30}), trials=2)
+    for progress in (epochs, timed):
+        for trial, clock in ((trials[0], 4.0), (trials[1], 5.0), (trials[0], 9.5)):
+            progress.on_trial_result(0, trials, trial, {"training_s": clock, "knn_top1": 0.5})
+        progress.on_experiment_end(trials)
+    assert (epochs.total, epochs.bar.n) == (24, 3)  # 2 trials x 12 epochs; 3 epochs heard
+    assert (timed.total, timed.bar.n) == (60, 14.5)  # 2 x 30 s; a: 9.5 s, b: 5 s
 
