@@ -4,7 +4,8 @@ A run with a budget trains whole epochs until about ``time_budget_s`` seconds of
 passed (the epochs' own time: start-up, evaluations and checkpoints do not count), at most
 ``optim.epochs``.  After every epoch the number of epochs is planned again from the pace so far
 (each epoch counted at the slowest worker's time, so that every worker plans the same; the first
-epoch's start-up left out once there are others), until half of the plan has run; then it stays.
+epoch's start-up left out once there are others), until the last quarter of the plan; then it
+stays, and a run never stops under a schedule that has not ended.
 The warmup + cosine schedule is fitted to the plan: the warmup keeps its share
 (``warmup_epochs / epochs``) and the learning rate reaches ``final_lr`` at the end, as a schedule
 over that many epochs would.  Until the first epoch has been timed, the plan is ``optim.epochs``.
@@ -66,15 +67,20 @@ def plan_epochs(done: int, clock: TrainingClock, budget_s: float, most: int) -> 
     """Epochs in all: the ``done`` ones and as many more as fit in what is left of the budget at
     the clock's pace (to the nearest epoch), at most ``most``; ``most`` before any is timed.
 
-    Once more than half of a plan for this budget has run, the plan stays: the second half of
-    the cosine is never cut short by a slower epoch near the end (a run then ends within about
-    the pace's change of the budget)."""
+    Two rules keep the cosine whole. In the last quarter of a plan for this budget the plan
+    stays (no late jumps of the rate). And a plan never ends at once when the epoch that just
+    ran followed a longer one: one more epoch, fitted to end, anneals the rate to ``final_lr``
+    (so a run may end up to about an epoch past its budget)."""
     if clock.epochs == 0 or clock.pace <= 0:
         return most
-    if clock.planned and clock.budget_s == budget_s and 2 * done > clock.planned:
+    same_budget = clock.planned > 0 and clock.budget_s == budget_s
+    if same_budget and done >= 0.75 * clock.planned:
         return clock.planned
     more = max(0, math.floor((budget_s - clock.trained_s) / clock.pace + 0.5))
-    return max(done, min(most, done + more))
+    planned = max(done, min(most, done + more))
+    if planned == done and clock.planned > done:
+        planned = done + 1
+    return planned
 
 
 def fit_schedule(scheduler, optimizer, epochs: int, steps_per_epoch: int,

@@ -199,32 +199,41 @@ class SweepProgress(tune.Callback):
         self.total = trials * (budget if self.timed else max_epochs(spec))
         self.bar = None
         self.best: float | None = None
-        self.clocks: dict[str, float] = {}  # trial id -> its training_s so far
+        self.done: dict[str, float] = {}  # trial id -> its epochs (or training seconds) so far
 
     def _ensure_bar(self):
         if self.bar is None:
             from tqdm import tqdm
 
-            self.bar = tqdm(total=self.total, unit="s" if self.timed else "epoch", desc="sweep",
-                            dynamic_ncols=True)
+            unit = "s" if self.timed else "epochs"
+            self.bar = tqdm(total=self.total, desc="sweep", dynamic_ncols=True,
+                            bar_format="{desc}: {percentage:3.0f}%|{bar}| {n:.0f}/{total:.0f} "
+                                       f"{unit} [{{elapsed}}<{{remaining}}{{postfix}}]")
         return self.bar
 
+    def _advance(self, trial, result: dict) -> None:
+        """The bar to the trial's latest figure (each result carries its running totals; the
+        trial's final result may reach the callback only as its last result at completion)."""
+        now = float(result.get("training_s" if self.timed else "epochs_done", 0) or 0)
+        seen = self.done.get(trial.trial_id, 0.0)
+        if now > seen:
+            self._ensure_bar().update(now - seen)
+            self.done[trial.trial_id] = now
+
     def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
-        bar = self._ensure_bar()
-        if self.timed:
-            now = float(result.get("training_s", 0.0))
-            bar.update(max(0.0, now - self.clocks.get(trial.trial_id, 0.0)))
-            self.clocks[trial.trial_id] = now
-        else:
-            bar.update(1)
+        self._take(trial, result)
+
+    def on_trial_complete(self, iteration, trials, trial, **info) -> None:
+        self._take(trial, trial.last_result or {})
+        self._line(trial, "ended")
+
+    def _take(self, trial, result: dict) -> None:
+        self._advance(trial, result)
         value = result.get(self.spec.metric)
         if value is not None and (self.best is None or (
                 value > self.best if self.spec.mode == "max" else value < self.best)):
             self.best = float(value)
-            bar.set_postfix_str(f"best {self.spec.metric} {self.best:.4f}")
-
-    def on_trial_complete(self, iteration, trials, trial, **info) -> None:
-        self._line(trial, "ended")
+            self._ensure_bar().set_postfix_str(f"best {self.spec.metric} {self.best:.4f}")
 
     def on_trial_error(self, iteration, trials, trial, **info) -> None:
         self._line(trial, "failed")

@@ -32,15 +32,23 @@ def test_the_plan_fills_the_budget_to_the_nearest_whole_epoch(epochs, expected):
     assert plan_epochs(len(epochs), clock_of(*epochs), budget_s=120.0, most=50) == expected
 
 
-def test_past_half_of_its_plan_the_plan_stays_unless_the_budget_changes():
-    clock = clock_of(*(10.0,) * 7)  # 7 of a 12-epoch plan
-    clock.planned, clock.budget_s = 12, 120.0
-    clock.add_epoch(30.0, torch.device("cpu"))  # a slow epoch in the second half
-    assert plan_epochs(8, clock, 120.0, 50) == 12  # the cosine's end is not cut short
-    assert plan_epochs(8, clock, 240.0, 50) == 19  # a larger budget (a resume): 140 s / 12.9 s
-    early = clock_of(10.0, 10.0, 30.0)  # 3 of 12: still planned from the pace (20 s)
+def test_in_the_last_quarter_of_its_plan_the_plan_stays_unless_the_budget_changes():
+    clock = clock_of(*(10.0,) * 8)  # 8 of a 10-epoch plan
+    clock.planned, clock.budget_s = 10, 120.0
+    clock.add_epoch(30.0, torch.device("cpu"))  # a slow epoch in the last quarter
+    assert plan_epochs(9, clock, 120.0, 50) == 10  # no late jump of the rate
+    assert plan_epochs(9, clock, 240.0, 50) == 19  # a larger budget (a resume): 130 s / 12.5 s
+    early = clock_of(10.0, 10.0, 30.0)  # 3 of 12: planned again from the pace (20 s)
     early.planned, early.budget_s = 12, 120.0
     assert plan_epochs(3, early, 120.0, 50) == 7  # 70 s left at 20 s: 3.5, to the nearest 4 more
+
+
+def test_a_run_never_stops_under_a_schedule_that_has_not_ended():
+    clock = clock_of(10.0, 10.0, 10.0, 10.0, 40.0, 40.0)  # slower at once: 120 s spent
+    clock.planned, clock.budget_s = 12, 120.0  # the last epoch ran under a 12-epoch plan
+    assert plan_epochs(6, clock, 120.0, 50) == 7  # one more epoch, fitted to end
+    clock.planned = 6  # it ran under a plan that ended with it: stop
+    assert plan_epochs(6, clock, 120.0, 50) == 6
 
 
 def test_the_fitted_schedule_is_the_one_of_a_run_planned_that_long_from_the_start():

@@ -234,13 +234,20 @@ def test_the_sweep_bar_counts_epochs_or_with_budgets_seconds_of_training(tmp_pat
                                          "search": {"swav.epsilon": {"grid": [0.03, 0.05]}}}))
         return load_sweep(str(sweep))
 
-    trials = [SimpleNamespace(trial_id=t, config={"swav.epsilon": 0.03}) for t in "ab"]
+    trials = [SimpleNamespace(trial_id=t, config={"swav.epsilon": 0.03}, last_result=None)
+              for t in "ab"]
     epochs = SweepProgress(spec_with({}), trials=2)
     timed = SweepProgress(spec_with({"optim.time_budget_s": 30}), trials=2)
     for progress in (epochs, timed):
-        for trial, clock in ((trials[0], 4.0), (trials[1], 5.0), (trials[0], 9.5)):
-            progress.on_trial_result(0, trials, trial, {"training_s": clock, "knn_top1": 0.5})
+        for trial, done, clock in ((trials[0], 1, 4.0), (trials[1], 1, 5.0), (trials[0], 2, 9.5)):
+            progress.on_trial_result(0, trials, trial, {"epochs_done": done, "training_s": clock,
+                                                        "knn_top1": 0.5})
+        # The trial's own final report, seen only as its last result when it completes.
+        trials[1].last_result = {"epochs_done": 4, "training_s": 29.0, "knn_top1": 0.6}
+        progress.on_trial_complete(0, trials, trials[1])
+        trials[1].last_result = None
         progress.on_experiment_end(trials)
-    assert (epochs.total, epochs.bar.n) == (24, 3)  # 2 trials x 12 epochs; 3 epochs heard
-    assert (timed.total, timed.bar.n) == (60, 14.5)  # 2 x 30 s; a: 9.5 s, b: 5 s
+    assert (epochs.total, epochs.bar.n) == (24, 6)  # 2 trials x 12 epochs; a: 2, b: 4
+    assert (timed.total, timed.bar.n) == (60, 38.5)  # 2 x 30 s; a: 9.5 s, b: 29 s
+    assert epochs.best == timed.best == 0.6  # the final report's figure counts for the best
 
