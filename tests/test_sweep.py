@@ -29,7 +29,7 @@ def write(tmp: Path, **sweep) -> str:
 
 def test_shipped_sweeps_load_and_their_trials_are_valid(tmp_path):
     names = sorted(p.stem for p in EXPERIMENTS_DIR.glob("sweep_*.yaml"))
-    assert {"sweep_default", "sweep_cifar10"} <= set(names)
+    assert {"sweep_default", "sweep_cifar10", "sweep_cifar10_wallclock"} <= set(names)
     for name in names:
         assert load_sweep(name, [f"data.path={tmp_path}"]).dimensions
     spec = load_sweep("sweep_default")
@@ -43,6 +43,8 @@ def test_shipped_sweeps_load_and_their_trials_are_valid(tmp_path):
     assert cfg.optim.epochs == 12 and cfg.model.backbone == "convnet"  # base + its overrides
     assert not cfg.eval.final_evaluation and cfg.eval.explain_images == 0  # trials: no eval
     assert spec.final_evaluation  # the best trial gets it
+    timed = load_sweep("sweep_cifar10_wallclock", [f"data.path={tmp_path}"])
+    assert timed.base_config().optim.time_budget_s == 120 and timed.scheduler["grace_period"] == 15
 
 
 def test_a_section_is_searched_as_a_whole_by_named_presets(tmp_path):
