@@ -4,16 +4,20 @@
 #      model as a row (5 alternating repeats each), and a profile of each row's step;
 #   2. end to end against the step only, in the same call: cifar10_wallclock's step, then 120 s of
 #      its training with the crops made and compiled on the GPU (crops.compile=true);
-#   3. the batched multi-crop eager against compiled.
+#   3. the batched multi-crop eager against compiled, and against Kornia's batched augmentations
+#      (bench/kornia_peer.py).
 # Needs, in the ignored folder .gpu/ of the checkout (carried to the device): the CIFAR-10 Parquet
-# (.gpu/cifar10/{train,test}.parquet) and lightly's wheel (pip download --no-deps lightly==1.6.0).
+# (.gpu/cifar10/{train,test}.parquet), lightly's wheel (pip download --no-deps lightly==1.6.0) and,
+# optionally (its rows are left out without them), Kornia's for the device's Python 3.12 (pip download
+# --no-deps --only-binary=:all: --python-version 3.12 --platform manylinux_2_17_x86_64 -d .gpu
+# kornia==0.9.0 kornia_rs==0.2.0).
 # Run from the repository root: bash bench/device_check.sh (JSON lines under $OUT, else a new
 # temporary folder).
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-$(mktemp -d)}  # the device tool sets $OUT
 mkdir -p "$OUT" && echo "output: $OUT"
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site \
-    .gpu/lightly-*.whl || exit 1
+    .gpu/*.whl || exit 1
 export PYTHONPATH=/tmp/site
 nvidia-smi -L
 python3 -c "import torch, torchvision; print(torch.__version__, torchvision.__version__)"
@@ -49,6 +53,8 @@ mark tta
 run 200 tta python3 bench/bench_time_to_accuracy.py --data .gpu/cifar10 --budget 120 \
     --marks 60,120 --recipes ours --workers 15 --cf-images 256 $COMPILE
 mark pipeline
-run 60 pipeline python3 bench/bench_pipeline.py cifar10_wallclock data.path=.gpu/cifar10 \
-    --workers 15 --batches 10 --device-batches 50 --repeats 3 $EAGER_ONLY
+KORNIA=
+python3 -c "import kornia.augmentation" 2>/dev/null && KORNIA="--kornia resample,slice"
+run 90 pipeline python3 bench/bench_pipeline.py cifar10_wallclock data.path=.gpu/cifar10 \
+    --workers 15 --batches 10 --device-batches 50 --repeats 5 $EAGER_ONLY $KORNIA
 mark done
