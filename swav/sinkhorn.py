@@ -19,6 +19,9 @@ computes the ``logsumexp`` of its own rows, the ``W`` partial results are all-ga
 with another ``logsumexp``.  The per-sample normalisation is local.  ``W`` workers with ``B`` rows
 each therefore get the codes that one process computes on the ``W * B`` concatenated rows (up to
 floating-point summation order).
+
+Several score matrices of the same shape (SwAV's assigned crops) can be passed stacked,
+``[..., B, K]``: each gets its own codes, in one set of kernels instead of one per matrix.
 """
 
 from __future__ import annotations
@@ -37,13 +40,13 @@ def world_size() -> int:
 
 
 def _global_logsumexp_over_samples(log_q: torch.Tensor, gather: bool) -> torch.Tensor:
-    """``logsumexp`` over the sample axis (dim 0) of the global batch, shape ``[1, K]``."""
-    local = torch.logsumexp(log_q, dim=0, keepdim=True)
+    """``logsumexp`` over the sample axis (dim -2) of the global batch, shape ``[..., 1, K]``."""
+    local = torch.logsumexp(log_q, dim=-2, keepdim=True)
     if not gather or world_size() == 1:
         return local
     parts = [torch.empty_like(local) for _ in range(world_size())]
     dist.all_gather(parts, local.contiguous())
-    return torch.logsumexp(torch.cat(parts, dim=0), dim=0, keepdim=True)
+    return torch.logsumexp(torch.stack(parts), dim=0)
 
 
 @torch.no_grad()
@@ -56,18 +59,20 @@ def sinkhorn(
     """Soft cluster assignments (codes) of ``scores`` with equipartition over prototypes.
 
     Args:
-        scores: ``[B, K]`` similarities of ``B`` samples to ``K`` prototypes (any float dtype).
+        scores: ``[B, K]`` similarities of ``B`` samples to ``K`` prototypes (any float dtype),
+            or a stack ``[..., B, K]`` of such matrices, each normalised on its own.
         epsilon: entropy regularisation; smaller is closer to a hard assignment (paper: 0.05).
         iterations: Sinkhorn-Knopp iterations (paper: 3).
         gather: when ``torch.distributed`` is initialised, normalise over the global batch.
 
     Returns:
-        ``[B, K]`` codes in float32 (float64 when ``scores`` is float64). Each row sums to 1;
+        codes of the shape of ``scores``, in float32 (float64 when ``scores`` is float64). Each row sums to 1;
         each column sums to ``B_global / K`` up to the convergence of ``iterations`` steps.
         No gradient flows through the codes.
     """
-    if scores.dim() != 2:
-        raise ValueError(f"scores: expected a [B, K] matrix, got shape {tuple(scores.shape)}")
+    if scores.dim() < 2:
+        raise ValueError(f"scores: expected a [B, K] matrix (or a stack of them), got shape "
+                         f"{tuple(scores.shape)}")
     if not epsilon > 0:
         raise ValueError(f"epsilon: must be > 0, got {epsilon}")
     if iterations < 1:
@@ -78,5 +83,5 @@ def sinkhorn(
         # Every prototype gets the same total mass over the global batch ...
         log_q = log_q - _global_logsumexp_over_samples(log_q, gather)
         # ... and every sample a unit of mass (local: a sample's row lives on one worker).
-        log_q = log_q - torch.logsumexp(log_q, dim=1, keepdim=True)
+        log_q = log_q - torch.logsumexp(log_q, dim=-1, keepdim=True)
     return log_q.exp()

@@ -51,6 +51,54 @@ def test_three_crops_average_over_the_other_crops():
     torch.testing.assert_close(out.loss, expected)
 
 
+def _per_crop_loss(scores, b, crops, t, queues=None):
+    """The loss written per assigned crop: its own Sinkhorn call, the mean over the others."""
+    n = scores.shape[0] // b
+    logp = torch.log_softmax(scores / t, dim=1)
+    total = 0.0
+    for i, c in enumerate(crops):
+        own = scores[c * b:(c + 1) * b]
+        q = sinkhorn(own if queues is None else torch.cat([queues[i], own]), 0.05, 3)[-b:]
+        total += sum(-(q * logp[o * b:(o + 1) * b]).sum(1).mean() for o in range(n) if o != c)
+    return total / (n - 1) / len(crops)
+
+
+@pytest.mark.parametrize("crops", [[0, 1], [2, 0], [1, 3]])
+def test_assigned_crops_in_any_order_equal_the_loss_written_per_crop(crops):
+    # The codes of all assigned crops come from one stacked Sinkhorn call: each crop's must
+    # still be its own (and a non-contiguous or unordered crops_for_assign must pick the rows).
+    torch.manual_seed(5)
+    b, t = 6, 0.1
+    scores = torch.nn.functional.normalize(torch.randn(4 * b, 7, dtype=torch.float64), dim=1)
+    out = SwAVLoss(n_crops=4, crops_for_assign=crops, temperature=t)(scores, b)
+    torch.testing.assert_close(out.loss, _per_crop_loss(scores, b, crops, t))
+    for i, c in enumerate(crops):
+        torch.testing.assert_close(out.codes[i], sinkhorn(scores[c * b:(c + 1) * b], 0.05, 3))
+
+
+def test_float32_loss_of_a_full_size_batch_equals_the_float64_loss():
+    # 6 crops x 256 images x 3000 prototypes: the cross-entropies sum 768,000 terms per pair of
+    # crops; summed in one float32 accumulation they were 2e-4 off.
+    torch.manual_seed(7)
+    b, k = 256, 3000
+    scores = torch.nn.functional.normalize(torch.randn(6 * b, k, dtype=torch.float64), dim=1) * 8
+    loss_fn = SwAVLoss(n_crops=6)
+    exact = loss_fn(scores, b).loss.item()
+    assert loss_fn(scores.float(), b).loss.item() == pytest.approx(exact, rel=1e-6)
+
+
+def test_each_assigned_crop_takes_its_own_queued_rows():
+    torch.manual_seed(6)
+    b, t = 4, 0.1
+    scores = torch.randn(3 * b, 5, dtype=torch.float64)
+    queues = [torch.randn(8, 5, dtype=torch.float64), torch.randn(8, 5, dtype=torch.float64) * 3]
+    loss_fn = SwAVLoss(n_crops=3, crops_for_assign=[0, 1], temperature=t)
+    out = loss_fn(scores, b, queue_scores=[queues])
+    torch.testing.assert_close(out.loss, _per_crop_loss(scores, b, [0, 1], t, queues))
+    with pytest.raises(ValueError, match="^queue_scores"):
+        loss_fn(scores, b, queue_scores=[[queues[0], None]])
+
+
 def test_no_gradient_flows_through_codes():
     """d loss / d scores of a predicting crop is (softmax(s/T) - q) / (T * B * (n_crops-1))
     and zero for the assigned crop's own rows when it is the only assigned crop."""

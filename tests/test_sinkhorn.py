@@ -108,7 +108,18 @@ def test_bad_arguments_name_the_field(kwargs, field):
 
 def test_rejects_non_matrix_scores():
     with pytest.raises(ValueError, match="^scores"):
-        sinkhorn(torch.randn(4, 3, 2))
+        sinkhorn(torch.randn(4))
+
+
+def test_a_stack_of_matrices_gets_each_matrix_s_own_codes():
+    torch.manual_seed(5)
+    stack = torch.nn.functional.normalize(torch.randn(3, 40, 12, dtype=torch.float64), dim=-1)
+    stack[1] *= 0.5  # the matrices differ in scale: one set of marginals would not fit all three
+    codes = sinkhorn(stack, 0.05, 3)
+    assert codes.shape == stack.shape
+    for i in range(3):
+        torch.testing.assert_close(codes[i], paper_sinkhorn(stack[i], 0.05, 3),
+                                   rtol=1e-10, atol=1e-12)
 
 
 # -- distributed: 2 gloo processes on CPU -----------------------------------------------------
@@ -119,6 +130,8 @@ def _worker(rank: int, world: int, init_file: str, scores: torch.Tensor, out_dir
         shard = scores.chunk(world)[rank]
         torch.save(sinkhorn(shard, 0.05, 3, gather=True), os.path.join(out_dir, f"gathered{rank}.pt"))
         torch.save(sinkhorn(shard, 0.05, 3, gather=False), os.path.join(out_dir, f"local{rank}.pt"))
+        stack = torch.stack([scores, scores.flip(0) * 0.5]).chunk(world, dim=1)[rank]
+        torch.save(sinkhorn(stack, 0.05, 3, gather=True), os.path.join(out_dir, f"stack{rank}.pt"))
     finally:
         dist.destroy_process_group()
 
@@ -131,7 +144,12 @@ def test_two_workers_equal_one_process_on_the_concatenated_batch():
         mp.spawn(_worker, args=(2, init_file, scores, tmp), nprocs=2, join=True)
         gathered = torch.cat([torch.load(os.path.join(tmp, f"gathered{r}.pt")) for r in range(2)])
         local = torch.cat([torch.load(os.path.join(tmp, f"local{r}.pt")) for r in range(2)])
+        stack = torch.cat([torch.load(os.path.join(tmp, f"stack{r}.pt")) for r in range(2)], dim=1)
     single = sinkhorn(scores, 0.05, 3)
     torch.testing.assert_close(gathered, single, atol=1e-6, rtol=1e-5)
+    # A stack of two matrices (the assigned crops), each gathered over the workers on its own.
+    torch.testing.assert_close(stack[0], single, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(stack[1], sinkhorn(scores.flip(0) * 0.5, 0.05, 3),
+                               atol=1e-6, rtol=1e-5)
     # Without gathering each worker equipartitions its own half: a different answer.
     assert (local - single).abs().max() > 1e-3
