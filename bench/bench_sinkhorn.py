@@ -2,7 +2,9 @@
 
     python bench/bench_sinkhorn.py --device cuda --sizes 256x3000,4096x3000,4096x65536
 Prints median milliseconds of several repeats for each size and whether each result is finite at
-epsilon 0.05 and 0.01 (the exp-domain algorithm overflows float32 at 0.01).
+epsilon 0.05 and 0.01 (the exp-domain algorithm overflows float32 at 0.01).  ``--stack N``: the
+codes of N matrices (SwAV's assigned crops), one call each against one call on the stack
+``[N, B, K]`` (``log_domain_stacked``), as ``swav.loss`` makes it.
 """
 
 from __future__ import annotations
@@ -55,6 +57,7 @@ def main() -> None:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--sizes", default="256x3000,4096x3000")
     ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--stack", type=int, default=1, help="matrices per call (assigned crops)")
     args = ap.parse_args()
     device = torch.device(args.device)
     torch.manual_seed(0)
@@ -62,9 +65,13 @@ def main() -> None:
         b, k = (int(v) for v in size.split("x"))
         z = torch.nn.functional.normalize(torch.randn(b, 128, device=device), dim=1)
         c = torch.nn.functional.normalize(torch.randn(k, 128, device=device), dim=1)
-        scores = (z @ c.t()).bfloat16()
-        row = {"B": b, "K": k, "device": args.device}
-        for name, fn in (("log_domain", lambda s, e: sinkhorn(s, e, 3)), ("exp_domain", exp_domain)):
+        scores = torch.stack([(z.roll(i, 0) @ c.t()).bfloat16() for i in range(args.stack)])
+        row = {"B": b, "K": k, "stack": args.stack, "device": args.device}
+        rows = {"log_domain": lambda s, e: torch.stack([sinkhorn(m, e, 3) for m in s]),
+                "exp_domain": lambda s, e: torch.stack([exp_domain(m, e) for m in s])}
+        if args.stack > 1:
+            rows["log_domain_stacked"] = lambda s, e: sinkhorn(s, e, 3)
+        for name, fn in rows.items():
             ms, finite = timed(fn, scores, 0.05, device, args.repeats)
             _, finite_001 = timed(fn, scores, 0.01, device, 1, inner=1)
             row[name] = {"median_ms": round(ms, 3), "finite_eps_0.05": finite,

@@ -1,5 +1,7 @@
 #!/bin/bash
 # What issue 9 still has to show on a GPU, as one prepared device call (about 8 minutes):
+#   0. first (seconds): Sinkhorn for the two assigned crops, two calls against the one stacked call
+#      that swav/loss.py now makes;
 #   1. the step against lightly's grouped loop, ResNet-18 and ResNet-50, with torch.compile of the
 #      model as a row (5 alternating repeats each), and a profile of each row's step;
 #   2. end to end against the step only, in the same call: cifar10_wallclock's step, then 120 s of
@@ -40,6 +42,8 @@ assert f(torch.ones(8, device='cuda')).sum().item() == 24"; then
 else
     echo "== torch.compile does not work here: compiled rows left out"
 fi
+mark sinkhorn
+run 30 sinkhorn python3 bench/bench_sinkhorn.py --sizes 256x3000,64x3000 --stack 2 --repeats 7
 mark step_r18
 run 120 step_r18 python3 bench/bench_step.py --backbone resnet18 --cifar-stem --batch-size 256 \
     --crops 2x32,4x16 --channels-last --prototypes 3000 --rows $ROWS --repeats 5 --steps 30 --profile
