@@ -24,6 +24,22 @@ def test_sinkhorn_on_gpu_with_bf16_scores_matches_cpu_float64():
     torch.testing.assert_close(gpu.cpu().double(), sinkhorn(low.double(), 0.01, 3), atol=1e-5, rtol=1e-4)
 
 
+def test_loss_on_gpu_with_bf16_scores_matches_cpu_float64():
+    # The stacked Sinkhorn and the batched cross-entropy product (cuBLAS on strided views).
+    torch.manual_seed(5)
+    b, k = 256, 3000
+    scores = torch.nn.functional.normalize(torch.randn(6 * b, k), dim=1) * 8
+    low = scores.bfloat16()
+    loss_fn = SwAVLoss(n_crops=6, crops_for_assign=[0, 1])
+    with torch.autocast("cuda", dtype=torch.bfloat16):  # as if called inside a bf16 region
+        gpu = loss_fn(low.cuda(), b)
+    cpu = loss_fn(low.double(), b)
+    assert gpu.loss.dtype == torch.float32
+    assert gpu.loss.item() == pytest.approx(cpu.loss.item(), rel=1e-5)
+    for q_gpu, q_cpu in zip(gpu.codes, cpu.codes):
+        torch.testing.assert_close(q_gpu.cpu().double(), q_cpu, atol=1e-5, rtol=1e-4)
+
+
 def test_bf16_autocast_step_trains_and_keeps_float32_master_weights():
     torch.manual_seed(1)
     device = torch.device("cuda")
