@@ -6,7 +6,8 @@ recipe every run uses (``orchestration.recipe``) from the config defaults plus t
 (or any dotted override after them).  ``--rows`` adds peers measured in the same process, rows
 alternating every repeat: ``lightly`` (lightly's SwaV parts, one backbone pass per resolution
 group, SGD; ``bench/lightly_peer.py``), ``ours-sgd`` (our engine with SGD, the same optimiser as
-that peer) and ``ours-compile`` (``torch.compile`` of backbone and head).  Prints one JSON line per
+that peer) and ``ours-compile`` (``model.compile``: ``torch.compile`` of backbone and head, on a
+GPU only).  Prints one JSON line per
 row and repeat and the medians; ``--profile`` adds each row's operations per step (CUDA kernels on
 a GPU) and the costliest of them.
 
@@ -111,12 +112,10 @@ def make_step(row: str, cfg: ExperimentConfig, args, device: torch.device):
         return grouped_step(args.backbone, args.cifar_stem, args.prototypes,
                             cfg.crops.nmb_crops, lr=0.1, device=device,
                             channels_last=args.channels_last)
-    if row == "ours-sgd":
-        cfg = build_config({}, [*cfg_overrides(args), "optim.name=sgd"])
+    if row in ("ours-sgd", "ours-compile"):
+        extra = "optim.name=sgd" if row == "ours-sgd" else "model.compile=true"  # (GPU only)
+        cfg = build_config({}, [*cfg_overrides(args), extra])
     engine = build_engine(cfg, total, device, args.batch_size, amp=not args.no_amp)
-    if row == "ours-compile":
-        engine.net.backbone.compile()
-        engine.net.projection_head.compile()
     engine.start_queue(epoch=0)
     fill = [torch.randn(n * args.batch_size, 3, s, s, device=device)
             for n, s in zip(cfg.crops.nmb_crops, cfg.crops.size_crops)]

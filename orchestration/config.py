@@ -58,6 +58,9 @@ class ModelConfig:
     out_dim: int = 128  # embedding dimension
     n_prototypes: Union[int, list[int]] = 3000  # K, or one K per prototype head
     channels_last: bool = True  # GPU only: +60% images/s for ResNet-50 (BENCHMARKS.md)
+    # GPU only: torch.compile the backbone and the projection head in place (the same weights and
+    # state-dict keys; compiled at the first step of each crop size). Off until measured.
+    compile: bool = False
 
 
 @dataclass
@@ -338,7 +341,7 @@ CROP_DEVICES = ("auto", "cpu", "gpu")
 # Anything else would silently continue a different experiment under the old run's params.
 RESUMABLE = ("optim.epochs", "optim.time_budget_s", "tracking.", "eval.", "scaling.run_name",
              "scaling.max_failures", "scaling.cpus_per_worker", "data.loader_workers",
-             "crops.device", "crops.compile", "fail_at_epoch")
+             "crops.device", "crops.compile", "model.compile", "fail_at_epoch")
 
 
 def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:

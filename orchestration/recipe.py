@@ -66,6 +66,7 @@ __all__ = [
     "build_loss",
     "build_training",
     "check_data",
+    "compile_model",
     "crop_transform",
     "crops_on_device",
     "eval_loaders",
@@ -252,8 +253,10 @@ def eval_loaders(cfg: ExperimentConfig, sets: EvalSets, rank: int = 0,
 # -- model, loss, optimisation ----------------------------------------------------------------
 
 def model_kwargs(cfg: ExperimentConfig) -> dict[str, Any]:
-    """The ``model`` section as :func:`swav.model.build_model` arguments."""
-    return {k: v for k, v in dataclasses.asdict(cfg.model).items() if k != "channels_last"}
+    """The ``model`` section as :func:`swav.model.build_model` arguments (the architecture: not
+    ``channels_last`` or ``compile``, which change how it runs, not what it computes)."""
+    return {k: v for k, v in dataclasses.asdict(cfg.model).items()
+            if k not in ("channels_last", "compile")}
 
 
 def initial_model(cfg: ExperimentConfig) -> SwAVModel:
@@ -279,6 +282,17 @@ def build_optimization(cfg: ExperimentConfig, model: nn.Module, steps_per_epoch:
     return optimizer, scheduler
 
 
+def compile_model(model: SwAVModel, cfg: ExperimentConfig, device: torch.device) -> bool:
+    """``model.compile``: ``torch.compile`` the backbone and the projection head in place (their
+    parameters and state-dict keys stay; each compiles at its first call per input shape), on a
+    GPU only, as ``crops.compile``. Returns whether it did."""
+    if not (cfg.model.compile and device.type == "cuda"):
+        return False
+    model.backbone.compile()
+    model.projection_head.compile()
+    return True
+
+
 def build_engine(cfg: ExperimentConfig, steps_per_epoch: int, device: torch.device,
                  batch_size: int, wrap: Callable[[nn.Module], nn.Module] | None = None,
                  amp: bool = True) -> SwAVEngine:
@@ -290,6 +304,7 @@ def build_engine(cfg: ExperimentConfig, steps_per_epoch: int, device: torch.devi
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     model = convert_sync_batchnorm(model, device)
+    compile_model(model, cfg, device)
     model = wrap(model) if wrap is not None else model.to(device)
     optimizer, scheduler = build_optimization(cfg, model, steps_per_epoch)
     s = cfg.swav

@@ -15,12 +15,14 @@ from orchestration.recipe import (
     check_components,
     check_data,
     check_data_here,
+    compile_model,
     crop_examples,
     crop_names,
     crops_on_device,
     eval_loaders,
     eval_sets,
     initial_model,
+    model_kwargs,
     open_splits,
     per_process_batch,
 )
@@ -115,6 +117,21 @@ def test_crops_compile_fuses_the_augmentation_on_a_gpu_only():
     assert batch_crop_transform(cfg, torch.device("cuda")).compiled  # (compiled on first use)
     assert not batch_crop_transform(cfg, torch.device("cpu")).compiled  # no faster there
     assert not batch_crop_transform(load_config(None, []), torch.device("cuda")).compiled
+
+
+def test_model_compile_compiles_backbone_and_head_in_place_on_a_gpu_only():
+    cfg = load_config(None, ["model.compile=true"])
+    model = initial_model(cfg)
+    keys = list(model.state_dict())
+    assert not compile_model(model, cfg, torch.device("cpu"))  # (compiling is lazy: no GPU needed)
+    assert model.backbone._compiled_call_impl is None
+    assert compile_model(model, cfg, torch.device("cuda"))
+    assert model.backbone._compiled_call_impl is not None
+    assert model.projection_head._compiled_call_impl is not None
+    assert list(model.state_dict()) == keys  # checkpoints load into an uncompiled model
+    assert not compile_model(initial_model(cfg), load_config(None, []), torch.device("cuda"))
+    # Not part of the architecture: evaluate and explain rebuild the same model without it.
+    assert "compile" not in model_kwargs(cfg)
 
 
 def test_crops_on_the_device_train_from_resident_uint8_images_reproducibly():
