@@ -84,7 +84,7 @@ class SwAVLoss(nn.Module):
         """Codes ``[A, B, K]`` of the ``A`` crops in ``crops_for_assign``, all in one Sinkhorn call
         (a stack: one set of kernels, not one per crop), each over its queued rows (if given,
         ``[L, K]`` per crop) followed by its ``batch_size`` rows."""
-        own = scores.detach().view(self.n_crops, batch_size, -1)
+        own = scores.detach().reshape(self.n_crops, batch_size, -1)
         first, count = self.crops_for_assign[0], len(self.crops_for_assign)
         if self.crops_for_assign == list(range(first, first + count)):
             own = own[first:first + count]  # a view (the usual crops 0 and 1)
