@@ -35,7 +35,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from orchestration.config import load_config  # noqa: E402
-from orchestration.recipe import build_training, initial_model, open_splits  # noqa: E402
+from orchestration.recipe import build_training, initial_model, model_kwargs, open_splits  # noqa: E402,E501
 from orchestration.time_budget import TrainingClock, plan_run  # noqa: E402
 from swav.counterfactual import METHODS, explain, populated_prototypes, prototype_scores  # noqa: E402,E501
 from swav.evaluation import knn_accuracy  # noqa: E402
@@ -157,8 +157,9 @@ def run_ours(name: str, cfg, args, ev: Evaluator, test_u8: torch.Tensor, marks: 
     """Our recipe (or a named variant of it): random-init kNN, the timed training with its
     marks, then counterfactuals of the final model."""
     norm = (cfg.crops.mean, cfg.crops.std)
-    # Variants that leave the encoder and its input alone share one random-init figure.
-    key = repr((cfg.model, cfg.scaling.seed, norm))
+    # Variants that leave the encoder and its input alone share one random-init figure (the
+    # architecture: model.compile or channels_last do not change it).
+    key = repr((sorted(model_kwargs(cfg).items()), cfg.scaling.seed, norm))
     if key not in ev.baselines:
         ev.baselines[key] = ev.knn(initial_model(cfg).backbone.to(device), *norm)
     emit({"recipe": name, "mark_s": 0, "random_init_knn_top1": ev.baselines[key]})
