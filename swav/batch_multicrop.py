@@ -31,6 +31,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -38,32 +39,39 @@ from torchvision.ops import roi_align
 
 from swav.multicrop import IMAGENET_MEAN, IMAGENET_STD, blur_kernel_size, check_multicrop_args
 
-__all__ = ["BatchMultiCrop", "CropDraws", "apply_color_jitter", "augment_crops", "crop_boxes"]
+__all__ = ["BatchMultiCrop", "CropDraws", "apply_color_jitter", "augment_crops",
+           "boxes_from_uniforms", "crop_boxes"]
 
 GRAY = (0.2989, 0.587, 0.114)  # torchvision's rgb_to_grayscale weights
 RATIO = (3.0 / 4.0, 4.0 / 3.0)
 ATTEMPTS = 10
 
 
-def _uniform(shape: tuple[int, ...], lo: float, hi: float, gen: torch.Generator,
-             device: torch.device) -> torch.Tensor:
-    return torch.rand(shape, generator=gen, device=device) * (hi - lo) + lo
+BOX_DRAWS = 2 * ATTEMPTS + 2  # uniforms per crop box: area and aspect per attempt, then placement
+AUG_DRAWS = 13  # uniforms per crop for the rest (BatchMultiCrop._draws)
 
 
 def crop_boxes(heights: torch.Tensor, widths: torch.Tensor, scale: tuple[float, float],
                gen: torch.Generator, ratio: tuple[float, float] = RATIO) -> torch.Tensor:
-    """``RandomResizedCrop`` boxes ``[N, 4]`` as ``(x1, y1, x2, y2)`` pixel edges, one per image.
+    """``RandomResizedCrop`` boxes ``[N, 4]`` as ``(x1, y1, x2, y2)`` pixel edges, one per image
+    (:func:`boxes_from_uniforms` of ``BOX_DRAWS`` uniforms per image drawn from ``gen``)."""
+    u = torch.rand((heights.shape[0], BOX_DRAWS), generator=gen, device=heights.device)
+    return boxes_from_uniforms(heights, widths, u, scale, ratio)
 
-    The distribution of ``torchvision``'s ``get_params``: up to 10 attempts of area
-    ``U(scale) * h * w`` and aspect ``exp(U(log ratio))``, the first that fits is placed uniformly
-    (integer offsets); none fits: the largest centred crop within ``ratio``.
+
+def boxes_from_uniforms(heights: torch.Tensor, widths: torch.Tensor, u: torch.Tensor,
+                        scale: tuple[float, float], ratio: tuple[float, float] = RATIO
+                        ) -> torch.Tensor:
+    """The distribution of ``torchvision``'s ``RandomResizedCrop.get_params`` from uniforms
+    ``u [N, BOX_DRAWS]``: up to 10 attempts of area ``U(scale) * h * w`` and aspect
+    ``exp(U(log ratio))``, the first that fits is placed uniformly (integer offsets); none fits:
+    the largest centred crop within ``ratio``.  No randomness here (``crops.compile`` fuses it).
     """
-    device = heights.device
-    n = heights.shape[0]
     h, w = heights.double()[:, None], widths.double()[:, None]
-    area = h * w * _uniform((n, ATTEMPTS), scale[0], scale[1], gen, device).double()
-    log_r = _uniform((n, ATTEMPTS), math.log(ratio[0]), math.log(ratio[1]), gen, device)
-    aspect = torch.exp(log_r.double())
+    u = u.double()
+    area = h * w * (scale[0] + u[:, :ATTEMPTS] * (scale[1] - scale[0]))
+    lo, hi = math.log(ratio[0]), math.log(ratio[1])
+    aspect = torch.exp(lo + u[:, ATTEMPTS:2 * ATTEMPTS] * (hi - lo))
     cw = torch.round(torch.sqrt(area * aspect))
     ch = torch.round(torch.sqrt(area / aspect))
     fits = (cw > 0) & (cw <= w) & (ch > 0) & (ch <= h)
@@ -76,9 +84,9 @@ def crop_boxes(heights: torch.Tensor, widths: torch.Tensor, scale: tuple[float, 
     fw = torch.where(in_ratio > ratio[1], torch.round(h * ratio[1]), w)
     fh = torch.where(in_ratio < ratio[0], torch.round(w / ratio[0]), h)
     cw, ch = torch.where(found, cw, fw), torch.where(found, ch, fh)
-    u = torch.rand((n, 2), generator=gen, device=device).double()
-    top = torch.where(found, torch.floor(u[:, 0] * (h - ch + 1)), torch.floor((h - ch) / 2))
-    left = torch.where(found, torch.floor(u[:, 1] * (w - cw + 1)), torch.floor((w - cw) / 2))
+    place = u[:, 2 * ATTEMPTS:]
+    top = torch.where(found, torch.floor(place[:, 0] * (h - ch + 1)), torch.floor((h - ch) / 2))
+    left = torch.where(found, torch.floor(place[:, 1] * (w - cw + 1)), torch.floor((w - cw) / 2))
     return torch.stack([left, top, left + cw, top + ch], dim=1).float()
 
 
@@ -125,6 +133,13 @@ def _gaussian_blur(x: torch.Tensor, sigma: torch.Tensor, kernel: int) -> torch.T
     return y.view(n, c, h, w)
 
 
+class _Constants(NamedTuple):
+    mean: torch.Tensor  # [1, 3, 1, 1]
+    std: torch.Tensor
+    factor_low: torch.Tensor  # [4]: brightness, contrast, saturation, hue shift
+    factor_span: torch.Tensor
+
+
 @dataclass
 class CropDraws:
     """The random parameters of one resolution group's crops, one row per crop."""
@@ -156,9 +171,11 @@ class BatchMultiCrop:
     """Multi-crop a uint8 batch on its device; the arguments of :class:`MultiCropTransform`.
 
     ``seed`` seeds a generator on the device of the first batch; :meth:`reseed` restarts it (the
-    epoch loop does so per epoch, so a resumed run draws the same crops).  ``compile``: run
-    :func:`augment_crops` through ``torch.compile`` (the same crops, fused into few kernels;
-    compiled once per crop size on first use).
+    epoch loop does so per epoch, so a resumed run draws the same crops).  Each resolution group
+    draws all its random numbers in one call, then computes from them without randomness:
+    :func:`boxes_from_uniforms`, ``roi_align``, :func:`augment_crops`.  ``compile``: run the two
+    functions through ``torch.compile`` (the same crops, fused into few kernels; compiled once per
+    crop size on first use).
     """
 
     def __init__(self, nmb_crops: Sequence[int], size_crops: Sequence[int],
@@ -181,10 +198,11 @@ class BatchMultiCrop:
         self.blur_prob, self.flip_prob = float(blur_prob), float(flip_prob)
         self.memory_format = memory_format
         self.compiled = bool(compile)
-        self._augment = torch.compile(augment_crops, dynamic=False) if compile else augment_crops
+        fuse = (lambda f: torch.compile(f, dynamic=False)) if compile else (lambda f: f)
+        self._boxes, self._augment = fuse(boxes_from_uniforms), fuse(augment_crops)
         self._seed = int(seed)
         self._gen: torch.Generator | None = None
-        self._stats: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._stats: dict[torch.device, _Constants] = {}
 
     @property
     def n_crops(self) -> int:
@@ -213,42 +231,51 @@ class BatchMultiCrop:
             sizes = torch.stack([torch.full((b,), x.shape[2], device=x.device),
                                  torch.full((b,), x.shape[3], device=x.device)], dim=1)
         sizes = sizes.to(x.device)
-        mean, std = self._mean_std(x.device)
+        consts = self._constants(x.device)
         out = []
         for (count, size), scale in zip(self.groups, self.scales):
             index = torch.arange(b, device=x.device).repeat(count)  # crop-major rows
-            boxes = crop_boxes(sizes[index, 0], sizes[index, 1], scale, gen)
+            # Every random number of the group in one draw: a kernel, not one per parameter.
+            u = torch.rand((count * b, BOX_DRAWS + AUG_DRAWS), generator=gen, device=x.device)
+            boxes = self._boxes(sizes[index, 0], sizes[index, 1], u[:, :BOX_DRAWS], scale)
             rois = torch.cat([index[:, None].float(), boxes], dim=1)
             crops = roi_align(x, rois, output_size=(size, size), spatial_scale=1.0,
                               sampling_ratio=-1, aligned=True)
             kernel = blur_kernel_size(size)
-            draws = self._draw(count * b, kernel, gen, x.device)
-            crops = self._augment(crops, draws, mean, std, kernel, self.jitter[3] > 0)
+            draws = self._draws(u[:, BOX_DRAWS:], kernel, consts)
+            crops = self._augment(crops, draws, consts.mean, consts.std, kernel,
+                                  self.jitter[3] > 0)
             out.append(crops.contiguous(memory_format=self.memory_format))
         return out
 
-    def _draw(self, n: int, kernel: int, gen: torch.Generator, dev: torch.device) -> CropDraws:
-        """The group's random parameters, drawn in a fixed order from ``gen``."""
-        flip = torch.rand(n, generator=gen, device=dev) < self.flip_prob
+    def _draws(self, v: torch.Tensor, kernel: int, consts: _Constants) -> CropDraws:
+        """The group's parameters from its uniforms ``v [n, AUG_DRAWS]`` (columns: flip, jitter,
+        four jitter factors, four keys whose ranks are the order of the jitter's operations,
+        grayscale, blur, blur sigma)."""
+        flip = v[:, 0] < self.flip_prob
         jitter = factors = order = None
         if self.color_prob > 0 and any(self.jitter):
-            jitter = torch.rand(n, generator=gen, device=dev) < self.color_prob
-            b, c, s, h = self.jitter
-            draws = [_uniform((n,), max(0.0, 1 - v), 1 + v, gen, dev) for v in (b, c, s)]
-            factors = torch.stack([*draws, _uniform((n,), -h, h, gen, dev)], dim=1)
-            order = torch.rand((n, 4), generator=gen, device=dev).argsort(dim=1)  # op order
-        gray = torch.rand(n, generator=gen, device=dev) < self.grayscale_prob
+            jitter = v[:, 1] < self.color_prob
+            factors = torch.addcmul(consts.factor_low, v[:, 2:6], consts.factor_span)
+            order = v[:, 6:10].argsort(dim=1)
+        gray = v[:, 10] < self.grayscale_prob
         blur = sigma = None
         if self.blur_prob > 0 and kernel > 1:
-            blur = torch.rand(n, generator=gen, device=dev) < self.blur_prob
-            sigma = _uniform((n,), 0.1, 2.0, gen, dev)
+            blur = v[:, 11] < self.blur_prob
+            sigma = 0.1 + 1.9 * v[:, 12]  # U(0.1, 2.0)
         return CropDraws(flip, jitter, factors, order, gray, blur, sigma)
 
-    def _mean_std(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        """Normalisation constants, copied to the device once."""
+    def _constants(self, device: torch.device) -> _Constants:
+        """Normalisation and jitter-range constants, copied to the device once."""
         if device not in self._stats:
-            self._stats[device] = (torch.tensor(self.mean, device=device).view(1, 3, 1, 1),
-                                   torch.tensor(self.std, device=device).view(1, 3, 1, 1))
+            b, c, s, h = self.jitter
+            low = [max(0.0, 1 - b), max(0.0, 1 - c), max(0.0, 1 - s), -h]
+            high = [1 + b, 1 + c, 1 + s, h]
+            self._stats[device] = _Constants(
+                torch.tensor(self.mean, device=device).view(1, 3, 1, 1),
+                torch.tensor(self.std, device=device).view(1, 3, 1, 1),
+                torch.tensor(low, device=device),
+                torch.tensor([hi - lo for lo, hi in zip(low, high)], device=device))
         return self._stats[device]
 
 
