@@ -279,18 +279,28 @@ class BatchMultiCrop:
         return self._stats[device]
 
 
-def _linear_jitter(x: torch.Tensor, op: torch.Tensor, factors: torch.Tensor) -> torch.Tensor:
-    """Brightness (op 0), contrast (1) or saturation (2) of each crop, in one blend.
+def _blend_coefficients(ops: torch.Tensor, factors: torch.Tensor
+                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """For linear ops ``[n, P]`` (brightness 0, contrast 1, saturation 2, none 3) of ``P`` passes:
+    each pass's blend factor and the weights of the grey image and of its mean in the image
+    blended with, for every pass at once (``[n, P]`` each)."""
+    picked = factors[:, :3].gather(1, ops.clamp(max=2))
+    f = torch.where(ops < 3, picked, 1.0)  # none: factor 1, the crop itself
+    return f, (ops == 2).to(f.dtype), (ops == 1).to(f.dtype)
+
+
+def _blend(x: torch.Tensor, f: torch.Tensor, grey_weight: torch.Tensor,
+           mean_weight: torch.Tensor) -> torch.Tensor:
+    """Brightness, contrast or saturation of each crop, in one blend.
 
     All three blend the image with an "other" image: black, the mean grey level, the grey image
-    (torchvision's definitions); a crop whose op is none of them gets factor 1 (itself).
+    (torchvision's definitions), i.e. ``grey_weight * grey + mean_weight * mean(grey)`` with
+    weights 0/0, 0/1 or 1/0 (exact: the unused term adds zero).
     """
-    picked = factors[:, :3].gather(1, op.clamp(max=2)[:, None]).squeeze(1)
-    f = torch.where(op < 3, picked, torch.ones_like(picked)).view(-1, 1, 1, 1)
     grey = _gray(x)
-    other = torch.where((op == 2).view(-1, 1, 1, 1), grey,
-                        grey.mean(dim=(1, 2, 3), keepdim=True) * (op == 1).view(-1, 1, 1, 1))
-    return torch.lerp(other, x, f).clamp_(0.0, 1.0)  # f * x + (1 - f) * other
+    other = (grey * grey_weight.view(-1, 1, 1, 1)
+             + grey.mean(dim=(1, 2, 3), keepdim=True) * mean_weight.view(-1, 1, 1, 1))
+    return torch.lerp(other, x, f.view(-1, 1, 1, 1)).clamp_(0.0, 1.0)  # f * x + (1 - f) * other
 
 
 def apply_color_jitter(x: torch.Tensor, apply: torch.Tensor, factors: torch.Tensor,
@@ -300,15 +310,21 @@ def apply_color_jitter(x: torch.Tensor, apply: torch.Tensor, factors: torch.Tens
 
     The hue rotation costs most, so it runs once: the linear ops a crop takes before its hue
     slot run first (one blend per slot), then the hue, then those after it. Equal to applying
-    torchvision's four functions per crop in its order.
+    torchvision's four functions per crop in its order. Every pass's coefficients are worked out
+    together first, so that a pass is a few kernels.
     """
     none = torch.full_like(order[:, 0], 3)
     order = torch.where(apply[:, None], order, none[:, None])  # op 3 in a slot: nothing linear
-    hue_slot = (order == 3).int().argmax(dim=1) if hue else torch.full_like(none, 4)
-    for slot in range(3 if hue else 4):
-        x = _linear_jitter(x, torch.where(slot < hue_slot, order[:, slot], none), factors)
-    if hue:
-        x = torch.where(apply.view(-1, 1, 1, 1), _adjust_hue(x, factors[:, 3]), x)
-        for slot in range(1, 4):
-            x = _linear_jitter(x, torch.where(slot > hue_slot, order[:, slot], none), factors)
+    if hue:  # passes 0-2: slots 0-2 before the hue slot; passes 3-5: slots 1-3 after it
+        hue_slot = (order == 3).int().argmax(dim=1, keepdim=True)
+        slots = torch.arange(4, device=order.device)
+        ops = torch.cat([torch.where(slots[:3] < hue_slot, order[:, :3], 3),
+                         torch.where(slots[1:] > hue_slot, order[:, 1:], 3)], dim=1)
+    else:
+        ops = order
+    f, grey_weight, mean_weight = _blend_coefficients(ops, factors)
+    for p in range(ops.shape[1]):
+        if hue and p == 3:
+            x = torch.where(apply.view(-1, 1, 1, 1), _adjust_hue(x, factors[:, 3]), x)
+        x = _blend(x, f[:, p], grey_weight[:, p], mean_weight[:, p])
     return x
