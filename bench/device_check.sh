@@ -10,10 +10,9 @@
 #   3. the batched multi-crop eager against compiled, and against Kornia's batched augmentations
 #      (bench/kornia_peer.py).
 # Needs, in the ignored folder .gpu/ of the checkout (carried to the device): the CIFAR-10 Parquet
-# (.gpu/cifar10/{train,test}.parquet), lightly's wheel (pip download --no-deps lightly==1.6.0) and,
-# optionally (its rows are left out without them), Kornia's for the device's Python 3.12 (pip download
-# --no-deps --only-binary=:all: --python-version 3.12 --platform manylinux_2_17_x86_64 -d .gpu
-# kornia==0.9.0 kornia_rs==0.2.0).
+# (.gpu/cifar10/{train,test}.parquet), lightly's wheel and, optionally (its rows are left out
+# without them), Kornia's for the device's Python 3.12: `bash bench/prepare_device.sh` puts them
+# there (about 61 MiB with the checkout, under the 64 MiB carry limit).
 # Run from the repository root: bash bench/device_check.sh (JSON lines under $OUT, else a new
 # temporary folder).
 export PYTHONUNBUFFERED=1

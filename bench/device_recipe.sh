@@ -5,7 +5,8 @@
 # not yet measured for short budgets: K and the batch size.
 #   k1000: model.n_prototypes=1000 (lightly's CIFAR-10 recipe uses 512; we use 3000)
 #   b256:  optim.batch_size=256 at the same rate per image (lr 1.2): twice the updates per epoch
-# Needs .gpu/cifar10/{train,test}.parquet in the checkout (carried). Run from the repository root.
+# Needs .gpu/cifar10/{train,test}.parquet in the checkout (carried; bash bench/prepare_device.sh).
+# Run from the repository root.
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-$(mktemp -d)}  # the device tool sets $OUT
 mkdir -p "$OUT" && echo "output: $OUT"
