@@ -66,9 +66,9 @@ def sinkhorn(
         gather: when ``torch.distributed`` is initialised, normalise over the global batch.
 
     Returns:
-        codes of the shape of ``scores``, in float32 (float64 when ``scores`` is float64). Each row sums to 1;
-        each column sums to ``B_global / K`` up to the convergence of ``iterations`` steps.
-        No gradient flows through the codes.
+        Codes of the shape of ``scores``, in float32 (float64 when ``scores`` is float64). Each
+        row sums to 1; each column sums to ``B_global / K`` up to the convergence of
+        ``iterations`` steps. No gradient flows through the codes.
     """
     if scores.dim() < 2:
         raise ValueError(f"scores: expected a [B, K] matrix (or a stack of them), got shape "
