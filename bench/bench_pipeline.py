@@ -112,7 +112,8 @@ def _check_kornia(modes: str) -> None:
 
     unknown = [m for m in modes.split(",") if m and m not in CROP_MODES]
     if unknown:
-        sys.exit(f"--kornia: unknown cropping mode {unknown[0]!r} (expected {', '.join(CROP_MODES)})")
+        sys.exit(f"--kornia: unknown cropping mode {unknown[0]!r} "
+                 f"(expected {', '.join(CROP_MODES)})")
     if modes and importlib.util.find_spec("kornia") is None:
         sys.exit("--kornia: Kornia is not installed (pip install 'swav-ray[bench]')")
 

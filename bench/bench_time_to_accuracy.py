@@ -35,7 +35,8 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from orchestration.config import load_config  # noqa: E402
-from orchestration.recipe import build_training, initial_model, model_kwargs, open_splits  # noqa: E402,E501
+from orchestration.recipe import (  # noqa: E402
+    build_training, initial_model, model_kwargs, open_splits)
 from orchestration.time_budget import TrainingClock, plan_run  # noqa: E402
 from swav.counterfactual import METHODS, explain, populated_prototypes, prototype_scores  # noqa: E402,E501
 from swav.evaluation import knn_accuracy  # noqa: E402

@@ -4,7 +4,7 @@
 #   0. the CUDA tests (tests/test_gpu.py), then (seconds) Sinkhorn for the two assigned crops, two
 #      calls against the one stacked call that swav/loss.py now makes;
 #   1. the step against lightly's grouped loop, ResNet-18 and ResNet-50, with torch.compile of the
-#      model (model.compile) as a row (5 alternating repeats each), and a profile of each row's step;
+#      model (model.compile) as a row (5 alternating repeats each), and each row's kernel profile;
 #   2. end to end against the step only, in the same call: cifar10_wallclock's step, then 120 s of
 #      its training with the crops made and compiled on the GPU (crops.compile=true);
 #   3. the batched multi-crop eager against compiled, and against Kornia's batched augmentations

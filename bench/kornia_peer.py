@@ -6,10 +6,12 @@ version with the same parameters as :class:`swav.batch_multicrop.BatchMultiCrop`
 ``RandomResizedCrop`` (scale per resolution group, ratio 3/4..4/3), horizontal flip, colour
 jitter (0.8s, 0.8s, 0.8s, 0.2s with probability ``color_prob``), grayscale, Gaussian blur (the
 kernel of :func:`swav.multicrop.blur_kernel_size`, sigma 0.1..2, probability ``blur_prob``),
-``Normalize`` (colour and grayscale probabilities are fixed in swav-ray at 0.8 and 0.2).  Kornia draws every parameter per image (``same_on_batch=False``) except the
-order of the colour-jitter operations, which it draws once per call; ours draws it per crop.
+``Normalize`` (swav-ray fixes the colour and grayscale probabilities at 0.8 and 0.2).  Kornia
+draws every parameter per image (``same_on_batch=False``) except the order of the colour-jitter
+operations, which it draws once per call; ours draws it per crop.
 
-Kornia is not a dependency of swav-ray: ``pip install kornia`` (a wheel carried to a GPU machine).
+Kornia is in the ``bench`` extra, not a dependency of swav-ray (``pip install 'swav-ray[bench]'``; on a
+GPU machine, wheels carried by ``bench/prepare_device.sh``).
 """
 
 from __future__ import annotations
@@ -36,7 +38,8 @@ class KorniaMultiCrop:
                  color_strength: float = 1.0, color_prob: float = 0.8,
                  grayscale_prob: float = 0.2, blur_prob: float = 0.5, flip_prob: float = 0.5,
                  cropping_mode: str = "resample",
-                 mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD) -> None:
+                 mean: Sequence[float] = IMAGENET_MEAN,
+                 std: Sequence[float] = IMAGENET_STD) -> None:
         import kornia.augmentation as K  # optional: only this bench row needs it
 
         if cropping_mode not in CROP_MODES:
