@@ -10,8 +10,8 @@ kernel of :func:`swav.multicrop.blur_kernel_size`, sigma 0.1..2, probability ``b
 draws every parameter per image (``same_on_batch=False``) except the order of the colour-jitter
 operations, which it draws once per call; ours draws it per crop.
 
-Kornia is in the ``bench`` extra, not a dependency of swav-ray (``pip install 'swav-ray[bench]'``; on a
-GPU machine, wheels carried by ``bench/prepare_device.sh``).
+Kornia is in the ``bench`` extra, not a dependency of swav-ray (``pip install
+'swav-ray[bench]'``; on a GPU machine, the wheels ``bench/prepare_device.sh`` puts in ``.gpu/``).
 """
 
 from __future__ import annotations
