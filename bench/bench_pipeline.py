@@ -80,9 +80,10 @@ def main() -> None:
     images, _ = resident_images(splits.train, max(int(args.workers.split(",")[-1]), 0))
     devices = [torch.device(args.device)] + ([torch.device("cpu")] if args.device != "cpu" else [])
     rows = [(device, name) for device in devices for name in _batched_rows(device, args)]
+    kept = {device: images.to(device) for device in devices}  # one copy per device, not per row
     streams = {}
     for device, name in rows:
-        resident = ResidentBatches(images, batch, device)
+        resident = ResidentBatches(kept[device], batch, device)
         streams[device, name] = _crops(_batched_augment(args, name, device), resident)
         next(streams[device, name])  # compiled on first use: not timed
     rates: dict[tuple, list[float]] = {row: [] for row in rows}
