@@ -164,7 +164,7 @@ def _plan(training: Training, done: int, clock: TrainingClock) -> int:
     """Epochs the run trains: ``optim.epochs``, or what fits ``optim.time_budget_s``."""
     o = training.cfg.optim
     planned, capped = plan_run(o, training.engine, clock, done, training.steps_per_epoch)
-    if capped and clock.epochs == 1 and training.rank == 0:  # said once, at the first plan
+    if capped and clock.epochs == 2 and training.rank == 0:  # once, at the first plan
         log.warning("optim.time_budget_s: %g s fit more than optim.epochs=%d epochs; the run "
                     "ends after %d (raise optim.epochs, and warmup_epochs with it to keep the "
                     "warmup's share)", o.time_budget_s, o.epochs, o.epochs)

@@ -3,10 +3,12 @@ the warmup + cosine schedule to the plan (a whole run with a budget: tests/test_
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 
-from orchestration.time_budget import TrainingClock, fit_schedule, plan_epochs
+from orchestration.time_budget import TrainingClock, fit_schedule, plan_epochs, plan_run
 from swav.optim import build_scheduler, warmup_cosine
 
 
@@ -19,8 +21,9 @@ def clock_of(*seconds: float) -> TrainingClock:
 
 @pytest.mark.parametrize("epochs, expected", [
     ((), 50),  # nothing timed yet: optim.epochs
-    ((10.0,), 12),  # 110 s left at 10 s an epoch: 11 more
-    ((8.0,), 15),  # 112 / 8 = 14 more
+    ((10.0,), 50),  # the first epoch alone (the run's start-up in it) plans nothing
+    ((130.0,), 1),  # unless it spent the budget
+    ((8.0, 8.0), 15),  # 104 s left at 8 s an epoch: 13 more
     ((30.0, 10.0), 10),  # the first epoch's start-up is left out of the pace: 80 / 10 = 8 more
     ((24.0, 10.0, 10.0, 10.0, 10.0), 11),  # 56 s left: 5.6 epochs, to the nearest: 6 more
     ((10.0,) * 11 + (8.0,), 12),  # 0 s left: none more
@@ -75,3 +78,60 @@ def test_the_clock_counts_epochs_and_survives_a_checkpoint():
     assert (clock.trained_s, clock.epochs, clock.first_s, clock.pace) == (7.0, 3, 3.0, 2.0)
     assert TrainingClock.from_state(clock.state_dict()) == clock
     assert TrainingClock.from_state(None) == TrainingClock()  # a checkpoint from before budgets
+
+
+def budget_run(most: int, steps: int, budget_s: float) -> tuple[SimpleNamespace, SimpleNamespace]:
+    """(optim config, engine) as plan_run reads them: cifar10_wallclock's LARS 2.4 with a tenth
+    of ``most`` epochs as warmup, on one parameter."""
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=2.4)
+    engine = SimpleNamespace(optimizer=optimizer, scheduler=build_scheduler(
+        optimizer, total_steps=most * steps, warmup_steps=most // 10 * steps, final_lr=0.0012))
+    return SimpleNamespace(time_budget_s=budget_s, epochs=most, warmup_epochs=most // 10), engine
+
+
+def rates_of_a_run(epoch_seconds: list[float], steps: int = 97, most: int = 400,
+                   budget_s: float = 120.0) -> tuple[list[float], int]:
+    """The rate of every step of a run whose epochs take ``epoch_seconds``, planned after each
+    epoch as the worker plans it (cifar10_wallclock's schedule: LARS 2.4, a tenth as warmup)."""
+    optim, engine = budget_run(most, steps, budget_s)
+    optimizer = engine.optimizer
+    clock, rates = TrainingClock(), []
+    planned, _ = plan_run(optim, engine, clock, 0, steps)
+    for seconds in epoch_seconds:
+        for _ in range(steps):
+            rates.append(optimizer.param_groups[0]["lr"])
+            optimizer.step()
+            engine.scheduler.step()
+        clock.add_epoch(seconds, torch.device("cpu"))
+        planned, _ = plan_run(optim, engine, clock, clock.epochs, steps)
+        if clock.epochs == planned:
+            break
+    return rates, planned
+
+
+def test_a_slow_first_epoch_does_not_skip_the_warmup():
+    """The first epoch carries the run's start-up (compilation, autotuning): on an H100 with
+    crops.compile, cifar10_wallclock's first epoch took 14 s and the next ones 1.9 s. Planned
+    from the first epoch alone, the run had 9 epochs, whose warmup (0.9 of an epoch) had
+    passed: the second epoch ran at the peak rate 2.4 after one at under 0.06. No step may run
+    above the rate that the final plan's schedule gives it, up to the end of its warmup."""
+    rates, planned = rates_of_a_run([14.0] + [1.875] * 80)
+    assert planned == 58 and len(rates) == 58 * 97
+    warmup = round(0.1 * planned * 97)
+    final = [warmup_cosine(s, planned * 97, warmup, 2.4, 0.0012) for s in range(warmup)]
+    assert all(r <= f + 1e-9 for r, f in zip(rates, final)), max(rates[:warmup])
+    assert rates[-1] == pytest.approx(0.0012, rel=0.05) and max(rates) > 2.3  # the whole cosine
+
+
+def test_a_budget_past_optim_epochs_is_told_once_a_pace_is_known():
+    """plan_run's second answer (the worker warns on it, once): the budget fits more epochs than
+    optim.epochs allows; not after the first epoch alone, which plans nothing."""
+    optim, engine = budget_run(most=20, steps=10, budget_s=120.0)
+    clock = TrainingClock()
+    assert plan_run(optim, engine, clock, 0, 10) == (20, False)
+    clock.add_epoch(5.0, torch.device("cpu"))
+    assert plan_run(optim, engine, clock, 1, 10) == (20, False)
+    clock.add_epoch(1.0, torch.device("cpu"))  # 114 s left at 1 s an epoch: 116 in all
+    assert plan_run(optim, engine, clock, 2, 10) == (20, True)
+    short = budget_run(most=200, steps=10, budget_s=120.0)
+    assert plan_run(short[0], short[1], clock, 2, 10) == (116, False)
