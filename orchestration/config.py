@@ -59,7 +59,8 @@ class ModelConfig:
     n_prototypes: Union[int, list[int]] = 3000  # K, or one K per prototype head
     channels_last: bool = True  # GPU only: +60% images/s for ResNet-50 (BENCHMARKS.md)
     # GPU only: torch.compile the backbone and the projection head in place (the same weights and
-    # state-dict keys; compiled at the first step of each crop size). Off until measured.
+    # state-dict keys; compiled at the first step of each crop size). Off: on an H100 it was no
+    # faster (BENCHMARKS, session 11; static shapes since, not yet measured).
     compile: bool = False
 
 
@@ -77,8 +78,9 @@ class CropConfig:
     # (swav.batch_multicrop); auto = gpu when the run trains on a GPU, and on the CPU when a
     # worker's shard is kept in memory (small data sets; 3.5x faster epochs on the default).
     device: str = "auto"
-    # Batched crops on a GPU: fuse the augmentation after the crop boxes into few kernels with
-    # torch.compile (the same crops; compiled once per crop size, on first use).
+    # Batched crops on a GPU: fuse the crop boxes and the augmentation into few kernels with
+    # torch.compile (the same crops; compiled once per crop size, on first use; on an H100 2.7x
+    # the eager crops' images/s, for about 10 s of compiling: BENCHMARKS, session 11).
     compile: bool = False
     mean: list[float] = field(default_factory=lambda: [0.485, 0.456, 0.406])
     std: list[float] = field(default_factory=lambda: [0.228, 0.224, 0.225])

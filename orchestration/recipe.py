@@ -285,11 +285,16 @@ def build_optimization(cfg: ExperimentConfig, model: nn.Module, steps_per_epoch:
 def compile_model(model: SwAVModel, cfg: ExperimentConfig, device: torch.device) -> bool:
     """``model.compile``: ``torch.compile`` the backbone and the projection head in place (their
     parameters and state-dict keys stay; each compiles at its first call per input shape), on a
-    GPU only, as ``crops.compile``. Returns whether it did."""
+    GPU only, as ``crops.compile``. Returns whether it did.
+
+    Static shapes (``dynamic=False``), one graph per crop size as for the crops: a run has a few
+    fixed shapes. With torch's default, the second crop size recompiled the model for symbolic
+    shapes; on an H100 (BENCHMARKS, session 11) that step ran slower than the eager one (28.6
+    against 22-25 ms, ResNet-18, 2x32 + 4x16) and ResNet-50's compile outlasted its 2 minutes."""
     if not (cfg.model.compile and device.type == "cuda"):
         return False
-    model.backbone.compile()
-    model.projection_head.compile()
+    model.backbone.compile(dynamic=False)
+    model.projection_head.compile(dynamic=False)
     return True
 
 
