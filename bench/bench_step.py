@@ -78,6 +78,9 @@ def main() -> None:
     ap.add_argument("overrides", nargs="*", help="further dotted config overrides")
     args = ap.parse_args()
     rows = args.rows.split(",")
+    unknown = set(rows) - {"ours", "ours-sgd", "ours-compile", "lightly"}
+    if unknown:
+        ap.error(f"--rows: unknown {sorted(unknown)} (ours, ours-sgd, ours-compile, lightly)")
     servers = {row: RowProcess(row, args) for row in rows}
     rates: dict[str, list[float]] = {row: [] for row in rows}
     try:
@@ -219,7 +222,10 @@ def profile_steps(step, batch, device: torch.device, steps: int = 3) -> dict:
         if cuda:
             torch.cuda.synchronize(device)
     if cuda:
-        ops = [e for e in prof.events() if e.device_type == DeviceType.CUDA]
+        # Kernels only: a user annotation (``Optimizer.step#LARS.step``) spans its kernels on
+        # the GPU timeline, gaps included (session 11 summed LARS's 2.0 ms span with them).
+        ops = [e for e in prof.events() if e.device_type == DeviceType.CUDA
+               and not getattr(e, "is_user_annotation", False)]
         cost = lambda e: e.device_time  # noqa: E731  (microseconds)
     else:
         def works(e) -> bool:

@@ -139,7 +139,9 @@ def train_ours(cfg, budget: float, marks: list[float], evaluate, device,
                   "images_per_s": round(images / clock.trained_s),
                   "last_epoch_images_per_s": round(stats.images / seconds),  # the steady state
                   "knn_top1": evaluate(engine.net.backbone)})
-    return {"epochs": epoch, "images_per_s": round(images / clock.trained_s), "model": engine.net}
+    return {"epochs": epoch, "images_per_s": round(images / clock.trained_s),
+            "first_epoch_s": round(clock.first_s, 1),  # start-up: compiling, autotuning
+            "model": engine.net}
 
 
 def parse_variants(text: str) -> dict[str, list[str]]:
