@@ -84,6 +84,8 @@ def main() -> None:
     servers = {row: RowProcess(row, args) for row in rows}
     rates: dict[str, list[float]] = {row: [] for row in rows}
     try:
+        for server in servers.values():
+            server.ask("ready")  # all built, warmed up and compiled before any row is timed
         for repeat in range(args.repeats):
             for row in rows:
                 rate, ms, loss = servers[row].ask("measure")
@@ -97,6 +99,8 @@ def main() -> None:
                       flush=True)
         peaks = {row: servers[row].ask("peak") for row in rows}
         device_name = servers[rows[0]].ask("device")
+    except RowFailed as error:
+        raise SystemExit(f"bench_step: {error}") from None
     finally:
         for server in servers.values():
             server.close()
@@ -110,6 +114,10 @@ def main() -> None:
     }))
 
 
+class RowFailed(Exception):
+    """A row's process could not build or run its row (the message says which, and why)."""
+
+
 class RowProcess:
     """One row in a spawned process of its own (:func:`serve`), asked in turn: ``measure``
     -> (images/s, ms per step, loss); ``profile`` -> dict; ``peak`` -> GiB of GPU memory;
@@ -119,15 +127,17 @@ class RowProcess:
         ctx = mp.get_context("spawn")  # CUDA cannot be forked
         self.conn, child = ctx.Pipe()
         self.process = ctx.Process(target=serve, args=(row, args, child), daemon=True)
-        self.process.start()
+        self.process.start()  # it builds and warms up its row at once, beside the others
         child.close()
-        self.ask("ready")  # built and warmed up before the first row is timed
 
     def ask(self, what: str):
-        self.conn.send(what)
+        try:
+            self.conn.send(what)
+        except OSError:  # it has ended: its last answer says why
+            pass
         kind, value = self.conn.recv()
         if kind == "error":
-            raise RuntimeError(value)
+            raise RowFailed(value)
         return value
 
     def close(self) -> None:
@@ -148,6 +158,8 @@ def serve(row: str, args: argparse.Namespace, conn) -> None:
                  for n, s in zip(cfg.crops.nmb_crops, cfg.crops.size_crops)]
         if args.channels_last:  # crops arrive channels-last (the GPU multi-crop writes them so)
             batch = [b.contiguous(memory_format=torch.channels_last) for b in batch]
+        for _ in range(args.warmup):  # (a compiled row compiles here)
+            step(batch)
         answers = {
             "ready": lambda: None,
             "measure": lambda: measure(step, batch, args, device),
