@@ -5,14 +5,18 @@ multi-resolution forward, queue, Sinkhorn, loss, backward, optimiser.  The engin
 recipe every run uses (``orchestration.recipe``) from the config defaults plus the flags below
 (or any dotted override after them).  ``--rows`` adds peers, rows alternating every repeat:
 ``lightly`` (lightly's SwaV parts, one backbone pass per resolution group, SGD;
-``bench/lightly_peer.py``), ``ours-sgd`` (our engine with SGD, the same optimiser as that peer)
-and ``ours-compile`` (``model.compile``: ``torch.compile`` of backbone and head, on a GPU only).
-Each row lives in a process of its own, which builds it once and measures it when its turn comes:
-what one row leaves behind (a compiled row's caches, compile workers and millions of Python
-objects for the garbage collector) cannot slow another.  In one process, on an H100 (session 11),
+``bench/lightly_peer.py``), ``ours-sgd`` (our engine with SGD, the same optimiser as that peer),
+``ours-compile`` (``model.compile``: ``torch.compile`` of backbone and head, on a GPU only) and
+``ours-graphs`` (the same with CUDA graphs, ``mode="reduce-overhead"``: an experiment for a step
+bound by its launches; GPU only). A row that fails is reported and left out.
+
+Each row lives in a process of its own, which builds it once and measures it when its turn comes,
+so that what one row leaves behind cannot slow another: in one process, on an H100 (session 11),
 both eager rows of ours went from 17.9 to 22-25 ms a step once the compiled row had run, at the
-same GPU time.  Prints one JSON line per row and repeat and the medians; ``--profile`` adds each
-row's operations per step (CUDA kernels on a GPU) and the costliest of them.
+same GPU time (on the 2-core VM, compiling a ResNet-18 slowed a small engine's later eager steps
+by 6%, and not through the garbage collector).  Prints one JSON line per row and repeat and the
+medians; ``--profile`` adds each row's operations per step (CUDA kernels on a GPU) and the
+costliest of them.
 
     python bench/bench_step.py --device cuda --backbone resnet50 --batch-size 64 \
         --crops 2x224,6x96 --prototypes 3000 --queue 3840 --optimizer lars
@@ -36,6 +40,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from orchestration.config import ExperimentConfig, build_config  # noqa: E402
 from orchestration.recipe import build_engine  # noqa: E402
+
+
+# The rows: our engine (LARS, as configured), with SGD, compiled (model.compile), compiled with
+# CUDA graphs (torch.compile's "reduce-overhead", GPU only), and lightly's grouped loop.
+ROWS = ("ours", "ours-sgd", "ours-compile", "ours-graphs", "lightly")
 
 
 def crop_overrides(text: str) -> list[str]:
@@ -72,39 +81,24 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--rows", default="ours", help="ours, ours-sgd, ours-compile, lightly")
+    ap.add_argument("--rows", default="ours", help=", ".join(ROWS))
     ap.add_argument("--profile", action="store_true",
                     help="then profile 3 steps per row: operations per step and the costliest")
     ap.add_argument("overrides", nargs="*", help="further dotted config overrides")
     args = ap.parse_args()
     rows = args.rows.split(",")
-    unknown = set(rows) - {"ours", "ours-sgd", "ours-compile", "lightly"}
+    unknown = set(rows) - set(ROWS)
     if unknown:
-        ap.error(f"--rows: unknown {sorted(unknown)} (ours, ours-sgd, ours-compile, lightly)")
+        ap.error(f"--rows: unknown {sorted(unknown)} ({', '.join(ROWS)})")
     servers = {row: RowProcess(row, args) for row in rows}
-    rates: dict[str, list[float]] = {row: [] for row in rows}
     try:
-        for server in servers.values():
-            server.ask("ready")  # all built, warmed up and compiled before any row is timed
-        for repeat in range(args.repeats):
-            for row in rows:
-                rate, ms, loss = servers[row].ask("measure")
-                rates[row].append(rate)
-                print(json.dumps({"row": row, "repeat": repeat, "images_per_s": round(rate, 1),
-                                  "ms_per_step": round(ms, 2), "loss": round(loss, 4)}),
-                      flush=True)
-        if args.profile:
-            for row in rows:
-                print(json.dumps({"row": row, "profile": servers[row].ask("profile")}),
-                      flush=True)
-        peaks = {row: servers[row].ask("peak") for row in rows}
-        device_name = servers[rows[0]].ask("device")
-    except RowFailed as error:
-        raise SystemExit(f"bench_step: {error}") from None
+        rates, peaks, device_name = run_rows(dict(servers), args)
     finally:
         for server in servers.values():
             server.close()
-    medians = {row: round(statistics.median(r), 1) for row, r in rates.items()}
+    if not rates:
+        raise SystemExit("bench_step: no row ran")
+    medians = {row: round(statistics.median(r), 1) for row, r in rates.items() if r}
     print(json.dumps({
         "backbone": args.backbone, "device": device_name, "batch_size": args.batch_size,
         "crops": args.crops, "K": args.prototypes,
@@ -112,6 +106,39 @@ def main() -> None:
         "optimizer": args.optimizer, "median_images_per_s": medians,
         "peak_mem_gib": peaks, "torch": torch.__version__,
     }))
+
+
+def run_rows(servers: dict, args: argparse.Namespace) -> tuple[dict, dict, str]:
+    """Ready every row, then ``args.repeats`` rounds of each row's measurement in turn and the
+    profiles; a row that fails is reported as a JSON line and left out of what follows.
+    Returns (images/s per row and repeat, peak GiB per row, the device's name)."""
+    def ask(row: str, what: str):
+        try:
+            return servers[row].ask(what)
+        except RowFailed as error:
+            print(json.dumps({"row": row, "error": str(error)}), flush=True)
+            del servers[row]
+            return None
+
+    for row in list(servers):
+        ask(row, "ready")  # all built, warmed up and compiled before any row is timed
+    rates: dict[str, list[float]] = {row: [] for row in servers}
+    for repeat in range(args.repeats):
+        for row in list(servers):
+            got = ask(row, "measure")
+            if got is not None:
+                rate, ms, loss = got
+                rates[row].append(rate)
+                print(json.dumps({"row": row, "repeat": repeat, "images_per_s": round(rate, 1),
+                                  "ms_per_step": round(ms, 2), "loss": round(loss, 4)}),
+                      flush=True)
+    for row in list(servers) if args.profile else []:
+        profile = ask(row, "profile")
+        if profile is not None:
+            print(json.dumps({"row": row, "profile": profile}), flush=True)
+    peaks = {row: servers[row].ask("peak") for row in servers}
+    name = next(iter(servers.values())).ask("device") if servers else "none"
+    return {row: r for row, r in rates.items() if r}, peaks, name
 
 
 class RowFailed(Exception):
@@ -188,12 +215,22 @@ def make_step(row: str, cfg: ExperimentConfig, args, device: torch.device):
         extra = "optim.name=sgd" if row == "ours-sgd" else "model.compile=true"  # (GPU only)
         cfg = build_config({}, [*cfg_overrides(args), extra])
     engine = build_engine(cfg, total, device, args.batch_size, amp=not args.no_amp)
+    graphs = row == "ours-graphs" and device.type == "cuda"
+    if graphs:  # an experiment, not (yet) a config option: launches replayed as CUDA graphs
+        for module in (engine.net.backbone, engine.net.projection_head):
+            module.compile(mode="reduce-overhead", dynamic=False)
     engine.start_queue(epoch=0)
     fill = [torch.randn(n * args.batch_size, 3, s, s, device=device)
             for n, s in zip(cfg.crops.nmb_crops, cfg.crops.size_crops)]
     while engine.queue is not None and not engine.queue.full:  # the steady state: a full queue
         engine.step(fill)
-    return lambda groups: engine.step(groups)[0]
+
+    def step(groups: list[torch.Tensor]) -> torch.Tensor:
+        if graphs:  # a new iteration: the graphs' outputs of the last one may be overwritten
+            torch.compiler.cudagraph_mark_step_begin()
+        return engine.step(groups)[0]
+
+    return step
 
 
 def measure(step, batch, args, device: torch.device) -> tuple[float, float, float]:

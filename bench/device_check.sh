@@ -2,12 +2,13 @@
 # What issue 9 still has to show on a GPU, as one prepared device call (at most about 9.5 minutes:
 # the stages share DEADLINE, 560 s, and one that would run past it gets what is left or is skipped):
 #   0. the CUDA tests (tests/test_gpu.py);
-#   1. the step against lightly's grouped loop, ResNet-18 and ResNet-50, with torch.compile of the
-#      model (model.compile, static shapes since session 11) as a row (5 alternating repeats
-#      each, every row in a process of its own), and each row's kernel profile;
-#   2. end to end against the step only, in the same call: cifar10_wallclock's step, then 120 s of
-#      its training (crops made and compiled on the GPU; the first epoch no longer plans the run);
-#   3. if time is left: the batched multi-crop eager against compiled and Kornia's (measured in
+#   1. 120 s of cifar10_wallclock's training end to end (crops made and compiled on the GPU; since
+#      session 11 the first epoch no longer plans the run: kNN at 120 s back to about 0.70?);
+#   2. the step against lightly's grouped loop, ResNet-18 (with model.compile, static shapes since
+#      session 11, and CUDA graphs as rows) and ResNet-50 (eager rows: its compiles are long);
+#      5 alternating repeats, every row in a process of its own, each row's kernel profile;
+#   3. cifar10_wallclock's step alone, for stage 1's share of it;
+#   4. if time is left: the batched multi-crop eager against compiled and Kornia's (measured in
 #      session 11), and the Sinkhorn stack (session 11: 0.55 against 1.18 ms for two calls).
 # Needs, in the ignored folder .gpu/ of the checkout (carried to the device): the CIFAR-10 Parquet
 # (.gpu/cifar10/{train,test}.parquet), lightly's wheel and, optionally (its rows are left out
@@ -39,25 +40,26 @@ python3 -c "import pytest" 2>/dev/null && run 120 gpu_tests python3 -m pytest -q
     -p no:cacheprovider tests/test_gpu.py
 # torch.compile needs a working Triton toolchain (and a C compiler for its launcher): probe it,
 # and leave the compiled rows out where it fails rather than lose the call.
-ROWS=ours,ours-sgd,lightly COMPILE=crops.compile=false EAGER_ONLY=--no-compiled
+ROWS=ours,ours-sgd,lightly COMPILED= COMPILE=crops.compile=false EAGER_ONLY=--no-compiled
 if timeout 60 python3 -c "import torch; f = torch.compile(lambda x: x * 2 + 1)
 assert f(torch.ones(8, device='cuda')).sum().item() == 24"; then
-    ROWS=$ROWS,ours-compile COMPILE= EAGER_ONLY=  # (cifar10_wallclock compiles its crops)
+    COMPILED=,ours-compile,ours-graphs COMPILE= EAGER_ONLY=  # (cifar10_wallclock compiles crops)
 else
     echo "== torch.compile does not work here: compiled rows left out"
 fi
+mark tta
+run 180 tta python3 bench/bench_time_to_accuracy.py --data .gpu/cifar10 --budget 120 \
+    --marks 60,120 --recipes ours --workers 15 --cf-images 256 $COMPILE
 mark step_r18
-run 120 step_r18 python3 bench/bench_step.py --backbone resnet18 --cifar-stem --batch-size 256 \
-    --crops 2x32,4x16 --channels-last --prototypes 3000 --rows $ROWS --repeats 5 --steps 30 --profile
+run 150 step_r18 python3 bench/bench_step.py --backbone resnet18 --cifar-stem --batch-size 256 \
+    --crops 2x32,4x16 --channels-last --prototypes 3000 --rows $ROWS$COMPILED --repeats 5 \
+    --steps 30 --profile
 mark step_r50
-run 130 step_r50 python3 bench/bench_step.py --backbone resnet50 --batch-size 64 \
+run 100 step_r50 python3 bench/bench_step.py --backbone resnet50 --batch-size 64 \
     --crops 2x224,6x96 --channels-last --prototypes 3000 --rows $ROWS --repeats 5 --steps 20 --profile
 mark step_wallclock
 run 30 step_wallclock python3 bench/bench_step.py --backbone resnet18 --cifar-stem \
     --batch-size 512 --crops 2x32 --channels-last --prototypes 3000 --rows ours --repeats 5
-mark tta
-run 200 tta python3 bench/bench_time_to_accuracy.py --data .gpu/cifar10 --budget 120 \
-    --marks 60,120 --recipes ours --workers 15 --cf-images 256 $COMPILE
 mark pipeline
 KORNIA=
 python3 -c "import kornia.augmentation" 2>/dev/null && KORNIA="--kornia resample,slice"
