@@ -2,8 +2,8 @@
 # What issue 9 still has to show on a GPU, as one prepared device call (at most about 9.5 minutes:
 # the stages share DEADLINE, 560 s, and one that would run past it gets what is left or is skipped):
 #   0. the CUDA tests (tests/test_gpu.py);
-#   1. 120 s of cifar10_wallclock's training end to end (crops made and compiled on the GPU; since
-#      session 11 the first epoch no longer plans the run: kNN at 120 s back to about 0.70?);
+#   1. 120 s of cifar10_wallclock's training end to end (crops made on the GPU, compiled at set-up
+#      since session 11, whose first epoch no longer plans the run: kNN at 120 s about 0.70?);
 #   2. the step against lightly's grouped loop, ResNet-18 (with model.compile, static shapes since
 #      session 11, and CUDA graphs as rows) and ResNet-50 (eager rows: its compiles are long);
 #      5 alternating repeats, every row in a process of its own, each row's kernel profile;

@@ -376,6 +376,8 @@ def build_training(cfg: ExperimentConfig, rank: int = 0, world: int = 1,
         evaluation = (KeptBatches(bank), KeptBatches(held), sets.n_classes)
     raw = isinstance(loader, ResidentBatches) or loader.collate_fn is collate_uint8
     augment = batch_crop_transform(cfg, device) if raw else None  # uint8 in, crops made here
+    if augment is not None and isinstance(loader, ResidentBatches):  # crops.compile: compiled now
+        augment.warm_up((loader.batch_size, *loader.images.shape[1:]), device)
     return Training(cfg, rank, engine, loader, evaluation, augment)
 
 

@@ -211,6 +211,16 @@ class BatchMultiCrop:
     def reseed(self, seed: int) -> None:
         self._seed, self._gen = int(seed), None
 
+    def warm_up(self, shape: Sequence[int], device: torch.device) -> None:
+        """Compile now (``compile``) for batches of ``shape`` ``[B, C, H, W]``, rather than in
+        the first training step: set-up time, not the first epoch's (whose time plans a run with
+        a budget, and counts in it). The crops to come are those of a transform never warmed."""
+        if not self.compiled:
+            return
+        kept, self._gen = self._gen, torch.Generator(device=device)
+        self(torch.zeros(tuple(shape), dtype=torch.uint8, device=device))
+        self._gen = kept
+
     def _generator(self, device: torch.device) -> torch.Generator:
         if self._gen is None or self._gen.device != device:
             self._gen = torch.Generator(device=device)

@@ -78,12 +78,22 @@ def test_every_image_of_a_batch_draws_its_own_parameters():
 
 @pytest.mark.slow  # torch.compile generates and builds C++ kernels: about 20 s on 2 cores
 def test_compiled_augmentation_gives_the_same_crops():
+    """Compiled by warm_up (set-up time: no compiling in the first steps), and the same crops
+    as the eager transform's, which was never warmed (warm_up draws from its own generator)."""
+    from torch._dynamo.utils import counters
+
     images = colourful(8)
     args = ([2], [24], [0.14], [1.0])  # every operation, the blur included (one compilation)
     eager, fused = BatchMultiCrop(*args, seed=5), BatchMultiCrop(*args, seed=5, compile=True)
-    for _ in range(2):  # the second batch runs the compiled kernels without recompiling
+    fused.warm_up(images.shape, images.device)
+    graphs = counters["stats"]["unique_graphs"]
+    assert graphs >= 2  # the crop boxes and the augmentation
+    for _ in range(2):
         for a, b in zip(eager(images), fused(images)):
             torch.testing.assert_close(b, a, atol=1e-5, rtol=0)
+    assert counters["stats"]["unique_graphs"] == graphs  # nothing compiled after the warm-up
+    BatchMultiCrop(*args).warm_up(images.shape, images.device)  # eager: nothing to do
+    assert counters["stats"]["unique_graphs"] == graphs
 
 
 def test_rejects_what_is_not_a_uint8_batch():

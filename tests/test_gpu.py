@@ -121,3 +121,20 @@ def test_batched_crops_on_the_gpu_compiled_equal_eager_and_stay_on_the_gpu():
         for a, b in zip(eager(images), fused(images)):
             assert b.is_cuda and b.is_contiguous(memory_format=torch.channels_last)
             torch.testing.assert_close(b, a, atol=1e-4, rtol=0)
+
+
+def test_a_run_compiles_its_crops_while_it_is_set_up():
+    """``crops.compile`` on resident images: build_training compiles the crops (warm_up), so the
+    first epoch, whose time plans a run with a budget and counts in it, compiles nothing."""
+    from torch._dynamo.utils import counters
+
+    from orchestration.config import load_config
+    from orchestration.recipe import build_training
+
+    before = counters["stats"]["unique_graphs"]
+    training = build_training(load_config(None, ["crops.compile=true"]), device="cuda")
+    assert training.augment is not None and training.augment.compiled
+    compiled = counters["stats"]["unique_graphs"]
+    assert compiled > before
+    training.run_epoch(0)
+    assert counters["stats"]["unique_graphs"] == compiled
