@@ -110,8 +110,9 @@ def fit_schedule(scheduler, optimizer, epochs: int, steps_per_epoch: int,
 def plan_run(optim: Any, engine: Any, clock: TrainingClock, done: int,
              steps_per_epoch: int) -> tuple[int, bool]:
     """The run's length after ``done`` epochs, and whether the budget fits more epochs than
-    ``optim.epochs`` allows (known from the second epoch on): ``optim.epochs`` without a budget; with one, the plan, to which the
-    engine's schedule is fitted (the warmup's share is ``warmup_epochs / epochs``)."""
+    ``optim.epochs`` allows (known from the second epoch on): ``optim.epochs`` without a
+    budget; with one, the plan, to which the engine's schedule is fitted (the warmup's share is
+    ``warmup_epochs / epochs``)."""
     budget = optim.time_budget_s
     if budget is None:
         return optim.epochs, False
