@@ -6,14 +6,17 @@
 #   k1000: model.n_prototypes=1000 (lightly's CIFAR-10 recipe uses 512; we use 3000)
 #   b256:  optim.batch_size=256 at the same rate per image (lr 1.2): twice the updates per epoch
 # Needs .gpu/cifar10/{train,test}.parquet in the checkout (carried; bash bench/prepare_device.sh).
-# Run from the repository root.
+# Run from the repository root. RECIPES picks others, e.g. RECIPES=ours,lightly: ours against
+# lightly's published CIFAR-10 recipe in one call (lightly's wheel in .gpu/; about 5 minutes).
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-$(mktemp -d)}  # the device tool sets $OUT
 mkdir -p "$OUT" && echo "output: $OUT"
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site \
+    .gpu/lightly-*.whl && export PYTHONPATH=/tmp/site  # (for RECIPES with lightly)
 nvidia-smi -L
 S=$(date +%s)
 timeout 540 python3 bench/bench_time_to_accuracy.py --data .gpu/cifar10 --budget 120 \
-    --marks 60,120 --recipes ours,k1000,b256 --workers 15 --cf-images 0 \
+    --marks 60,120 --recipes "${RECIPES:-ours,k1000,b256}" --workers 15 --cf-images 0 \
     --variants "k1000:model.n_prototypes=1000;b256:optim.batch_size=256,optim.lr=1.2" \
     2>&1 | grep -v Warning | tee "$OUT/recipe.jsonl"
 echo "== done at $(( $(date +%s) - S )) s"
