@@ -151,6 +151,7 @@ class RowProcess:
     ``device`` -> its name."""
 
     def __init__(self, row: str, args: argparse.Namespace) -> None:
+        self.row = row
         ctx = mp.get_context("spawn")  # CUDA cannot be forked
         self.conn, child = ctx.Pipe()
         self.process = ctx.Process(target=serve, args=(row, args, child), daemon=True)
@@ -162,7 +163,12 @@ class RowProcess:
             self.conn.send(what)
         except OSError:  # it has ended: its last answer says why
             pass
-        kind, value = self.conn.recv()
+        try:
+            kind, value = self.conn.recv()
+        except (EOFError, OSError):  # killed (out of memory, a crash) before it could say
+            self.process.join(timeout=5)
+            raise RowFailed(f"row {self.row}: its process ended "
+                            f"(exit code {self.process.exitcode})") from None
         if kind == "error":
             raise RowFailed(value)
         return value
