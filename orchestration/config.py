@@ -79,9 +79,8 @@ class CropConfig:
     # worker's shard is kept in memory (small data sets; 3.5x faster epochs on the default).
     device: str = "auto"
     # Batched crops on a GPU: fuse the crop boxes and the augmentation into few kernels with
-    # torch.compile (the same crops; compiled once per crop size, at set-up for resident images,
-    # else on first use; on an H100 2.7x the eager crops' images/s, for about 10 s of
-    # compiling: BENCHMARKS, session 11).
+    # torch.compile (the same crops; compiled once per crop size while the run is set up; on an
+    # H100 2.7x the eager crops' images/s, for about 10 s of compiling: BENCHMARKS, session 11).
     compile: bool = False
     mean: list[float] = field(default_factory=lambda: [0.485, 0.456, 0.406])
     std: list[float] = field(default_factory=lambda: [0.228, 0.224, 0.225])

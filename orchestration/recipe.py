@@ -376,8 +376,9 @@ def build_training(cfg: ExperimentConfig, rank: int = 0, world: int = 1,
         evaluation = (KeptBatches(bank), KeptBatches(held), sets.n_classes)
     raw = isinstance(loader, ResidentBatches) or loader.collate_fn is collate_uint8
     augment = batch_crop_transform(cfg, device) if raw else None  # uint8 in, crops made here
-    if augment is not None and isinstance(loader, ResidentBatches):  # crops.compile: compiled now
-        augment.warm_up((loader.batch_size, *loader.images.shape[1:]), device)
+    if augment is not None:  # crops.compile: compiled now (what it compiles sees the crops'
+        side = max(cfg.crops.size_crops)  # shapes alone, not the images')
+        augment.warm_up((per_process_batch(cfg, world), 3, side, side), device)
     return Training(cfg, rank, engine, loader, evaluation, augment)
 
 

@@ -212,9 +212,11 @@ class BatchMultiCrop:
         self._seed, self._gen = int(seed), None
 
     def warm_up(self, shape: Sequence[int], device: torch.device) -> None:
-        """Compile now (``compile``) for batches of ``shape`` ``[B, C, H, W]``, rather than in
-        the first training step: set-up time, not the first epoch's (whose time plans a run with
-        a budget, and counts in it). The crops to come are those of a transform never warmed."""
+        """Compile now (``compile``) for batches of ``B`` images (``shape`` ``[B, C, H, W]``),
+        rather than in the first training step: set-up time, not the first epoch's (whose time
+        plans a run with a budget, and counts in it). The compiled functions see the crops'
+        shapes alone, so any ``H, W`` and ``C`` serve. The crops to come are those of a transform
+        never warmed."""
         if not self.compiled:
             return
         kept, self._gen = self._gen, torch.Generator(device=device)

@@ -78,14 +78,15 @@ def test_every_image_of_a_batch_draws_its_own_parameters():
 
 @pytest.mark.slow  # torch.compile generates and builds C++ kernels: about 20 s on 2 cores
 def test_compiled_augmentation_gives_the_same_crops():
-    """Compiled by warm_up (set-up time: no compiling in the first steps), and the same crops
-    as the eager transform's, which was never warmed (warm_up draws from its own generator)."""
+    """Compiled by warm_up (set-up time: no compiling in the first steps) for batches of 8
+    images of any size (the compiled functions see the crops alone), and the same crops as the
+    eager transform's, which was never warmed (warm_up draws from its own generator)."""
     from torch._dynamo.utils import counters
 
     images = colourful(8)
     args = ([2], [24], [0.14], [1.0])  # every operation, the blur included (one compilation)
     eager, fused = BatchMultiCrop(*args, seed=5), BatchMultiCrop(*args, seed=5, compile=True)
-    fused.warm_up(images.shape, images.device)
+    fused.warm_up((8, 1, 40, 40), images.device)  # the images: 8 x 3 x 32 x 32
     graphs = counters["stats"]["unique_graphs"]
     assert graphs >= 2  # the crop boxes and the augmentation
     for _ in range(2):

@@ -124,8 +124,8 @@ def test_batched_crops_on_the_gpu_compiled_equal_eager_and_stay_on_the_gpu():
 
 
 def test_a_run_compiles_its_crops_while_it_is_set_up():
-    """``crops.compile`` on resident images: build_training compiles the crops (warm_up), so the
-    first epoch, whose time plans a run with a budget and counts in it, compiles nothing."""
+    """``crops.compile``: build_training compiles the crops (warm_up), so the first epoch,
+    whose time plans a run with a budget and counts in it, compiles nothing."""
     from torch._dynamo.utils import counters
 
     from orchestration.config import load_config
