@@ -122,6 +122,7 @@ def train_ours(cfg, budget: float, marks: list[float], evaluate, device,
           "steps_per_epoch": steps, "loader": type(training.loader).__name__})
     clock = TrainingClock()
     planned, _ = plan_run(cfg.optim, engine, clock, 0, steps)
+    plans = [planned]  # the plan before each epoch and at the end (how the schedule moved)
     pending, epoch, images = sorted(marks), 0, 0
     while epoch < planned:
         started = time.perf_counter()
@@ -133,6 +134,7 @@ def train_ours(cfg, budget: float, marks: list[float], evaluate, device,
         images += stats.images
         epoch += 1
         planned, _ = plan_run(cfg.optim, engine, clock, epoch, steps)
+        plans.append(planned)
         while pending and (clock.trained_s >= pending[0] or epoch == planned):
             emit({"recipe": name, "mark_s": pending.pop(0), "trained_s": round(clock.trained_s, 1),
                   "epochs": epoch, "epochs_planned": planned, "loss": round(stats.loss, 4),
@@ -141,7 +143,7 @@ def train_ours(cfg, budget: float, marks: list[float], evaluate, device,
                   "knn_top1": evaluate(engine.net.backbone)})
     return {"epochs": epoch, "images_per_s": round(images / clock.trained_s),
             "first_epoch_s": round(clock.first_s, 1),  # start-up: compiling, autotuning
-            "model": engine.net}
+            "plans": plans, "model": engine.net}
 
 
 def parse_variants(text: str) -> dict[str, list[str]]:
