@@ -8,7 +8,10 @@ recipe every run uses (``orchestration.recipe``) from the config defaults plus t
 ``bench/lightly_peer.py``), ``ours-sgd`` (our engine with SGD, the same optimiser as that peer),
 ``ours-compile`` (``model.compile``: ``torch.compile`` of backbone and head, on a GPU only) and
 ``ours-graphs`` (the same with CUDA graphs, ``mode="reduce-overhead"``: an experiment for a step
-bound by its launches; GPU only). A row that fails is reported and left out.
+bound by its launches; GPU only), or a variant of ours named by ``--variants`` (its overrides on
+top of the others). A row that fails is reported and left out. Every row runs under the
+configuration's ``model.cudnn_benchmark`` (lightly's too: the same settings), a variant's under
+its own.
 
 Each row lives in a process of its own, which builds it once and measures it when its turn comes,
 so that what one row leaves behind cannot slow another: in one process, on an H100 (session 11),
@@ -22,6 +25,7 @@ costliest of them.
         --crops 2x224,6x96 --prototypes 3000 --queue 3840 --optimizer lars
     python bench/bench_step.py --backbone resnet18 --cifar-stem --batch-size 256 \
         --crops 2x32,4x16 --channels-last --rows ours,ours-sgd,lightly --repeats 2
+    python bench/bench_step.py --rows ours,nobench --variants "nobench:model.cudnn_benchmark=false"
 """
 
 from __future__ import annotations
@@ -38,8 +42,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from orchestration.config import ExperimentConfig, build_config  # noqa: E402
-from orchestration.recipe import build_engine  # noqa: E402
+from orchestration.config import ConfigError, ExperimentConfig, build_config  # noqa: E402
+from orchestration.recipe import build_engine, use_cudnn_benchmark  # noqa: E402
+from variants import parse_variants  # noqa: E402
 
 
 # The rows: our engine (LARS, as configured), with SGD, compiled (model.compile), compiled with
@@ -81,15 +86,23 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--rows", default="ours", help=", ".join(ROWS))
+    ap.add_argument("--rows", default="ours", help=", ".join(ROWS) + " or a variant's name")
+    ap.add_argument("--variants", default="",
+                    help="rows of ours with overrides: 'nobench:model.cudnn_benchmark=false;...'")
     ap.add_argument("--profile", action="store_true",
                     help="then profile 3 steps per row: operations per step and the costliest")
     ap.add_argument("overrides", nargs="*", help="further dotted config overrides")
     args = ap.parse_args()
     rows = args.rows.split(",")
-    unknown = set(rows) - set(ROWS)
+    args.variants = parse_variants(args.variants, ROWS)
+    unknown = set(rows) - set(ROWS) - set(args.variants)
     if unknown:
-        ap.error(f"--rows: unknown {sorted(unknown)} ({', '.join(ROWS)})")
+        ap.error(f"--rows: unknown {sorted(unknown)} ({', '.join(ROWS)} or a variant)")
+    for name, extra in args.variants.items():  # checked before any row is built
+        try:
+            build_config({}, [*cfg_overrides(args), *extra])
+        except ConfigError as error:
+            ap.error(f"--variants: {name}: {error}")
     servers = {row: RowProcess(row, args) for row in rows}
     try:
         rates, peaks, device_name = run_rows(dict(servers), args)
@@ -185,7 +198,9 @@ def serve(row: str, args: argparse.Namespace, conn) -> None:
     """A row's process: build it, then answer :class:`RowProcess` until ``stop``."""
     try:
         device = torch.device(args.device)
-        cfg: ExperimentConfig = build_config({}, cfg_overrides(args))
+        cfg: ExperimentConfig = build_config({}, [*cfg_overrides(args),
+                                                  *args.variants.get(row, [])])
+        use_cudnn_benchmark(cfg, device)  # (our rows' engines set it so too)
         step = make_step(row, cfg, args, device)
         batch = [torch.randn(n * args.batch_size, 3, s, s, device=device)
                  for n, s in zip(cfg.crops.nmb_crops, cfg.crops.size_crops)]

@@ -36,11 +36,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from orchestration.config import load_config  # noqa: E402
 from orchestration.recipe import (  # noqa: E402
-    build_training, initial_model, model_kwargs, open_splits)
+    build_training, initial_model, model_kwargs, open_splits, use_cudnn_benchmark)
 from orchestration.time_budget import TrainingClock, plan_run  # noqa: E402
 from swav.counterfactual import METHODS, explain, populated_prototypes, prototype_scores  # noqa: E402,E501
 from swav.evaluation import knn_accuracy  # noqa: E402
 from swav.raw_batches import resident_images  # noqa: E402
+from variants import parse_variants  # noqa: E402
 
 IMAGENET = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))  # lightly's normalisation
 
@@ -146,17 +147,6 @@ def train_ours(cfg, budget: float, marks: list[float], evaluate, device,
             "plans": plans, "model": engine.net}
 
 
-def parse_variants(text: str) -> dict[str, list[str]]:
-    """``name:key=value,key=value;name2:...`` -> ``{name: [overrides]}``."""
-    variants = {}
-    for part in filter(None, (p.strip() for p in text.split(";"))):
-        name, _, overrides = part.partition(":")
-        if not name or name in ("ours", "lightly") or not overrides:
-            raise SystemExit(f"--variants: expected name:key=value[,key=value], got {part!r}")
-        variants[name] = overrides.split(",")
-    return variants
-
-
 def run_ours(name: str, cfg, args, ev: Evaluator, test_u8: torch.Tensor, marks: list[float],
              device: torch.device) -> dict:
     """Our recipe (or a named variant of it): random-init kNN, the timed training with its
@@ -201,7 +191,7 @@ def parse_args() -> argparse.Namespace:
 
 def main() -> None:
     args = parse_args()
-    variants = parse_variants(args.variants)
+    variants = parse_variants(args.variants, ("ours", "lightly"))
     unknown = set(args.recipes.split(",")) - {"ours", "lightly", *variants}
     if unknown:
         raise SystemExit(f"--recipes: {sorted(unknown)} are neither ours, lightly nor a variant")
@@ -230,6 +220,9 @@ def main() -> None:
         else:
             from lightly_peer import LIGHTLY_RESNET18, LightlySwaV, published_cifar10
 
+            # Under ours' cudnn.benchmark, whichever ran before (lightly's recipe runs under a
+            # Lightning Trainer, which leaves it off by default: the peer gains, if anything).
+            use_cudnn_benchmark(cfg, device)
             torch.manual_seed(cfg.scaling.seed)
             emit({"recipe": "lightly", "mark_s": 0, "random_init_knn_top1":
                   ev.knn(LightlySwaV(LIGHTLY_RESNET18).backbone.to(device),
@@ -243,6 +236,7 @@ def main() -> None:
                               on_mark=on_mark, seed=cfg.scaling.seed, stats=rows,
                               schedule_epochs=None if args.lightly_anneal else 200)
             summary = rows
+        summary["cudnn_benchmark"] = torch.backends.cudnn.benchmark
         emit({"recipe": recipe, "summary": summary})
 
 

@@ -7,7 +7,8 @@
 #   2. the step against lightly's grouped loop, ResNet-18 (with model.compile, static shapes since
 #      session 11, and CUDA graphs as rows) and ResNet-50 (eager rows: its compiles are long);
 #      5 alternating repeats, every row in a process of its own, each row's kernel profile;
-#   3. cifar10_wallclock's step alone, for stage 1's share of it;
+#   3. cifar10_wallclock's step alone, for stage 1's share of it; with stage 2's ResNet-50, also
+#      without cuDNN's autotuning (model.cudnn_benchmark, on since session 12, unmeasured);
 #   4. if time is left: the batched multi-crop eager against compiled and Kornia's (measured in
 #      session 11), and the Sinkhorn stack (session 11: 0.55 against 1.18 ms for two calls).
 # Needs, in the ignored folder .gpu/ of the checkout (carried to the device): the CIFAR-10 Parquet
@@ -55,11 +56,14 @@ run 150 step_r18 python3 bench/bench_step.py --backbone resnet18 --cifar-stem --
     --crops 2x32,4x16 --channels-last --prototypes 3000 --rows $ROWS$COMPILED --repeats 5 \
     --steps 30 --profile
 mark step_r50
+NOBENCH="nobench:model.cudnn_benchmark=false"  # what cuDNN's autotuning (session 12) gives
 run 100 step_r50 python3 bench/bench_step.py --backbone resnet50 --batch-size 64 \
-    --crops 2x224,6x96 --channels-last --prototypes 3000 --rows $ROWS --repeats 5 --steps 20 --profile
+    --crops 2x224,6x96 --channels-last --prototypes 3000 --rows $ROWS,nobench --variants $NOBENCH \
+    --repeats 5 --steps 20 --profile
 mark step_wallclock
-run 30 step_wallclock python3 bench/bench_step.py --backbone resnet18 --cifar-stem \
-    --batch-size 512 --crops 2x32 --channels-last --prototypes 3000 --rows ours --repeats 5
+run 40 step_wallclock python3 bench/bench_step.py --backbone resnet18 --cifar-stem \
+    --batch-size 512 --crops 2x32 --channels-last --prototypes 3000 --rows ours,nobench \
+    --variants $NOBENCH --repeats 5
 mark pipeline
 KORNIA=
 python3 -c "import kornia.augmentation" 2>/dev/null && KORNIA="--kornia resample,slice"

@@ -62,6 +62,11 @@ class ModelConfig:
     # state-dict keys; compiled at the first step of each crop size). Off: on an H100 it was no
     # faster (BENCHMARKS, session 11; static shapes since, not yet measured).
     compile: bool = False
+    # GPU only: cuDNN times its convolution algorithms for each new input shape and keeps the
+    # fastest (torch.backends.cudnn.benchmark; a run has a few fixed crop sizes). On, as in the
+    # official main_swav.py; the timing makes the choice of algorithm, and so the last bits of
+    # GPU results, vary from run to run.
+    cudnn_benchmark: bool = True
 
 
 @dataclass
@@ -343,7 +348,8 @@ CROP_DEVICES = ("auto", "cpu", "gpu")
 # Anything else would silently continue a different experiment under the old run's params.
 RESUMABLE = ("optim.epochs", "optim.time_budget_s", "tracking.", "eval.", "scaling.run_name",
              "scaling.max_failures", "scaling.cpus_per_worker", "data.loader_workers",
-             "crops.device", "crops.compile", "model.compile", "fail_at_epoch")
+             "crops.device", "crops.compile", "model.compile", "model.cudnn_benchmark",
+             "fail_at_epoch")
 
 
 def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:

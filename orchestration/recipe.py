@@ -76,6 +76,7 @@ __all__ = [
     "open_splits",
     "per_process_batch",
     "plain_transform",
+    "use_cudnn_benchmark",
 ]
 
 EVAL_BATCH = 256
@@ -252,11 +253,14 @@ def eval_loaders(cfg: ExperimentConfig, sets: EvalSets, rank: int = 0,
 
 # -- model, loss, optimisation ----------------------------------------------------------------
 
+# ``model`` keys that change how the model runs, not what it computes.
+HOW_IT_RUNS = ("channels_last", "compile", "cudnn_benchmark")
+
+
 def model_kwargs(cfg: ExperimentConfig) -> dict[str, Any]:
-    """The ``model`` section as :func:`swav.model.build_model` arguments (the architecture: not
-    ``channels_last`` or ``compile``, which change how it runs, not what it computes)."""
-    return {k: v for k, v in dataclasses.asdict(cfg.model).items()
-            if k not in ("channels_last", "compile")}
+    """The ``model`` section as :func:`swav.model.build_model` arguments (the architecture, not
+    :data:`HOW_IT_RUNS`)."""
+    return {k: v for k, v in dataclasses.asdict(cfg.model).items() if k not in HOW_IT_RUNS}
 
 
 def initial_model(cfg: ExperimentConfig) -> SwAVModel:
@@ -298,6 +302,14 @@ def compile_model(model: SwAVModel, cfg: ExperimentConfig, device: torch.device)
     return True
 
 
+def use_cudnn_benchmark(cfg: ExperimentConfig, device: torch.device) -> bool:
+    """``model.cudnn_benchmark`` for this process when it trains on a GPU (a process-wide
+    switch: every model of the process runs under it). Returns the setting in force."""
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = cfg.model.cudnn_benchmark
+    return torch.backends.cudnn.benchmark
+
+
 def build_engine(cfg: ExperimentConfig, steps_per_epoch: int, device: torch.device,
                  batch_size: int, wrap: Callable[[nn.Module], nn.Module] | None = None,
                  amp: bool = True) -> SwAVEngine:
@@ -310,6 +322,7 @@ def build_engine(cfg: ExperimentConfig, steps_per_epoch: int, device: torch.devi
         model = model.to(memory_format=torch.channels_last)
     model = convert_sync_batchnorm(model, device)
     compile_model(model, cfg, device)
+    use_cudnn_benchmark(cfg, device)
     model = wrap(model) if wrap is not None else model.to(device)
     optimizer, scheduler = build_optimization(cfg, model, steps_per_epoch)
     s = cfg.swav

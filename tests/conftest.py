@@ -1,10 +1,12 @@
-"""Shared fixtures: a real local Ray instance for the integration tests."""
+"""Shared fixtures: a real local Ray instance for the integration tests; a recorder of the
+operations that would make the host wait for a GPU."""
 
 from __future__ import annotations
 
 import os
 
 import pytest
+from torch.utils._python_dispatch import TorchDispatchMode
 
 # Every Ray instance the tests start (in process, `ray start`, the CLI's own) inherits this: the
 # Train controller polls its workers every 0.25 s instead of 2 s, so a tiny run does not wait
@@ -38,3 +40,29 @@ def _environment_restored():
     if os.environ != before:
         os.environ.clear()
         os.environ.update(before)
+
+
+# ATen operations whose result the host reads: on a GPU each waits for every kernel queued before
+# it (``item()``/``float()``, ``bool()``, a boolean mask as an index, sizes that depend on values).
+READ_BACK = {"_local_scalar_dense", "is_nonzero", "nonzero", "masked_select", "unique", "_unique",
+             "_unique2", "unique_dim", "unique_consecutive", "equal", "bincount",
+             "repeat_interleave", "histc"}
+
+
+class HostReads(TorchDispatchMode):
+    """Records, in order, each :data:`READ_BACK` operation run under it (on any device: on the
+    CPU the same code shows where it would wait for a GPU)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.overloadpacket.__name__ in READ_BACK:
+            self.seen.append(func.overloadpacket.__name__)
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.fixture
+def host_reads() -> type[HostReads]:
+    return HostReads

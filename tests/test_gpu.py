@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -132,9 +134,34 @@ def test_a_run_compiles_its_crops_while_it_is_set_up():
     from orchestration.recipe import build_training
 
     before = counters["stats"]["unique_graphs"]
+    torch.backends.cudnn.benchmark = False
     training = build_training(load_config(None, ["crops.compile=true"]), device="cuda")
     assert training.augment is not None and training.augment.compiled
     compiled = counters["stats"]["unique_graphs"]
     assert compiled > before
     training.run_epoch(0)
     assert counters["stats"]["unique_graphs"] == compiled
+    assert torch.backends.cudnn.benchmark  # set by the run: model.cudnn_benchmark, on by default
+
+
+def test_an_epoch_on_the_gpu_never_waits_for_it_between_steps():
+    """What ``test_recipe``'s recorder checks on the CPU, on the GPU itself: from the first step's
+    end to the last's, no operation synchronises with the device (copies to the host included);
+    its figures are read once, after the last step."""
+    from orchestration.config import load_config
+    from orchestration.recipe import build_training
+
+    training = build_training(load_config(None, ["optim.name=lars", "swav.queue_length=128",
+                                                 "swav.epoch_queue_starts=0"]), device="cuda")
+    training.run_epoch(0)  # compiles, autotunes and fills the queue
+    last = training.engine.iteration + training.steps_per_epoch
+    assert training.steps_per_epoch >= 3
+
+    def on_step(iteration: int, loss: torch.Tensor) -> None:
+        torch.cuda.set_sync_debug_mode("error" if iteration < last else "default")
+
+    try:
+        stats = training.run_epoch(1, on_step=on_step)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert stats.queue_in_use and math.isfinite(stats.loss)

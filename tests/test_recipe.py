@@ -8,9 +8,10 @@ import socket
 import pytest
 import torch
 
-from orchestration.config import ConfigError, load_config
+from orchestration.config import RESUMABLE, ConfigError, load_config
 from orchestration.recipe import (
     batch_crop_transform,
+    build_engine,
     build_training,
     check_components,
     check_data,
@@ -25,6 +26,7 @@ from orchestration.recipe import (
     model_kwargs,
     open_splits,
     per_process_batch,
+    use_cudnn_benchmark,
 )
 from swav.raw_batches import ResidentBatches
 
@@ -132,6 +134,44 @@ def test_model_compile_compiles_backbone_and_head_in_place_on_a_gpu_only():
     assert not compile_model(initial_model(cfg), load_config(None, []), torch.device("cuda"))
     # Not part of the architecture: evaluate and explain rebuild the same model without it.
     assert "compile" not in model_kwargs(cfg)
+
+
+def test_cudnn_benchmark_is_set_for_a_process_that_trains_on_a_gpu():
+    was = torch.backends.cudnn.benchmark
+    try:
+        torch.backends.cudnn.benchmark = False
+        on, off = load_config(None, []), load_config(None, ["model.cudnn_benchmark=false"])
+        assert not use_cudnn_benchmark(on, torch.device("cpu"))  # a CPU run leaves it alone
+        assert use_cudnn_benchmark(on, torch.device("cuda"))  # (a flag: no GPU needed to set it)
+        assert torch.backends.cudnn.benchmark
+        assert not use_cudnn_benchmark(off, torch.device("cuda"))
+        assert not torch.backends.cudnn.benchmark
+        build_engine(on, 4, torch.device("cpu"), 8)
+        assert not torch.backends.cudnn.benchmark
+        # How it runs, not what it computes: evaluate and explain rebuild the same model, and
+        # a resume may change it.
+        assert "cudnn_benchmark" not in model_kwargs(on)
+        assert "model.cudnn_benchmark" in RESUMABLE
+    finally:
+        torch.backends.cudnn.benchmark = was
+
+
+def test_an_epoch_on_the_gpu_path_reads_nothing_back_until_it_ends(host_reads):
+    """The GPU path (resident uint8 images, crops made on the device, LARS, a queue in use,
+    frozen then free prototypes) never makes the host wait for the device inside the epoch
+    (checked on the CPU: the same code); its figures are read once, after the last step."""
+    cfg = load_config(None, [*TINY, "crops.device=gpu", "optim.name=lars", "optim.epochs=3",
+                             "swav.queue_length=64", "swav.epoch_queue_starts=0"])
+    training = build_training(cfg)
+    assert isinstance(training.loader, ResidentBatches) and training.augment is not None
+    training.run_epoch(0)  # (fills the queue: it is used from the first step below)
+    assert training.engine.queue.full
+    reads, after_step = host_reads(), []
+    with reads:
+        stats = training.run_epoch(1, on_step=lambda it, loss: after_step.append(len(reads.seen)))
+    assert len(after_step) == training.steps_per_epoch and set(after_step) == {0}
+    assert reads.seen  # the epoch's figures, read at its end (the recorder sees reads)
+    assert stats.queue_in_use and math.isfinite(stats.loss)
 
 
 def test_crops_on_the_device_train_from_resident_uint8_images_reproducibly():
