@@ -79,6 +79,7 @@ class CropConfig:
     color_strength: float = 1.0
     blur_prob: float = 0.5
     flip_prob: float = 0.5  # 0 for data where a mirror image is another thing (digits, text)
+    solarize_prob: float = 0.0  # not in SwAV's recipe (BYOL's: 0.2 on one view); after the blur
     # Where crops are made: cpu = PIL in loader workers; gpu = batched on the training device
     # (swav.batch_multicrop); auto = gpu when the run trains on a GPU, and on the CPU when a
     # worker's shard is kept in memory (small data sets; 3.5x faster epochs on the default).

@@ -95,7 +95,8 @@ def crop_transform(cfg: ExperimentConfig) -> MultiCropTransform:
     c = cfg.crops
     return MultiCropTransform(c.nmb_crops, c.size_crops, c.min_scale_crops, c.max_scale_crops,
                               mean=c.mean, std=c.std, color_strength=c.color_strength,
-                              blur_prob=c.blur_prob, flip_prob=c.flip_prob)
+                              blur_prob=c.blur_prob, flip_prob=c.flip_prob,
+                              solarize_prob=c.solarize_prob)
 
 
 def crops_on_device(cfg: ExperimentConfig, device: torch.device, resident: bool = False) -> bool:
@@ -116,7 +117,8 @@ def batch_crop_transform(cfg: ExperimentConfig, device: torch.device,
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
     return BatchMultiCrop(c.nmb_crops, c.size_crops, c.min_scale_crops, c.max_scale_crops,
                           mean=c.mean, std=c.std, color_strength=c.color_strength,
-                          blur_prob=c.blur_prob, flip_prob=c.flip_prob, seed=seed,
+                          blur_prob=c.blur_prob, flip_prob=c.flip_prob,
+                          solarize_prob=c.solarize_prob, seed=seed,
                           memory_format=memory_format,
                           compile=c.compile and device.type == "cuda")
 

@@ -3,7 +3,8 @@
 The same augmentation as :class:`swav.multicrop.MultiCropTransform` (Caron et al., 2020, Sec. 3.2;
 facebookresearch/swav ``src/multicropdataset.py``): ``RandomResizedCrop``, horizontal flip, colour
 jitter applied with ``color_prob`` in a random order of its four operations, random grayscale,
-Gaussian blur, ``Normalize``.  Here every crop of every image still draws its own parameters, but
+Gaussian blur, solarization where configured, ``Normalize``.  Here every crop of every image
+still draws its own parameters, but
 all crops of a resolution group are produced together:
 
 * the crop boxes follow ``torchvision``'s ``RandomResizedCrop.get_params`` (10 attempts of a
@@ -12,7 +13,9 @@ all crops of a resolution group are produced together:
   so downscaling averages like an antialiased resize);
 * colour operations use per-crop factors (brightness, contrast, saturation as blends, hue as a
   rotation in HSV, the formulas of ``torchvision.transforms.functional``);
-* the blur is a per-crop separable Gaussian (grouped convolution, reflect padding).
+* the blur is a per-crop separable Gaussian (grouped convolution, reflect padding);
+* solarization inverts the values from ``SOLARIZE_AT / 255`` up (less half a level: the PIL
+  path rounds each operation's result to uint8 first).
 
 ``torchvision.transforms.v2`` applied to a batch would share one set of parameters across the
 batch, which would give SwAV's swapped prediction identical views of different images.
@@ -37,7 +40,13 @@ import torch
 import torch.nn.functional as F
 from torchvision.ops import roi_align
 
-from swav.multicrop import IMAGENET_MEAN, IMAGENET_STD, blur_kernel_size, check_multicrop_args
+from swav.multicrop import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    SOLARIZE_AT,
+    blur_kernel_size,
+    check_multicrop_args,
+)
 
 __all__ = ["BatchMultiCrop", "CropDraws", "apply_color_jitter", "augment_crops",
            "boxes_from_uniforms", "crop_boxes"]
@@ -48,7 +57,8 @@ ATTEMPTS = 10
 
 
 BOX_DRAWS = 2 * ATTEMPTS + 2  # uniforms per crop box: area and aspect per attempt, then placement
-AUG_DRAWS = 13  # uniforms per crop for the rest (BatchMultiCrop._draws)
+AUG_DRAWS = 13  # uniforms per crop for the rest (BatchMultiCrop._draws), + 1 with solarization
+SOLARIZE_FROM = (SOLARIZE_AT - 0.5) / 255  # what rounds to SOLARIZE_AT or more
 
 
 def crop_boxes(heights: torch.Tensor, widths: torch.Tensor, scale: tuple[float, float],
@@ -151,12 +161,14 @@ class CropDraws:
     gray: torch.Tensor  # bool [n]
     blur: torch.Tensor | None  # bool [n] (None: no blur at this size)
     sigma: torch.Tensor | None  # [n]
+    solarize: torch.Tensor | None = None  # bool [n] (None: none configured)
 
 
 def augment_crops(x: torch.Tensor, draws: CropDraws, mean: torch.Tensor, std: torch.Tensor,
                   blur_kernel: int, hue: bool) -> torch.Tensor:
-    """Flip, colour jitter, grayscale, blur and normalise crops ``[n, 3, s, s]`` in [0, 1] with
-    the parameters ``draws``: no randomness here, so that it can be compiled into few kernels."""
+    """Flip, colour jitter, grayscale, blur, solarize and normalise crops ``[n, 3, s, s]`` in
+    [0, 1] with the parameters ``draws``: no randomness here, so that it can be compiled into
+    few kernels."""
     x = torch.where(draws.flip.view(-1, 1, 1, 1), x.flip(-1), x)
     if draws.jitter is not None:
         x = apply_color_jitter(x, draws.jitter, draws.factors, draws.order, hue=hue)
@@ -164,6 +176,8 @@ def augment_crops(x: torch.Tensor, draws: CropDraws, mean: torch.Tensor, std: to
     if draws.blur is not None:
         blurred = _gaussian_blur(x, draws.sigma, blur_kernel)
         x = torch.where(draws.blur.view(-1, 1, 1, 1), blurred, x)
+    if draws.solarize is not None:
+        x = torch.where(draws.solarize.view(-1, 1, 1, 1) & (x >= SOLARIZE_FROM), 1.0 - x, x)
     return (x - mean) / std
 
 
@@ -183,12 +197,12 @@ class BatchMultiCrop:
                  mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD,
                  color_strength: float = 1.0, color_prob: float = 0.8,
                  grayscale_prob: float = 0.2, blur_prob: float = 0.5, flip_prob: float = 0.5,
-                 seed: int = 0, memory_format: torch.memory_format = torch.contiguous_format,
+                 solarize_prob: float = 0.0, seed: int = 0, memory_format: torch.memory_format = torch.contiguous_format,
                  compile: bool = False) -> None:
         check_multicrop_args(nmb_crops, size_crops, min_scale_crops, max_scale_crops, mean, std,
                              color_strength, color_prob=color_prob,
                              grayscale_prob=grayscale_prob, blur_prob=blur_prob,
-                             flip_prob=flip_prob)
+                             flip_prob=flip_prob, solarize_prob=solarize_prob)
         self.groups = [(int(n), int(s)) for n, s in zip(nmb_crops, size_crops)]
         self.scales = [(float(lo), float(hi)) for lo, hi in zip(min_scale_crops, max_scale_crops)]
         self.mean, self.std = tuple(map(float, mean)), tuple(map(float, std))
@@ -196,6 +210,9 @@ class BatchMultiCrop:
         self.jitter = (0.8 * s, 0.8 * s, 0.8 * s, 0.2 * s)  # brightness, contrast, saturation, hue
         self.color_prob, self.grayscale_prob = float(color_prob), float(grayscale_prob)
         self.blur_prob, self.flip_prob = float(blur_prob), float(flip_prob)
+        self.solarize_prob = float(solarize_prob)
+        # Solarization's uniform only where configured: the other crops' draws stay as they were.
+        self._aug_draws = AUG_DRAWS + (self.solarize_prob > 0)
         self.memory_format = memory_format
         self.compiled = bool(compile)
         fuse = (lambda f: torch.compile(f, dynamic=False)) if compile else (lambda f: f)
@@ -248,7 +265,8 @@ class BatchMultiCrop:
         for (count, size), scale in zip(self.groups, self.scales):
             index = torch.arange(b, device=x.device).repeat(count)  # crop-major rows
             # Every random number of the group in one draw: a kernel, not one per parameter.
-            u = torch.rand((count * b, BOX_DRAWS + AUG_DRAWS), generator=gen, device=x.device)
+            u = torch.rand((count * b, BOX_DRAWS + self._aug_draws), generator=gen,
+                           device=x.device)
             boxes = self._boxes(sizes[index, 0], sizes[index, 1], u[:, :BOX_DRAWS], scale)
             rois = torch.cat([index[:, None].float(), boxes], dim=1)
             crops = roi_align(x, rois, output_size=(size, size), spatial_scale=1.0,
@@ -261,9 +279,9 @@ class BatchMultiCrop:
         return out
 
     def _draws(self, v: torch.Tensor, kernel: int, consts: _Constants) -> CropDraws:
-        """The group's parameters from its uniforms ``v [n, AUG_DRAWS]`` (columns: flip, jitter,
-        four jitter factors, four keys whose ranks are the order of the jitter's operations,
-        grayscale, blur, blur sigma)."""
+        """The group's parameters from its uniforms ``v [n, AUG_DRAWS (+ 1)]`` (columns: flip,
+        jitter, four jitter factors, four keys whose ranks are the order of the jitter's
+        operations, grayscale, blur, blur sigma (, solarization))."""
         flip = v[:, 0] < self.flip_prob
         jitter = factors = order = None
         if self.color_prob > 0 and any(self.jitter):
@@ -275,7 +293,8 @@ class BatchMultiCrop:
         if self.blur_prob > 0 and kernel > 1:
             blur = v[:, 11] < self.blur_prob
             sigma = 0.1 + 1.9 * v[:, 12]  # U(0.1, 2.0)
-        return CropDraws(flip, jitter, factors, order, gray, blur, sigma)
+        solarize = v[:, AUG_DRAWS] < self.solarize_prob if self.solarize_prob > 0 else None
+        return CropDraws(flip, jitter, factors, order, gray, blur, sigma, solarize)
 
     def _constants(self, device: torch.device) -> _Constants:
         """Normalisation and jitter-range constants, copied to the device once."""

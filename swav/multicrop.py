@@ -7,6 +7,8 @@ of ``size_crops[i]`` pixels with ``RandomResizedCrop(scale=(min_scale_crops[i],
 max_scale_crops[i]))``; each crop is then augmented as in the paper (and the reference
 implementation, facebookresearch/swav ``src/multicropdataset.py``): horizontal flip, colour
 distortion (colour jitter + random grayscale), Gaussian blur, ``ToTensor`` and ``Normalize``.
+Solarization (Grill et al., 2020, BYOL, Appendix B: pixels at or above half the range inverted)
+is not part of SwAV's augmentation; ``solarize_prob`` adds it after the blur, as there.
 
 :func:`multicrop_collate` batches the per-image crop lists crop-major: one tensor per resolution
 group, in which rows ``B*i ... B*(i+1)-1`` of the concatenation of all groups hold crop ``i`` of
@@ -26,10 +28,11 @@ from PIL import Image
 from torchvision import transforms as T
 from torchvision.transforms import functional as TF
 
-__all__ = ["MultiCropTransform", "blur_kernel_size", "check_multicrop_args", "multicrop_collate"]
+__all__ = ["SOLARIZE_AT", "MultiCropTransform", "blur_kernel_size", "check_multicrop_args", "multicrop_collate"]
 
 IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
 IMAGENET_STD: tuple[float, float, float] = (0.228, 0.224, 0.225)
+SOLARIZE_AT = 128  # uint8 values from here up are inverted (BYOL: 0.5 of the range)
 
 
 # --------------------------------------------------------------------------- validation helpers
@@ -161,8 +164,9 @@ class MultiCropTransform:
             (paper: ``[0.14, 0.05]`` / ``[1.0, 0.14]``).
         mean / std: per-channel ``Normalize`` statistics (RGB).
         color_strength: ``s`` in ``ColorJitter(0.8s, 0.8s, 0.8s, 0.2s)``.
-        color_prob / grayscale_prob / blur_prob / flip_prob: probabilities of colour jitter,
-            grayscale conversion, Gaussian blur and horizontal flip, applied per crop.
+        color_prob / grayscale_prob / blur_prob / flip_prob / solarize_prob: probabilities of
+            colour jitter, grayscale conversion, Gaussian blur, horizontal flip and
+            solarization (uint8 values >= 128 become 255 - value), applied per crop.
     """
 
     def __init__(
@@ -178,13 +182,14 @@ class MultiCropTransform:
         grayscale_prob: float = 0.2,
         blur_prob: float = 0.5,
         flip_prob: float = 0.5,
+        solarize_prob: float = 0.0,
     ) -> None:
         check_multicrop_args(nmb_crops, size_crops, min_scale_crops, max_scale_crops, mean, std,
                              color_strength, color_prob=color_prob,
                              grayscale_prob=grayscale_prob, blur_prob=blur_prob,
-                             flip_prob=flip_prob)
+                             flip_prob=flip_prob, solarize_prob=solarize_prob)
         probs = {"color_prob": color_prob, "grayscale_prob": grayscale_prob,
-                 "blur_prob": blur_prob, "flip_prob": flip_prob}
+                 "blur_prob": blur_prob, "flip_prob": flip_prob, "solarize_prob": solarize_prob}
 
         self._groups = [(int(n), int(s)) for n, s in zip(nmb_crops, size_crops)]
         self._mean = tuple(float(m) for m in mean)
@@ -208,12 +213,15 @@ class MultiCropTransform:
 
     def _crop_transform(self, size: int, scale: tuple[float, float]) -> T.Compose:
         blur = T.GaussianBlur(kernel_size=blur_kernel_size(size), sigma=(0.1, 2.0))
+        # Solarization only where configured: its draw would move every later crop's otherwise.
+        solarize = self._probs["solarize_prob"]
         return T.Compose(
             [
                 T.RandomResizedCrop(size, scale=scale),
                 T.RandomHorizontalFlip(p=self._probs["flip_prob"]),
                 self._color_distortion(),
                 T.RandomApply([blur], p=self._probs["blur_prob"]),
+                *([T.RandomSolarize(SOLARIZE_AT, p=solarize)] if solarize > 0 else []),
                 T.ToTensor(),
                 T.Normalize(mean=self._mean, std=self._std),
             ]

@@ -84,8 +84,9 @@ def test_compiled_augmentation_gives_the_same_crops():
     from torch._dynamo.utils import counters
 
     images = colourful(8)
-    args = ([2], [24], [0.14], [1.0])  # every operation, the blur included (one compilation)
-    eager, fused = BatchMultiCrop(*args, seed=5), BatchMultiCrop(*args, seed=5, compile=True)
+    args = ([2], [24], [0.14], [1.0])  # every operation, blur and solarization included
+    eager = BatchMultiCrop(*args, seed=5, solarize_prob=0.5)
+    fused = BatchMultiCrop(*args, seed=5, solarize_prob=0.5, compile=True)
     fused.warm_up((8, 1, 40, 40), images.device)  # the images: 8 x 3 x 32 x 32
     graphs = counters["stats"]["unique_graphs"]
     assert graphs >= 2  # the crop boxes and the augmentation
@@ -230,6 +231,20 @@ def test_blur_equals_torchvision_gaussian_blur_per_image_sigma():
     expected = torch.stack([TF.gaussian_blur(img, [5, 5], [float(s), float(s)])
                             for img, s in zip(x, sigmas)])
     torch.testing.assert_close(_gaussian_blur(x, sigmas, 5), expected, atol=1e-5, rtol=0)
+
+
+def test_solarize_rate_matches_its_prob_and_inverts_what_pil_inverts():
+    image = colourful(1)
+    aug = BatchMultiCrop([1], [32], [1.0], [1.0], **{**NO_AUG, "solarize_prob": 0.3}, **IDENTITY)
+    crops = aug(image.expand(2000, -1, -1, -1).contiguous())[0]
+    plain = image.float().div(255)
+    pil = Image.fromarray(image[0].permute(1, 2, 0).numpy())
+    solarized = TF.to_tensor(TF.solarize(pil, 128))[None]  # 255 - v where v >= 128
+    assert 0 < int((image >= 128).sum()) < image.numel()  # both kinds of pixel
+    is_plain = (crops - plain).abs().flatten(1).amax(1) < 1e-5
+    is_solarized = (crops - solarized).abs().flatten(1).amax(1) < 1e-5
+    assert bool((is_plain ^ is_solarized).all())
+    assert abs(is_solarized.float().mean().item() - 0.3) < 0.041  # 4 standard errors
 
 
 def test_grayscale_prob_one_gives_equal_channels():

@@ -67,6 +67,7 @@ def test_round_trip_through_a_dict_and_flat_params():
         ("crops.crops_for_assign=[0, 7]", "crops.crops_for_assign: [7] out of range"),
         ("crops.size_crops=[16]", "crops.size_crops: has 1 entries but nmb_crops has 2"),
         ("crops.min_scale_crops=[0.6, 0.9]", "crops.min_scale_crops"),
+        ("crops.solarize_prob=2", "crops.solarize_prob: must be a probability in [0, 1], got 2.0"),
         ("model.n_prototypes=0", "model.n_prototypes: every K must be an int >= 1"),
         ("model.n_prototypes=[10, 0]", "model.n_prototypes"),
         ("model.backbone=vgg16", "model.backbone: unknown backbone 'vgg16'"),

@@ -111,6 +111,16 @@ def test_no_augmentation_full_scale_crop_is_the_image() -> None:
     torch.testing.assert_close(crop, expected, atol=1e-6, rtol=0)
 
 
+def test_solarize_prob_one_inverts_the_bright_values() -> None:
+    img = asymmetric_image(16)
+    crop = MultiCropTransform([1], [16], [1.0], [1.0], **IDENTITY_NORM,
+                              **{**NO_AUG, "solarize_prob": 1.0})(img)[0]
+    values = torch.from_numpy(np.array(img)).permute(2, 0, 1).float()
+    assert 0 < int((values >= 128).sum()) < values.numel()  # both kinds of pixel
+    expected = torch.where(values >= 128, 255 - values, values) / 255.0
+    torch.testing.assert_close(crop, expected, atol=1e-6, rtol=0)
+
+
 def test_flip_prob_one_mirrors_the_crop() -> None:
     img = asymmetric_image(16)
     plain = MultiCropTransform([1], [16], [1.0], [1.0], **NO_AUG)(img)[0]
@@ -366,6 +376,7 @@ VALID: dict[str, Any] = dict(
         ({"grayscale_prob": -0.1}, "grayscale_prob"),
         ({"blur_prob": 2.0}, "blur_prob"),
         ({"flip_prob": -1.0}, "flip_prob"),
+        ({"solarize_prob": 1.5}, "solarize_prob"),
         ({"color_strength": -0.5}, "color_strength"),
         ({"mean": (0.5, 0.5)}, "mean"),
         ({"std": (0.2, 0.2, 0.2, 0.2)}, "std"),
