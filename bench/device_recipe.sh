@@ -5,6 +5,9 @@
 # not yet measured for short budgets: K and the batch size.
 #   k1000: model.n_prototypes=1000 (lightly's CIFAR-10 recipe uses 512; we use 3000)
 #   b256:  optim.batch_size=256 at the same rate per image (lr 1.2): twice the updates per epoch
+#   b1024: optim.batch_size=1024 (lr 4.8), not run by default: if the step is bound by the host
+#          (session 11: R18 steps took 22-27 ms for 15 ms of kernels), twice the images per
+#          launch may buy more images/s than the updates it gives up (RECIPES=ours,b1024)
 # Needs .gpu/cifar10/{train,test}.parquet in the checkout (carried; bash bench/prepare_device.sh).
 # Run from the repository root. RECIPES picks others, e.g. RECIPES=ours,lightly: ours against
 # lightly's published CIFAR-10 recipe in one call (lightly's wheel in .gpu/; about 5 minutes).
@@ -15,8 +18,10 @@ python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --tar
     .gpu/lightly-*.whl && export PYTHONPATH=/tmp/site  # (for RECIPES with lightly)
 nvidia-smi -L
 S=$(date +%s)
+VARIANTS="k1000:model.n_prototypes=1000;b256:optim.batch_size=256,optim.lr=1.2"
+VARIANTS+=";b1024:optim.batch_size=1024,optim.lr=4.8,swav.freeze_prototypes_iters=50"
 timeout 540 python3 bench/bench_time_to_accuracy.py --data .gpu/cifar10 --budget 120 \
     --marks 60,120 --recipes "${RECIPES:-ours,k1000,b256}" --workers 15 --cf-images 0 \
-    --variants "k1000:model.n_prototypes=1000;b256:optim.batch_size=256,optim.lr=1.2" \
+    --variants "$VARIANTS" \
     2>&1 | grep -v Warning | tee "$OUT/recipe.jsonl"
 echo "== done at $(( $(date +%s) - S )) s"
