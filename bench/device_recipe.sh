@@ -8,6 +8,8 @@
 #   b1024: optim.batch_size=1024 (lr 4.8), not run by default: if the step is bound by the host
 #          (session 11: R18 steps took 22-27 ms for 15 ms of kernels), twice the images per
 #          launch may buy more images/s than the updates it gives up (RECIPES=ours,b1024)
+#   mc:    SwAV's multi-crop, 2x32 + 4x16 (about 1.5x the work per image), not run by default:
+#          more views per image against fewer images in the budget (RECIPES=ours,mc)
 # Needs .gpu/cifar10/{train,test}.parquet in the checkout (carried; bash bench/prepare_device.sh).
 # Run from the repository root. RECIPES picks others, e.g. RECIPES=ours,lightly: ours against
 # lightly's published CIFAR-10 recipe in one call (lightly's wheel in .gpu/; about 5 minutes).
@@ -20,6 +22,8 @@ nvidia-smi -L
 S=$(date +%s)
 VARIANTS="k1000:model.n_prototypes=1000;b256:optim.batch_size=256,optim.lr=1.2"
 VARIANTS+=";b1024:optim.batch_size=1024,optim.lr=4.8,swav.freeze_prototypes_iters=50"
+VARIANTS+=";mc:crops.nmb_crops=[2,4],crops.size_crops=[32,16],crops.min_scale_crops=[0.14,0.05]"
+VARIANTS+=",crops.max_scale_crops=[1.0,0.14]"
 timeout 540 python3 bench/bench_time_to_accuracy.py --data .gpu/cifar10 --budget 120 \
     --marks 60,120 --recipes "${RECIPES:-ours,k1000,b256}" --workers 15 --cf-images 0 \
     --variants "$VARIANTS" \
