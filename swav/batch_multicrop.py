@@ -4,8 +4,7 @@ The same augmentation as :class:`swav.multicrop.MultiCropTransform` (Caron et al
 facebookresearch/swav ``src/multicropdataset.py``): ``RandomResizedCrop``, horizontal flip, colour
 jitter applied with ``color_prob`` in a random order of its four operations, random grayscale,
 Gaussian blur, solarization where configured, ``Normalize``.  Here every crop of every image
-still draws its own parameters, but
-all crops of a resolution group are produced together:
+still draws its own parameters, but all crops of a resolution group are produced together:
 
 * the crop boxes follow ``torchvision``'s ``RandomResizedCrop.get_params`` (10 attempts of a
   log-uniform aspect ratio and uniform area scale, then a centre-crop fallback) and are resampled
@@ -197,7 +196,8 @@ class BatchMultiCrop:
                  mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD,
                  color_strength: float = 1.0, color_prob: float = 0.8,
                  grayscale_prob: float = 0.2, blur_prob: float = 0.5, flip_prob: float = 0.5,
-                 solarize_prob: float = 0.0, seed: int = 0, memory_format: torch.memory_format = torch.contiguous_format,
+                 solarize_prob: float = 0.0, seed: int = 0,
+                 memory_format: torch.memory_format = torch.contiguous_format,
                  compile: bool = False) -> None:
         check_multicrop_args(nmb_crops, size_crops, min_scale_crops, max_scale_crops, mean, std,
                              color_strength, color_prob=color_prob,

@@ -28,7 +28,8 @@ from PIL import Image
 from torchvision import transforms as T
 from torchvision.transforms import functional as TF
 
-__all__ = ["SOLARIZE_AT", "MultiCropTransform", "blur_kernel_size", "check_multicrop_args", "multicrop_collate"]
+__all__ = ["SOLARIZE_AT", "MultiCropTransform", "blur_kernel_size", "check_multicrop_args",
+           "multicrop_collate"]
 
 IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
 IMAGENET_STD: tuple[float, float, float] = (0.228, 0.224, 0.225)
