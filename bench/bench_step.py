@@ -136,19 +136,25 @@ def run_rows(servers: dict, args: argparse.Namespace) -> tuple[dict, dict, str]:
     for row in list(servers):
         ask(row, "ready")  # all built, warmed up and compiled before any row is timed
     rates: dict[str, list[float]] = {row: [] for row in servers}
+    step_ms: dict[str, list[float]] = {row: [] for row in servers}
     for repeat in range(args.repeats):
         for row in list(servers):
             got = ask(row, "measure")
             if got is not None:
                 rate, ms, loss = got
                 rates[row].append(rate)
+                step_ms[row].append(ms)
                 print(json.dumps({"row": row, "repeat": repeat, "images_per_s": round(rate, 1),
                                   "ms_per_step": round(ms, 2), "loss": round(loss, 4)}),
                       flush=True)
     for row in list(servers) if args.profile else []:
         profile = ask(row, "profile")
         if profile is not None:
-            print(json.dumps({"row": row, "profile": profile}), flush=True)
+            # The kernels' (operations') time over the measured step's: near 1, the device is
+            # the bound; well under, the host that issues them (session 11: 15.3 of 22-27 ms).
+            busy = profile["ms_per_step"] / statistics.median(step_ms[row])
+            print(json.dumps({"row": row, "profile": {**profile, "busy_share": round(busy, 2)}}),
+                  flush=True)
     peaks = {row: servers[row].ask("peak") for row in servers}
     name = next(iter(servers.values())).ask("device") if servers else "none"
     return {row: r for row, r in rates.items() if r}, peaks, name
