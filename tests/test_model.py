@@ -47,6 +47,22 @@ def test_imagenet_stem_is_the_torchvision_default():
     assert net.conv1.kernel_size == (7, 7) and not isinstance(net.maxpool, torch.nn.Identity)
 
 
+def test_a_trained_resnet_backbone_loads_into_torchvision_s_own_model():
+    """What README's "The trained backbone elsewhere" says: the backbone's state dict has
+    torchvision's keys, so torchvision's ResNet (fc replaced by Identity; the CIFAR stem's two
+    changes if the run used it) loads it strictly and computes the same features."""
+    import torchvision
+
+    model = build_model("resnet18", cifar_stem=True, hidden_dim=16, out_dim=8, n_prototypes=5)
+    plain = torchvision.models.resnet18()
+    plain.fc = torch.nn.Identity()
+    plain.conv1 = torch.nn.Conv2d(3, 64, 3, 1, 1, bias=False)
+    plain.maxpool = torch.nn.Identity()
+    plain.load_state_dict(model.backbone.state_dict())  # strict: every key, no other
+    x = torch.randn(2, 3, 32, 32)
+    torch.testing.assert_close(plain.eval()(x), model.backbone.eval()(x))
+
+
 def test_projection_head_layers():
     head = ProjectionHead(12, hidden_dim=20, out_dim=6)
     kinds = [type(m).__name__ for m in head.net]
