@@ -62,10 +62,14 @@ def _gather_cat(t: torch.Tensor, device: torch.device) -> torch.Tensor:
 def distributed_knn(model: SwAVModel, evaluation, cfg: ExperimentConfig,
                     device: torch.device) -> float | None:
     """kNN top-1 on the held-out split: each worker embeds its own shards, the training-shard
-    features are all-gathered into one bank, and the correct counts are summed."""
+    features are all-gathered into one bank, and the correct counts are summed.
+
+    Eager even where ``model.compile`` compiled the backbone for training: its static graphs
+    would otherwise be recompiled for eval mode and for every other batch size."""
     bank_loader, query_loader, n_classes = evaluation
-    bank, bank_labels = extract_features(model.backbone, bank_loader, device)
-    queries, query_labels = extract_features(model.backbone, query_loader, device)
+    with torch.compiler.set_stance("force_eager"):
+        bank, bank_labels = extract_features(model.backbone, bank_loader, device)
+        queries, query_labels = extract_features(model.backbone, query_loader, device)
     if bank_labels is None or query_labels is None:
         return None
     bank, bank_labels = _gather_cat(bank, device), _gather_cat(bank_labels, device)
