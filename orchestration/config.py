@@ -59,8 +59,8 @@ class ModelConfig:
     n_prototypes: Union[int, list[int]] = 3000  # K, or one K per prototype head
     channels_last: bool = True  # GPU only: +60% images/s for ResNet-50 (BENCHMARKS.md)
     # GPU only: torch.compile the backbone and the projection head in place (the same weights and
-    # state-dict keys; compiled at the first step of each crop size). Off: on an H100 it was no
-    # faster (BENCHMARKS, session 11; static shapes since, not yet measured).
+    # state-dict keys; compiled for each crop size while the run is set up). Off: on an H100 it
+    # was no faster (BENCHMARKS, session 11; static shapes since, not yet measured).
     compile: bool = False
     # GPU only: cuDNN times its convolution algorithms for each new input shape and keeps the
     # fastest (torch.backends.cudnn.benchmark; a run has a few fixed crop sizes). On, as in the

@@ -290,8 +290,9 @@ def build_optimization(cfg: ExperimentConfig, model: nn.Module, steps_per_epoch:
 
 def compile_model(model: SwAVModel, cfg: ExperimentConfig, device: torch.device) -> bool:
     """``model.compile``: ``torch.compile`` the backbone and the projection head in place (their
-    parameters and state-dict keys stay; each compiles at its first call per input shape), on a
-    GPU only, as ``crops.compile``. Returns whether it did.
+    parameters and state-dict keys stay; each compiles at its first call per input shape, which
+    :func:`build_training` makes at set-up through ``SwAVEngine.warm_up``), on a GPU only, as
+    ``crops.compile``. Returns whether it did.
 
     Static shapes (``dynamic=False``), one graph per crop size as for the crops: a run has a few
     fixed shapes. With torch's default, the second crop size recompiled the model for symbolic
@@ -394,7 +395,16 @@ def build_training(cfg: ExperimentConfig, rank: int = 0, world: int = 1,
     if augment is not None:  # crops.compile: compiled now (what it compiles sees the crops'
         side = max(cfg.crops.size_crops)  # shapes alone, not the images')
         augment.warm_up((per_process_batch(cfg, world), 3, side, side), device)
+    if cfg.model.compile and device.type == "cuda":  # model.compile: compiled now, likewise
+        engine.warm_up(warm_up_crops(cfg, per_process_batch(cfg, world), device))
     return Training(cfg, rank, engine, loader, evaluation, augment)
+
+
+def warm_up_crops(cfg: ExperimentConfig, batch_size: int, device: torch.device
+                  ) -> list[torch.Tensor]:
+    """Zero crops of a training step's shapes: one group per resolution."""
+    return [torch.zeros(n * batch_size, 3, s, s, device=device)
+            for n, s in zip(cfg.crops.nmb_crops, cfg.crops.size_crops)]
 
 
 # -- validation -------------------------------------------------------------------------------

@@ -176,6 +176,20 @@ class SwAVEngine:
         self.iteration += 1
         return out.loss.detach(), out.codes
 
+    def warm_up(self, crops: Sequence[torch.Tensor]) -> None:
+        """One forward and backward pass on ``crops`` (only their shapes matter) that leaves
+        every weight, buffer, gradient and optimiser state as it was: a model compiled with
+        static shapes (``model.compile``) compiles now, at set-up, rather than in the first
+        training step. Under DDP every worker must call it, as every worker steps."""
+        kept = {k: v.detach().clone() for k, v in self.net.state_dict().items()}
+        crops = [c.to(self.device).contiguous(memory_format=self.memory_format) for c in crops]
+        batch_size = sum(c.shape[0] for c in crops) // self.loss_fn.n_crops
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
+            _, scores = self.model(crops)
+        self.loss_fn(scores, batch_size).loss.backward()  # the training step's backward graph
+        self.optimizer.zero_grad(set_to_none=True)
+        self.net.load_state_dict(kept)  # (batch norm's running statistics moved)
+
     # -- one epoch ---------------------------------------------------------------------------
     def train_epoch(
         self,

@@ -111,3 +111,38 @@ def test_short_run_on_digits_lowers_the_loss_without_collapse():
     assert stats[-1].used_prototypes >= 0.8 * k
     assert stats[-1].code_entropy > 0.8 * math.log(k)
     assert stats[-1].images == 512
+
+
+def test_warm_up_compiles_forward_and_backward_and_changes_nothing():
+    """``model.compile`` at set-up: ``warm_up`` makes every forward and backward graph of the
+    training step's shapes (counted by the compiler's own hooks) and leaves weights, buffers,
+    gradients, optimiser state and the iteration as they were; the first step compiles none."""
+    from functorch.compile import make_boxed_func
+    from torch._dynamo.backends.common import aot_autograd
+
+    calls: list[str] = []
+
+    def compiler(kind: str):
+        def compile_graph(graph, example_inputs):
+            calls.append(kind)
+            return make_boxed_func(graph.forward)  # the graph as it is: no code generated
+        return compile_graph
+
+    backend = aot_autograd(fw_compiler=compiler("forward"), bw_compiler=compiler("backward"))
+    torch._dynamo.reset()
+    engine = _engine(total_steps=4, optimizer="lars", batch_size=8)
+    net = engine.net
+    for module in (net.backbone, net.projection_head):  # as recipe.compile_model, any backend
+        module.compile(dynamic=False, backend=backend)
+    crops = [torch.rand(16, 3, 16, 16), torch.rand(16, 3, 12, 12)]
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    engine.warm_up([torch.zeros_like(c) for c in crops])
+    # Backbone: a graph per crop size; head: one for the concatenated features; each with its
+    # backward.
+    assert sorted(calls) == ["backward"] * 3 + ["forward"] * 3
+    after = net.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)  # running statistics included
+    assert all(p.grad is None for p in net.parameters()) and not engine.optimizer.state
+    assert engine.iteration == 0 and engine.scheduler.last_epoch == 0
+    loss, _ = engine.step(crops)
+    assert len(calls) == 6 and torch.isfinite(loss)  # the first step compiled nothing

@@ -125,9 +125,10 @@ def test_batched_crops_on_the_gpu_compiled_equal_eager_and_stay_on_the_gpu():
             torch.testing.assert_close(b, a, atol=1e-4, rtol=0)
 
 
-def test_a_run_compiles_its_crops_while_it_is_set_up():
-    """``crops.compile``: build_training compiles the crops (warm_up), so the first epoch,
-    whose time plans a run with a budget and counts in it, compiles nothing."""
+def test_a_run_compiles_its_crops_and_model_while_it_is_set_up():
+    """``crops.compile`` and ``model.compile``: build_training compiles the crops and the model
+    (their warm_up), so the first epoch, whose time plans a run with a budget and counts in it,
+    compiles nothing."""
     from torch._dynamo.utils import counters
 
     from orchestration.config import load_config
@@ -135,7 +136,8 @@ def test_a_run_compiles_its_crops_while_it_is_set_up():
 
     before = counters["stats"]["unique_graphs"]
     torch.backends.cudnn.benchmark = False
-    training = build_training(load_config(None, ["crops.compile=true"]), device="cuda")
+    training = build_training(load_config(None, ["crops.compile=true", "model.compile=true"]),
+                              device="cuda")
     assert training.augment is not None and training.augment.compiled
     compiled = counters["stats"]["unique_graphs"]
     assert compiled > before
