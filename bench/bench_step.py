@@ -9,7 +9,8 @@ recipe every run uses (``orchestration.recipe``) from the config defaults plus t
 ``ours-compile`` (``model.compile``: ``torch.compile`` of backbone and head, on a GPU only) and
 ``ours-graphs`` (the same with CUDA graphs, ``mode="reduce-overhead"``: an experiment for a step
 bound by its launches; GPU only), or a variant of ours named by ``--variants`` (its overrides on
-top of the others). A row that fails is reported and left out. Every row runs under the
+top of the others). ``--thin`` gives every row's ResNet 4 channels a layer: the same operations
+with next to no arithmetic in them, so the step takes what the host needs to issue them. A row that fails is reported and left out. Every row runs under the
 configuration's ``model.cudnn_benchmark`` (lightly's too: the same settings), a variant's under
 its own.
 
@@ -91,6 +92,10 @@ def main() -> None:
                     help="rows of ours with overrides: 'nobench:model.cudnn_benchmark=false;...'")
     ap.add_argument("--profile", action="store_true",
                     help="then profile 3 steps per row: operations per step and the costliest")
+    ap.add_argument("--thin", action="store_true",
+                    help="every row's ResNet with 4 channels a layer: the same operations with "
+                         "next to no arithmetic, so the step takes what its host needs to issue "
+                         "them (Python, dispatch, launches)")
     ap.add_argument("overrides", nargs="*", help="further dotted config overrides")
     args = ap.parse_args()
     rows = args.rows.split(",")
@@ -204,6 +209,8 @@ def serve(row: str, args: argparse.Namespace, conn) -> None:
     """A row's process: build it, then answer :class:`RowProcess` until ``stop``."""
     try:
         device = torch.device(args.device)
+        if args.thin:
+            thin_resnets()
         cfg: ExperimentConfig = build_config({}, [*cfg_overrides(args),
                                                   *args.variants.get(row, [])])
         use_cudnn_benchmark(cfg, device)  # (our rows' engines set it so too)
@@ -227,6 +234,33 @@ def serve(row: str, args: argparse.Namespace, conn) -> None:
             conn.send(("ok", answers[what]()))
     except Exception as error:  # noqa: BLE001  (the parent says which row failed, and how)
         conn.send(("error", f"row {row}: {type(error).__name__}: {error}"))
+
+
+def thin_resnets(width: int = 4) -> None:
+    """From now on in this process, every ResNet backbone (ours and the lightly row's, both
+    built by ``swav.model.build_backbone``) has ``width`` channels in every layer: torchvision's
+    operations in torchvision's order, next to no arithmetic."""
+    import lightly_peer
+    import swav.model
+    from torch import nn
+
+    build = swav.model.build_backbone
+
+    def thin(name: str, cifar_stem: bool = False, **kwargs):
+        net, dim = build(name, cifar_stem=cifar_stem, **kwargs)
+        if name == "convnet":
+            return net, dim
+        for module in list(net.modules()):
+            for child_name, child in module.named_children():
+                if isinstance(child, nn.Conv2d):
+                    setattr(module, child_name, nn.Conv2d(
+                        3 if child.in_channels == 3 else width, width, child.kernel_size,
+                        child.stride, child.padding, bias=False))
+                elif isinstance(child, nn.BatchNorm2d):
+                    setattr(module, child_name, nn.BatchNorm2d(width))
+        return net, width
+
+    swav.model.build_backbone = lightly_peer.build_backbone = thin
 
 
 def make_step(row: str, cfg: ExperimentConfig, args, device: torch.device):

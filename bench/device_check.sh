@@ -16,8 +16,9 @@
 #   PART=2 (DEADLINE 280 s; at once after part 1, while the machine is warm): ResNet-50
 #   (2x224 + 6x96) against lightly: eager rows and one without autotuning, then, in a run of its
 #   own, ours compiled (two static graphs) against ours and lightly; then, if time is left, the
+#   eager R18 rows with --thin backbones (4 channels a layer: the host's time per step) and the
 #   Sinkhorn stack (session 11: 0.55 against 1.18 ms for two calls). The batched multi-crop, eager
-#   against compiled and Kornia's, was measured in session 11 (PART=3 runs it again).
+#   against compiled and Kornia's, was measured in session 11 (PART=3).
 # Needs, in the ignored folder .gpu/ of the checkout (carried to the device): the CIFAR-10 Parquet
 # (.gpu/cifar10/{train,test}.parquet), lightly's wheel and, optionally (its rows are left out
 # without them), Kornia's for the device's Python 3.12: `bash bench/prepare_device.sh` puts them
@@ -79,6 +80,10 @@ elif [[ $PART == 2 ]]; then
     mark step_r50_compiled  # a run of its own: a compile that outlasts it loses these rows only
     [[ -n $COMPILED ]] && run 150 step_r50_compiled python3 bench/bench_step.py $R50 \
         --rows ours,lightly$COMPILED --repeats 3 --steps 20
+    mark step_thin  # the R18 rows with 4 channels a layer: what the host needs per step
+    run 30 step_thin python3 bench/bench_step.py --backbone resnet18 --cifar-stem \
+        --batch-size 256 --crops 2x32,4x16 --channels-last --prototypes 3000 \
+        --rows $ROWS --repeats 5 --steps 30 --thin
     mark sinkhorn
     run 25 sinkhorn python3 bench/bench_sinkhorn.py --sizes 256x3000,64x3000 --stack 2 --repeats 7
 else
