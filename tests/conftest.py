@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 
 import pytest
+import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 # Every Ray instance the tests start (in process, `ray start`, the CLI's own) inherits this: the
@@ -43,10 +44,12 @@ def _environment_restored():
 
 
 # ATen operations whose result the host reads: on a GPU each waits for every kernel queued before
-# it (``item()``/``float()``, ``bool()``, a boolean mask as an index, sizes that depend on values).
+# it (``item()``/``float()``, ``bool()``, a boolean mask as an index, sizes that depend on values;
+# ``repeat_interleave`` by a tensor of counts, not by an int).
 READ_BACK = {"_local_scalar_dense", "is_nonzero", "nonzero", "masked_select", "unique", "_unique",
              "_unique2", "unique_dim", "unique_consecutive", "equal", "bincount",
-             "repeat_interleave", "histc"}
+             "repeat_interleave"}
+MASK_INDEXED = {"index", "index_put", "index_put_", "_index_put_impl_"}
 
 
 class HostReads(TorchDispatchMode):
@@ -58,8 +61,12 @@ class HostReads(TorchDispatchMode):
         self.seen: list[str] = []
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func.overloadpacket.__name__ in READ_BACK:
-            self.seen.append(func.overloadpacket.__name__)
+        name = func.overloadpacket.__name__
+        if name in READ_BACK and func._overloadname != "self_int":
+            self.seen.append(name)
+        elif name in MASK_INDEXED and any(  # (a mask's nonzero runs inside the kernel here)
+                getattr(i, "dtype", None) in (torch.bool, torch.uint8) for i in args[1]):
+            self.seen.append(f"{name} by a boolean mask")
         return func(*args, **(kwargs or {}))
 
 
