@@ -26,10 +26,18 @@ pytestmark = pytest.mark.slow  # Ray Train/Tune runs end to end (CI runs them al
 BIN = Path(sys.executable).parent
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def _free_ports(n: int) -> list[int]:
+    """``n`` distinct free ports: every socket stays bound until all are chosen (one at a time,
+    the system may hand a closed one out again: the dashboard and the client server once got the
+    same port, and `ray start` failed)."""
+    sockets = [socket.socket() for _ in range(n)]
+    try:
+        for s in sockets:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in sockets]
+    finally:
+        for s in sockets:
+            s.close()
 
 
 def _pids_holding(text: str) -> list[int]:
@@ -74,13 +82,13 @@ def _kill_tree(pids: list[int]) -> None:
 @pytest.fixture(scope="module")
 def ray_head():
     temp_dir = tempfile.mkdtemp(prefix="swr-", dir="/tmp")  # short: Ray's socket paths are limited
-    port, dashboard = _free_port(), _free_port()
+    port, dashboard, *others = _free_ports(7)
     # Free ports for the agents too: their defaults (52365, ...) are taken by any other Ray
     # instance on the machine (the suite's own, in process), and a job agent that cannot bind
     # its port never registers ("No available agent to submit job").
-    agents = [f"--{name}={_free_port()}" for name in (
+    agents = [f"--{name}={free}" for name, free in zip((
         "dashboard-agent-listen-port", "dashboard-agent-grpc-port", "runtime-env-agent-port",
-        "metrics-export-port", "ray-client-server-port")]
+        "metrics-export-port", "ray-client-server-port"), others)]
     # Token authentication (on by default for new clusters since Ray 2.60): a token of our own,
     # given to the head and to the job client alike; ~/.ray/auth_token is left alone.
     env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "RAY_AUTH_MODE": "token",
