@@ -9,10 +9,10 @@ recipe every run uses (``orchestration.recipe``) from the config defaults plus t
 ``ours-compile`` (``model.compile``: ``torch.compile`` of backbone and head, on a GPU only) and
 ``ours-graphs`` (the same with CUDA graphs, ``mode="reduce-overhead"``: an experiment for a step
 bound by its launches; GPU only), or a variant of ours named by ``--variants`` (its overrides on
-top of the others). ``--thin`` gives every row's ResNet 4 channels a layer: the same operations
-with next to no arithmetic in them, so the step takes what the host needs to issue them. A row that fails is reported and left out. Every row runs under the
+top of the others). A row that fails is reported and left out. Every row runs under the
 configuration's ``model.cudnn_benchmark`` (lightly's too: the same settings), a variant's under
-its own.
+its own. ``--thin`` gives every row's ResNet 4 channels a layer: the same operations with next
+to no arithmetic in them, so that a step takes what the host needs to issue them.
 
 Each row lives in a process of its own, which builds it once and measures it when its turn comes,
 so that what one row leaves behind cannot slow another: in one process, on an H100 (session 11),
