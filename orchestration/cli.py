@@ -23,6 +23,8 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+import yaml
+
 from orchestration.config import ConfigError, ExperimentConfig, load_config
 
 __all__ = ["connect_ray", "main"]
@@ -151,6 +153,9 @@ def _print_evaluation(m: dict, prefix: str = "") -> None:
 
 def cmd_train(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)  # fails here, before Ray, on bad input
+    if args.print_config:  # the whole config as the run would log it (config.yaml), and no run
+        print(yaml.safe_dump(cfg.to_dict(), sort_keys=False), end="")
+        return 0
     from orchestration.checkpoints import check_storage
     from orchestration.recipe import check_data
     from orchestration.tracking import check_reachable, resolve_tracking_uri
@@ -340,6 +345,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("config", nargs="?", default=None,
                        help="experiment YAML or a name in experiments/ (default: default)")
     train.add_argument("overrides", nargs="*", help="dotted overrides, e.g. optim.lr=0.3")
+    train.add_argument("--print-config", action="store_true",
+                       help="print the resolved config (every key, as YAML: a file train takes) "
+                            "and exit without training")
     train.add_argument("-v", "--verbose", action="store_true",
                        help="show Ray's and the workers' own output")
     train.set_defaults(func=cmd_train)

@@ -1,10 +1,13 @@
-"""The command line's summary of a finished run."""
+"""The command line: the summary of a finished run; the resolved config."""
 
 from __future__ import annotations
 
 from types import SimpleNamespace
 
-from orchestration.cli import _print_summary
+import yaml
+
+from orchestration.cli import _print_summary, main
+from orchestration.config import load_config
 
 
 def _outcome(metrics: dict) -> SimpleNamespace:
@@ -69,3 +72,23 @@ def test_sweep_summary_shows_the_table_the_best_trial_and_its_evaluation(capsys)
     assert "MLflow parent run id: p1" in out
 
 
+
+
+def test_print_config_prints_every_key_as_a_file_train_takes_and_trains_nothing(
+        capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # where a run would put its mlflow.db and runs/
+    assert main(["train", "cifar10_wallclock", "optim.lr=1.2", "data.path=/tmp",
+                 "--print-config"]) == 0
+    text = capsys.readouterr().out
+    printed = yaml.safe_load(text)
+    assert printed["optim"]["lr"] == 1.2 and printed["model"]["backbone"] == "resnet18"
+    assert printed["model"]["cudnn_benchmark"] is True  # defaults included, not only the file's
+    (tmp_path / "resolved.yaml").write_text(text)
+    again = load_config(str(tmp_path / "resolved.yaml"), [])
+    assert again == load_config("cifar10_wallclock", ["optim.lr=1.2", "data.path=/tmp"])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["resolved.yaml"]  # nothing else
+
+
+def test_print_config_refuses_bad_input_like_train(capsys):
+    assert main(["train", "optim.lr=-1", "--print-config"]) == 2
+    assert capsys.readouterr().err.strip() == "swav-ray: error: optim.lr: must be > 0, got -1.0"
