@@ -2,8 +2,8 @@
 # What issue 9 still has to show on a GPU, as two prepared device calls on one warm machine. The
 # stages of a part share its DEADLINE; one that would run past it gets what is left, or is
 # skipped under 20 s.
-#   PART=1 (the default; DEADLINE 520 s, about 9 minutes with the set-up): what must be shown in
-#   one call:
+#   PART=1 (the default; DEADLINE 540 s, about 9.5 minutes with the set-up): what must be shown
+#   in one call:
 #     0. the CUDA tests (tests/test_gpu.py);
 #     1. 120 s of cifar10_wallclock's training end to end (crops made on the GPU, compiled at
 #        set-up since session 11, whose first epoch no longer plans the run: kNN at 120 s about
@@ -13,12 +13,13 @@
 #        repeats, every row in a process of its own, each row's kernel profile and busy share;
 #     3. cifar10_wallclock's step alone, for stage 1's share of it, with and without cuDNN's
 #        autotuning (model.cudnn_benchmark, on since session 12, unmeasured).
-#   PART=2 (DEADLINE 280 s; at once after part 1, while the machine is warm): ResNet-50
-#   (2x224 + 6x96) against lightly: eager rows and one without autotuning, then, in a run of its
-#   own, ours compiled (two static graphs) against ours and lightly; then, if time is left, the
-#   eager R18 rows with --thin backbones (4 channels a layer: the host's time per step) and the
+#   PART=2 (DEADLINE 270 s; at once after part 1, while the machine is warm): ResNet-50
+#   (2x224 + 6x96) against lightly, eager rows and one without autotuning; the eager R18 rows
+#   with --thin backbones (4 channels a layer: the host's time per step); then, in a run of its
+#   own, ResNet-50 compiled (two static graphs) against ours and lightly; if time is left, the
 #   Sinkhorn stack (session 11: 0.55 against 1.18 ms for two calls). The batched multi-crop, eager
-#   against compiled and Kornia's, was measured in session 11 (PART=3).
+#   against compiled and Kornia's, was measured in session 11 (PART=3). Both parts together:
+#   about 14 minutes of device time with the machine's start.
 # Needs, in the ignored folder .gpu/ of the checkout (carried to the device): the CIFAR-10 Parquet
 # (.gpu/cifar10/{train,test}.parquet), lightly's wheel and, optionally (its rows are left out
 # without them), Kornia's for the device's Python 3.12: `bash bench/prepare_device.sh` puts them
@@ -35,7 +36,7 @@ export PYTHONPATH=/tmp/site
 nvidia-smi -L
 python3 -c "import torch, torchvision; print(torch.__version__, torchvision.__version__)"
 S=$(date +%s)
-case $PART in 1) DEFAULT=520 ;; 2) DEFAULT=280 ;; *) DEFAULT=100 ;; esac
+case $PART in 1) DEFAULT=540 ;; 2) DEFAULT=270 ;; *) DEFAULT=100 ;; esac
 DEADLINE=${DEADLINE:-$DEFAULT}  # seconds for the part's stages: a call's limit is 600
 mark() { echo "== $1 at $(( $(date +%s) - S )) s"; }
 run() {  # run <seconds> <output name> <command...>: JSON lines kept, warnings dropped; the
@@ -58,10 +59,10 @@ fi
 NOBENCH="nobench:model.cudnn_benchmark=false"  # what cuDNN's autotuning gives
 if [[ $PART == 1 ]]; then
     mark gpu_tests  # the CUDA-only tests (pytest is not always installed there)
-    python3 -c "import pytest" 2>/dev/null && run 110 gpu_tests python3 -m pytest -q \
+    python3 -c "import pytest" 2>/dev/null && run 140 gpu_tests python3 -m pytest -q \
         -p no:cacheprovider tests/test_gpu.py
     mark tta
-    run 180 tta python3 bench/bench_time_to_accuracy.py --data .gpu/cifar10 --budget 120 \
+    run 200 tta python3 bench/bench_time_to_accuracy.py --data .gpu/cifar10 --budget 120 \
         --marks 60,120 --recipes ours --workers 15 --cf-images 256 $COMPILE
     mark step_r18
     GRAPHS=${COMPILED:+$COMPILED,ours-graphs}
@@ -77,13 +78,13 @@ elif [[ $PART == 2 ]]; then
     mark step_r50
     run 100 step_r50 python3 bench/bench_step.py $R50 --rows $ROWS,nobench --variants $NOBENCH \
         --repeats 5 --steps 20 --profile
-    mark step_r50_compiled  # a run of its own: a compile that outlasts it loses these rows only
-    [[ -n $COMPILED ]] && run 150 step_r50_compiled python3 bench/bench_step.py $R50 \
-        --rows ours,lightly$COMPILED --repeats 3 --steps 20
     mark step_thin  # the R18 rows with 4 channels a layer: what the host needs per step
     run 30 step_thin python3 bench/bench_step.py --backbone resnet18 --cifar-stem \
         --batch-size 256 --crops 2x32,4x16 --channels-last --prototypes 3000 \
         --rows $ROWS --repeats 5 --steps 30 --thin
+    mark step_r50_compiled  # a run of its own: a compile that outlasts it loses these rows only
+    [[ -n $COMPILED ]] && run 150 step_r50_compiled python3 bench/bench_step.py $R50 \
+        --rows ours,lightly$COMPILED --repeats 3 --steps 20
     mark sinkhorn
     run 25 sinkhorn python3 bench/bench_sinkhorn.py --sizes 256x3000,64x3000 --stack 2 --repeats 7
 else
