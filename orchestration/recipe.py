@@ -291,7 +291,7 @@ def build_optimization(cfg: ExperimentConfig, model: nn.Module, steps_per_epoch:
 def compile_model(model: SwAVModel, cfg: ExperimentConfig, device: torch.device) -> bool:
     """``model.compile``: ``torch.compile`` the backbone and the projection head in place (their
     parameters and state-dict keys stay; each compiles at its first call per input shape, which
-    :func:`build_training` makes at set-up through ``SwAVEngine.warm_up``), on a GPU only, as
+    :func:`build_engine` makes at set-up through ``SwAVEngine.warm_up``), on a GPU only, as
     ``crops.compile``. Returns whether it did.
 
     Static shapes (``dynamic=False``), one graph per crop size as for the crops: a run has a few
@@ -318,22 +318,26 @@ def build_engine(cfg: ExperimentConfig, steps_per_epoch: int, device: torch.devi
                  amp: bool = True) -> SwAVEngine:
     """Model (seeded, channels-last and SyncBatchNorm on GPU, then ``wrap``: e.g. Ray's DDP
     ``prepare_model``; default: moved to ``device``), loss, optimiser, schedule and engine
-    (``amp``: bf16 autocast on GPU)."""
+    (``amp``: bf16 autocast on GPU). A compiled model (``model.compile``) is compiled here, for
+    steps of ``batch_size`` images, not in the first training step."""
     model = initial_model(cfg)
     channels_last = cfg.model.channels_last and device.type == "cuda"
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     model = convert_sync_batchnorm(model, device)
-    compile_model(model, cfg, device)
+    compiled = compile_model(model, cfg, device)
     use_cudnn_benchmark(cfg, device)
     model = wrap(model) if wrap is not None else model.to(device)
     optimizer, scheduler = build_optimization(cfg, model, steps_per_epoch)
     s = cfg.swav
-    return SwAVEngine(model, build_loss(cfg), optimizer, scheduler, device=device,
-                      batch_size=batch_size, queue_length=s.queue_length,
-                      epoch_queue_starts=s.epoch_queue_starts,
-                      freeze_prototypes_iters=s.freeze_prototypes_iters, amp=amp,
-                      channels_last=channels_last)
+    engine = SwAVEngine(model, build_loss(cfg), optimizer, scheduler, device=device,
+                        batch_size=batch_size, queue_length=s.queue_length,
+                        epoch_queue_starts=s.epoch_queue_starts,
+                        freeze_prototypes_iters=s.freeze_prototypes_iters, amp=amp,
+                        channels_last=channels_last)
+    if compiled:  # (under DDP every worker builds its engine, so every worker warms up)
+        engine.warm_up(warm_up_crops(cfg, batch_size, device))
+    return engine
 
 
 # -- a whole training setup -------------------------------------------------------------------
@@ -383,7 +387,8 @@ def build_training(cfg: ExperimentConfig, rank: int = 0, world: int = 1,
     np.random.seed(seed + rank)
     splits = open_splits(cfg)
     loader = train_loader(cfg, splits, rank, world, device)
-    engine = build_engine(cfg, len(loader), device, per_process_batch(cfg, world), wrap)
+    batch = per_process_batch(cfg, world)
+    engine = build_engine(cfg, len(loader), device, batch, wrap)
     sets = eval_sets(cfg, splits)
     evaluation = None
     if sets is not None:
@@ -394,9 +399,7 @@ def build_training(cfg: ExperimentConfig, rank: int = 0, world: int = 1,
     augment = batch_crop_transform(cfg, device) if raw else None  # uint8 in, crops made here
     if augment is not None:  # crops.compile: compiled now (what it compiles sees the crops'
         side = max(cfg.crops.size_crops)  # shapes alone, not the images')
-        augment.warm_up((per_process_batch(cfg, world), 3, side, side), device)
-    if cfg.model.compile and device.type == "cuda":  # model.compile: compiled now, likewise
-        engine.warm_up(warm_up_crops(cfg, per_process_batch(cfg, world), device))
+        augment.warm_up((batch, 3, side, side), device)
     return Training(cfg, rank, engine, loader, evaluation, augment)
 
 
