@@ -7,8 +7,8 @@ recipe every run uses (``orchestration.recipe``) from the config defaults plus t
 ``lightly`` (lightly's SwaV parts, one backbone pass per resolution group, SGD;
 ``bench/lightly_peer.py``), ``ours-sgd`` (our engine with SGD, the same optimiser as that peer),
 ``ours-compile`` (``model.compile``: ``torch.compile`` of backbone and head, on a GPU only) and
-``ours-graphs`` (the same with CUDA graphs, ``mode="reduce-overhead"``: an experiment for a step
-bound by its launches; GPU only), or a variant of ours named by ``--variants`` (its overrides on
+``ours-graphs`` (the same replayed as CUDA graphs, ``model.compile_mode=reduce-overhead``: for
+a step bound by its launches; GPU only), or a variant of ours named by ``--variants`` (its overrides on
 top of the others). A row that fails is reported and left out. Every row runs under the
 configuration's ``model.cudnn_benchmark`` (lightly's too: the same settings), a variant's under
 its own. ``--thin`` gives every row's ResNet 4 channels a layer: the same operations with next
@@ -51,6 +51,8 @@ from variants import parse_variants  # noqa: E402
 # The rows: our engine (LARS, as configured), with SGD, compiled (model.compile), compiled with
 # CUDA graphs (torch.compile's "reduce-overhead", GPU only), and lightly's grouped loop.
 ROWS = ("ours", "ours-sgd", "ours-compile", "ours-graphs", "lightly")
+ROW_OVERRIDES = {"ours-sgd": ["optim.name=sgd"], "ours-compile": ["model.compile=true"],
+                 "ours-graphs": ["model.compile=true", "model.compile_mode=reduce-overhead"]}
 
 
 def crop_overrides(text: str) -> list[str]:
@@ -272,26 +274,15 @@ def make_step(row: str, cfg: ExperimentConfig, args, device: torch.device):
         return grouped_step(args.backbone, args.cifar_stem, args.prototypes,
                             cfg.crops.nmb_crops, lr=0.1, device=device,
                             channels_last=args.channels_last)
-    if row in ("ours-sgd", "ours-compile"):
-        extra = "optim.name=sgd" if row == "ours-sgd" else "model.compile=true"  # (GPU only)
-        cfg = build_config({}, [*cfg_overrides(args), extra])
+    if row in ROW_OVERRIDES:  # (model.compile: GPU only)
+        cfg = build_config({}, [*cfg_overrides(args), *ROW_OVERRIDES[row]])
     engine = build_engine(cfg, total, device, args.batch_size, amp=not args.no_amp)
-    graphs = row == "ours-graphs" and device.type == "cuda"
-    if graphs:  # an experiment, not (yet) a config option: launches replayed as CUDA graphs
-        for module in (engine.net.backbone, engine.net.projection_head):
-            module.compile(mode="reduce-overhead", dynamic=False)
     engine.start_queue(epoch=0)
     fill = [torch.randn(n * args.batch_size, 3, s, s, device=device)
             for n, s in zip(cfg.crops.nmb_crops, cfg.crops.size_crops)]
     while engine.queue is not None and not engine.queue.full:  # the steady state: a full queue
         engine.step(fill)
-
-    def step(groups: list[torch.Tensor]) -> torch.Tensor:
-        if graphs:  # a new iteration: the graphs' outputs of the last one may be overwritten
-            torch.compiler.cudagraph_mark_step_begin()
-        return engine.step(groups)[0]
-
-    return step
+    return lambda groups: engine.step(groups)[0]
 
 
 def measure(step, batch, args, device: torch.device) -> tuple[float, float, float]:

@@ -12,6 +12,8 @@
 #          more views per image against fewer images in the budget (RECIPES=ours,mc)
 #   compiled: model.compile (static shapes, compiled at set-up since session 12), not run by
 #          default: if device_check's ours-compile row beats ours (RECIPES=ours,compiled)
+#   graphs: the same replayed as CUDA graphs (model.compile_mode=reduce-overhead), not run by
+#          default: if device_check's ours-graphs row beats both (RECIPES=ours,graphs)
 # Needs .gpu/cifar10/{train,test}.parquet in the checkout (carried; bash bench/prepare_device.sh).
 # Run from the repository root. RECIPES picks others, e.g. RECIPES=ours,lightly: ours against
 # lightly's published CIFAR-10 recipe in one call (lightly's wheel in .gpu/; about 5 minutes).
@@ -26,6 +28,7 @@ VARIANTS="k1000:model.n_prototypes=1000;b256:optim.batch_size=256,optim.lr=1.2"
 VARIANTS+=";b1024:optim.batch_size=1024,optim.lr=4.8,swav.freeze_prototypes_iters=50"
 VARIANTS+=";mc:crops.nmb_crops=[2,4],crops.size_crops=[32,16],crops.min_scale_crops=[0.14,0.05]"
 VARIANTS+=",crops.max_scale_crops=[1.0,0.14];compiled:model.compile=true"
+VARIANTS+=";graphs:model.compile=true,model.compile_mode=reduce-overhead"
 timeout 540 python3 bench/bench_time_to_accuracy.py --data .gpu/cifar10 --budget 120 \
     --marks 60,120 --recipes "${RECIPES:-ours,k1000,b256}" --workers 15 --cf-images 0 \
     --variants "$VARIANTS" \

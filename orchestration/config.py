@@ -62,6 +62,11 @@ class ModelConfig:
     # state-dict keys; compiled for each crop size while the run is set up). Off: on an H100 it
     # was no faster (BENCHMARKS, session 11; static shapes since, not yet measured).
     compile: bool = False
+    # torch.compile's mode for model.compile: default, reduce-overhead (the compiled forward and
+    # backward replayed as CUDA graphs: for a step bound by launching its kernels; one worker
+    # only), max-autotune (also searches kernel configurations: slow to compile) or
+    # max-autotune-no-cudagraphs.
+    compile_mode: str = "default"
     # GPU only: cuDNN times its convolution algorithms for each new input shape and keeps the
     # fastest (torch.backends.cudnn.benchmark; a run has a few fixed crop sizes). On, as in the
     # official main_swav.py; the timing makes the choice of algorithm, and so the last bits of
@@ -386,6 +391,21 @@ def _validate_schedule(o: OptimConfig) -> None:
            f"must be > 0 seconds or null, got {o.time_budget_s}")
 
 
+def _validate_compile_mode(cfg: ExperimentConfig, modes: tuple[str, ...],
+                           cuda_graph_modes: tuple[str, ...]) -> None:
+    m = cfg.model
+    _check(m.compile_mode in modes, "model.compile_mode",
+           f"expected {', '.join(modes)}, got {m.compile_mode!r}")
+    _check(m.compile or m.compile_mode == "default", "model.compile_mode",
+           f"{m.compile_mode} is for a compiled model, but model.compile is false")
+    # Under DDP, SyncBatchNorm's collectives run inside the backbone and the gradients' all-reduce
+    # hooks on them: neither is made to be replayed as a CUDA graph.
+    sc = cfg.scaling
+    _check(m.compile_mode not in cuda_graph_modes or not sc.use_gpu or sc.num_workers == 1,
+           "model.compile_mode", f"{m.compile_mode} replays CUDA graphs, on one GPU worker "
+           f"only; got scaling.num_workers={sc.num_workers}")
+
+
 def validate(cfg: ExperimentConfig) -> None:
     """Fail fast on a bad value, naming its key. Builds the pure SwAV components once, through
     the same recipe the run uses."""
@@ -411,6 +431,7 @@ def validate(cfg: ExperimentConfig) -> None:
     _validate_schedule(o)
     _check(cfg.crops.device in CROP_DEVICES, "crops.device",
            f"expected {', '.join(CROP_DEVICES)}, got {cfg.crops.device!r}")
+    _validate_compile_mode(cfg, recipe.COMPILE_MODES, recipe.CUDA_GRAPH_MODES)
     _check(d.source in DATA_SOURCES, "data.source",
            f"unknown source {d.source!r}, expected one of {', '.join(DATA_SOURCES)}")
     if d.source in ("imagefolder", "parquet"):

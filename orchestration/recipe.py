@@ -76,6 +76,7 @@ __all__ = [
     "open_splits",
     "per_process_batch",
     "plain_transform",
+    "replays_cuda_graphs",
     "use_cudnn_benchmark",
 ]
 
@@ -256,7 +257,7 @@ def eval_loaders(cfg: ExperimentConfig, sets: EvalSets, rank: int = 0,
 # -- model, loss, optimisation ----------------------------------------------------------------
 
 # ``model`` keys that change how the model runs, not what it computes.
-HOW_IT_RUNS = ("channels_last", "compile", "cudnn_benchmark")
+HOW_IT_RUNS = ("channels_last", "compile", "compile_mode", "cudnn_benchmark")
 
 
 def model_kwargs(cfg: ExperimentConfig) -> dict[str, Any]:
@@ -288,6 +289,12 @@ def build_optimization(cfg: ExperimentConfig, model: nn.Module, steps_per_epoch:
     return optimizer, scheduler
 
 
+# torch.compile's modes (``model.compile_mode``), and those that replay the compiled model as
+# CUDA graphs.
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")
+
+
 def compile_model(model: SwAVModel, cfg: ExperimentConfig, device: torch.device) -> bool:
     """``model.compile``: ``torch.compile`` the backbone and the projection head in place (their
     parameters and state-dict keys stay; each compiles at its first call per input shape, which
@@ -297,12 +304,21 @@ def compile_model(model: SwAVModel, cfg: ExperimentConfig, device: torch.device)
     Static shapes (``dynamic=False``), one graph per crop size as for the crops: a run has a few
     fixed shapes. With torch's default, the second crop size recompiled the model for symbolic
     shapes; on an H100 (BENCHMARKS, session 11) that step ran slower than the eager one (28.6
-    against 22-25 ms, ResNet-18, 2x32 + 4x16) and ResNet-50's compile outlasted its 2 minutes."""
+    against 22-25 ms, ResNet-18, 2x32 + 4x16) and ResNet-50's compile outlasted its 2 minutes.
+    ``model.compile_mode`` is torch.compile's ``mode``."""
     if not (cfg.model.compile and device.type == "cuda"):
         return False
-    model.backbone.compile(dynamic=False)
-    model.projection_head.compile(dynamic=False)
+    model.backbone.compile(dynamic=False, mode=cfg.model.compile_mode)
+    model.projection_head.compile(dynamic=False, mode=cfg.model.compile_mode)
     return True
+
+
+def replays_cuda_graphs(cfg: ExperimentConfig, device: torch.device) -> bool:
+    """Whether the compiled model replays CUDA graphs (``model.compile_mode``
+    ``reduce-overhead`` or ``max-autotune`` on a GPU): then every step must tell torch where it
+    begins (``SwAVEngine(cuda_graphs=True)``)."""
+    return (cfg.model.compile and device.type == "cuda"
+            and cfg.model.compile_mode in CUDA_GRAPH_MODES)
 
 
 def use_cudnn_benchmark(cfg: ExperimentConfig, device: torch.device) -> bool:
@@ -334,7 +350,8 @@ def build_engine(cfg: ExperimentConfig, steps_per_epoch: int, device: torch.devi
                         batch_size=batch_size, queue_length=s.queue_length,
                         epoch_queue_starts=s.epoch_queue_starts,
                         freeze_prototypes_iters=s.freeze_prototypes_iters, amp=amp,
-                        channels_last=channels_last)
+                        channels_last=channels_last,
+                        cuda_graphs=replays_cuda_graphs(cfg, device))
     if compiled:  # (under DDP every worker builds its engine, so every worker warms up)
         engine.warm_up(warm_up_crops(cfg, batch_size, device))
     return engine

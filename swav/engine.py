@@ -88,6 +88,9 @@ class SwAVEngine:
         amp: bf16 autocast on CUDA (ignored on CPU).
         channels_last: feed crops in channels-last memory format (convert the model likewise,
             before wrapping it in DDP); +60% images/s for ResNet-50 on an H100 (BENCHMARKS.md).
+        cuda_graphs: the model is compiled to replay CUDA graphs (torch.compile's
+            ``reduce-overhead``): each step marks where it begins, which tells torch that the
+            last step's graph outputs are no longer read and may be overwritten.
     """
 
     def __init__(
@@ -103,6 +106,7 @@ class SwAVEngine:
         freeze_prototypes_iters: int = 0,
         amp: bool = True,
         channels_last: bool = False,
+        cuda_graphs: bool = False,
     ) -> None:
         if freeze_prototypes_iters < 0:
             raise ValueError(f"freeze_prototypes_iters: must be >= 0, got {freeze_prototypes_iters}")
@@ -119,6 +123,7 @@ class SwAVEngine:
         self.freeze_prototypes_iters = freeze_prototypes_iters
         self.amp = amp and self.device.type == "cuda"
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
+        self.cuda_graphs = cuda_graphs
         self.queue: FeatureQueue | None = None
         self.iteration = 0
 
@@ -161,6 +166,8 @@ class SwAVEngine:
         if rows % self.loss_fn.n_crops:
             raise ValueError(f"crops: {rows} rows is not a multiple of {self.loss_fn.n_crops} crops")
         batch_size = rows // self.loss_fn.n_crops
+        if self.cuda_graphs:
+            torch.compiler.cudagraph_mark_step_begin()
         self.net.prototypes.normalize_()
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
             embeddings, scores = self.model(crops)
@@ -184,6 +191,8 @@ class SwAVEngine:
         kept = {k: v.detach().clone() for k, v in self.net.state_dict().items()}
         crops = [c.to(self.device).contiguous(memory_format=self.memory_format) for c in crops]
         batch_size = sum(c.shape[0] for c in crops) // self.loss_fn.n_crops
+        if self.cuda_graphs:
+            torch.compiler.cudagraph_mark_step_begin()
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
             _, scores = self.model(crops)
         self.loss_fn(scores, batch_size).loss.backward()  # the training step's backward graph

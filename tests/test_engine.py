@@ -113,6 +113,21 @@ def test_short_run_on_digits_lowers_the_loss_without_collapse():
     assert stats[-1].images == 512
 
 
+def test_an_engine_whose_model_replays_cuda_graphs_marks_where_each_step_begins():
+    """With CUDA graphs (``model.compile_mode=reduce-overhead``) torch must be told where each
+    step begins (its own counter of marks, which it reads when it replays); without, never."""
+    from torch._inductor.cudagraph_trees import MarkStepBox
+
+    crops = [torch.rand(16, 3, 16, 16), torch.rand(16, 3, 12, 12)]
+    for cuda_graphs, marks in ((False, 0), (True, 3)):
+        engine = _engine(total_steps=4, batch_size=8, cuda_graphs=cuda_graphs)
+        before = MarkStepBox.mark_step_counter
+        engine.warm_up(crops)
+        engine.step(crops)
+        engine.step(crops)
+        assert before - MarkStepBox.mark_step_counter == marks
+
+
 def test_warm_up_compiles_forward_and_backward_and_changes_nothing():
     """``model.compile`` at set-up: ``warm_up`` makes every forward and backward graph of the
     training step's shapes (counted by the compiler's own hooks) and leaves weights, buffers,

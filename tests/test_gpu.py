@@ -167,3 +167,33 @@ def test_an_epoch_on_the_gpu_never_waits_for_it_between_steps():
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert stats.queue_in_use and math.isfinite(stats.loss)
+
+
+def test_model_compiled_to_replay_cuda_graphs_steps_like_the_eager_model():
+    """``model.compile_mode=reduce-overhead``: the compiled forward and backward are replayed as
+    CUDA graphs (``cudaGraphLaunch`` in the step's profile), with the eager engine's losses over
+    4 steps from the same weights (fp32; the first steps record the graphs, later ones replay)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from orchestration.config import load_config
+    from orchestration.recipe import build_engine
+
+    crops = [torch.randn(32, 3, 32, 32), torch.randn(32, 3, 16, 16)]
+    losses, launches = [], []
+    for mode in ("off", "reduce-overhead"):
+        compiled = [] if mode == "off" else ["model.compile=true", f"model.compile_mode={mode}"]
+        cfg = load_config(None, ["model.backbone=convnet", "model.n_prototypes=50",
+                                 "model.hidden_dim=64", "crops.nmb_crops=[2,2]",
+                                 "crops.size_crops=[32,16]", "crops.min_scale_crops=[0.14,0.05]",
+                                 "crops.max_scale_crops=[1.0,0.14]", "optim.name=sgd",
+                                 "swav.freeze_prototypes_iters=0", *compiled])
+        engine = build_engine(cfg, 5, torch.device("cuda"), 16, amp=False)
+        assert engine.cuda_graphs == (mode != "off")
+        losses.append([float(engine.step(crops)[0]) for _ in range(4)])
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            engine.step(crops)
+            torch.cuda.synchronize()
+        launches.append(sum("cudaGraphLaunch" in e.name for e in prof.events()))
+    assert launches[0] == 0 and launches[1] >= 2  # (forward and backward graphs at least)
+    for eager, graphed in zip(*losses):
+        assert graphed == pytest.approx(eager, rel=1e-3)

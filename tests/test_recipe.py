@@ -26,6 +26,7 @@ from orchestration.recipe import (
     model_kwargs,
     open_splits,
     per_process_batch,
+    replays_cuda_graphs,
     use_cudnn_benchmark,
 )
 from swav.raw_batches import ResidentBatches
@@ -134,6 +135,32 @@ def test_model_compile_compiles_backbone_and_head_in_place_on_a_gpu_only():
     assert not compile_model(initial_model(cfg), load_config(None, []), torch.device("cuda"))
     # Not part of the architecture: evaluate and explain rebuild the same model without it.
     assert "compile" not in model_kwargs(cfg)
+
+
+def test_model_compile_mode_is_checked_and_its_cuda_graph_modes_mark_every_step():
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    graphs = {"default": False, "reduce-overhead": True, "max-autotune": True,
+              "max-autotune-no-cudagraphs": False}
+    for mode, replays in graphs.items():
+        cfg = load_config(None, ["model.compile=true", f"model.compile_mode={mode}"])
+        assert replays_cuda_graphs(cfg, cuda) is replays, mode
+        assert not replays_cuda_graphs(cfg, cpu)  # (a CPU run compiles nothing)
+    cfg = load_config(None, [*TINY, "model.compile=true", "model.compile_mode=reduce-overhead"])
+    assert not build_engine(cfg, 4, cpu, 8).cuda_graphs
+    # How it runs, not what it computes; a resume may change it.
+    assert "compile_mode" not in model_kwargs(cfg)
+    assert "model.compile_mode".startswith(RESUMABLE)
+    with pytest.raises(ConfigError, match="^model.compile_mode: expected default, reduce-overhead, "
+                                          "max-autotune, max-autotune-no-cudagraphs, got 'fast'$"):
+        load_config(None, ["model.compile=true", "model.compile_mode=fast"])
+    with pytest.raises(ConfigError, match="^model.compile_mode: reduce-overhead is for a compiled "
+                                          "model, but model.compile is false$"):
+        load_config(None, ["model.compile_mode=reduce-overhead"])
+    gpus = ["scaling.use_gpu=true", "scaling.num_workers=2"]
+    with pytest.raises(ConfigError, match="^model.compile_mode: max-autotune replays CUDA graphs, "
+                                          "on one GPU worker only; got scaling.num_workers=2$"):
+        load_config(None, ["model.compile=true", "model.compile_mode=max-autotune", *gpus])
+    load_config(None, ["model.compile=true", "model.compile_mode=max-autotune-no-cudagraphs", *gpus])
 
 
 def test_cudnn_benchmark_is_set_for_a_process_that_trains_on_a_gpu():
