@@ -301,17 +301,24 @@ def merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
 
 
 def resolve_path(config: str | os.PathLike | None) -> Path:
-    """A config argument as a file: a path, or a name in ``experiments/`` (``default``)."""
+    """A config argument as a file: a path, or a name in ``experiments/`` (``default``), also
+    written as the README writes it, ``experiments/<name>.yaml``, from any directory."""
     if config is None:
         return EXPERIMENTS_DIR / "default.yaml"
     path = Path(config)
-    if not path.exists() and not path.suffix:
+    if path.exists():
+        return path
+    if not path.suffix:
         candidate = EXPERIMENTS_DIR / f"{config}.yaml"
-        if candidate.exists():
-            return candidate
-    if not path.exists():
-        raise ConfigError(f"config: no such experiment file {str(path)!r}")
-    return path
+    elif path.parent == Path("experiments"):
+        candidate = EXPERIMENTS_DIR / path.name
+    else:
+        candidate = None
+    if candidate is not None and candidate.exists():
+        return candidate
+    names = sorted(p.stem for p in EXPERIMENTS_DIR.glob("*.yaml"))
+    raise ConfigError(f"config: no such experiment file {str(path)!r} (by name: "
+                      f"{', '.join(names)})")
 
 
 def load_config(

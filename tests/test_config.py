@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from orchestration.config import (
@@ -11,6 +13,7 @@ from orchestration.config import (
     from_dict,
     load_config,
     parse_overrides,
+    resolve_path,
 )
 
 
@@ -101,8 +104,25 @@ def test_shipped_experiment_files_are_valid(tmp_path):
     assert paper.swav.queue_length == 3840 and paper.optim.epochs == 800
 
 
+def test_a_packaged_experiment_is_found_by_name_or_as_the_readme_writes_it_from_anywhere(
+        tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # not the checkout: no experiments/ here
+    for config in ("cifar10_wallclock", "experiments/cifar10_wallclock.yaml"):
+        assert resolve_path(config) == EXPERIMENTS_DIR / "cifar10_wallclock.yaml"
+    with pytest.raises(ConfigError, match="^config: no such experiment file "
+                                          "'experiments/cifar10_walclock.yaml' "):
+        resolve_path("experiments/cifar10_walclock.yaml")
+    own = tmp_path / "experiments" / "cifar10_wallclock.yaml"  # a file of the user's own wins
+    own.parent.mkdir()
+    own.write_text("optim:\n  epochs: 3\n")
+    assert resolve_path("experiments/cifar10_wallclock.yaml") == Path(
+        "experiments/cifar10_wallclock.yaml")
+
+
 def test_missing_or_broken_files(tmp_path):
-    with pytest.raises(ConfigError, match="^config: no such experiment file"):
+    with pytest.raises(ConfigError, match="^config: no such experiment file .*missing.yaml' "
+                                          r"\(by name: cifar10_resnet18, cifar10_wallclock, "
+                                          "default, .*sweep_default\\)$"):
         load_config(tmp_path / "missing.yaml")
     bad = tmp_path / "bad.yaml"
     bad.write_text("optim: [unclosed")
