@@ -147,6 +147,9 @@ def load_sweep(path: str, overrides: list[str] | None = None) -> SweepSpec:
     if not isinstance(data, dict):
         raise ConfigError(f"sweep: {file} must be a mapping with a 'search' section")
     unknown = sorted(set(data) - set(SWEEP_KEYS))
+    if unknown and "search" not in data and set(data) <= set(ExperimentConfig.__annotations__):
+        raise ConfigError(f"sweep: {file} is an experiment, not a sweep (a sweep names its "
+                          f"experiment and a 'search' section: e.g. sweep_default)")
     if unknown:
         raise ConfigError(f"{unknown[0]}: unknown sweep key (known: {', '.join(SWEEP_KEYS)})")
     experiment = data.get("experiment")

@@ -94,6 +94,13 @@ def test_bad_sweeps_are_one_line_naming_the_problem(tmp_path, sweep, message):
     assert str(err.value).startswith(message) and "\n" not in str(err.value)
 
 
+def test_an_experiment_given_as_a_sweep_is_named_as_such():
+    with pytest.raises(ConfigError, match=r"^sweep: .*experiments/default.yaml is an experiment, "
+                                          r"not a sweep \(a sweep names its experiment and a "
+                                          r"'search' section: e.g. sweep_default\)$"):
+        load_sweep("default")
+
+
 def test_an_unlabelled_source_cannot_be_swept_on_knn(tmp_path):
     (tmp_path / "data.parquet").write_bytes(b"")
     path = write(tmp_path, overrides={"data.source": "parquet", "data.label_column": None,
