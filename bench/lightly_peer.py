@@ -103,6 +103,29 @@ def _stack_views(samples: list) -> list[torch.Tensor]:
     return [torch.stack(views) for views in zip(*samples)]
 
 
+def _published_loader(images: torch.Tensor, batch_size: int, workers: int,
+                      device: torch.device):
+    """lightly's CIFAR-10 views of ``images``: two 32 px crops of ``SwaVTransform`` (PIL, in
+    ``workers`` loader processes), shuffled, whole batches."""
+    from lightly.transforms.swav_transform import SwaVTransform
+    from PIL import Image
+    from torch.utils.data import DataLoader, Dataset
+
+    transform = SwaVTransform(crop_sizes=(32,), crop_counts=(2,), crop_min_scales=(0.14,),
+                              crop_max_scales=(1.0,), cj_strength=0.5, gaussian_blur=0.0)
+
+    class Views(Dataset):
+        def __len__(self) -> int:
+            return len(images)
+
+        def __getitem__(self, i: int):
+            return transform(Image.fromarray(images[i].permute(1, 2, 0).numpy()))
+
+    return DataLoader(Views(), batch_size=batch_size, shuffle=True, drop_last=True,
+                      num_workers=workers, persistent_workers=workers > 0,
+                      pin_memory=device.type == "cuda", collate_fn=_stack_views)
+
+
 def published_cifar10(images: torch.Tensor, budget_s: float, device: torch.device,
                       batch_size: int = 512, workers: int = 15,
                       marks: Sequence[float] = (), on_mark: Callable | None = None,
@@ -114,25 +137,9 @@ def published_cifar10(images: torch.Tensor, budget_s: float, device: torch.devic
     the budget (None).  ``on_mark(seconds, backbone)`` is called (clock paused) when the training
     time passes each of ``marks``; ``stats`` receives the epochs, images and images/s trained and
     the mean SwaV loss of the last epoch begun (``loss``; ln 512 = 6.24 is the collapsed value)."""
-    from lightly.transforms.swav_transform import SwaVTransform
-    from PIL import Image
-    from torch.utils.data import DataLoader, Dataset
-
     swav_loss, _, _ = _lightly()
-    transform = SwaVTransform(crop_sizes=(32,), crop_counts=(2,), crop_min_scales=(0.14,),
-                              crop_max_scales=(1.0,), cj_strength=0.5, gaussian_blur=0.0)
-
-    class Views(Dataset):
-        def __len__(self) -> int:
-            return len(images)
-
-        def __getitem__(self, i: int):
-            return transform(Image.fromarray(images[i].permute(1, 2, 0).numpy()))
-
     torch.manual_seed(seed)
-    loader = DataLoader(Views(), batch_size=batch_size, shuffle=True, drop_last=True,
-                        num_workers=workers, persistent_workers=workers > 0,
-                        pin_memory=device.type == "cuda", collate_fn=_stack_views)
+    loader = _published_loader(images, batch_size, workers, device)
     model = LightlySwaV(LIGHTLY_RESNET18, hidden_dim=512, prototypes=512).to(device)
     model = model.to(memory_format=torch.channels_last)
     criterion = swav_loss()
