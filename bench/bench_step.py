@@ -19,7 +19,8 @@ so that what one row leaves behind cannot slow another: in one process, on an H1
 both eager rows of ours went from 17.9 to 22-25 ms a step once the compiled row had run, at the
 same GPU time (on the 2-core VM, compiling a ResNet-18 slowed a small engine's later eager steps
 by 6%, and not through the garbage collector).  Prints one JSON line per row and repeat and the
-medians; ``--profile`` adds each row's operations per step (CUDA kernels on a GPU) and the
+medians, with each row's ratio to lightly's paired by repeat (``vs_lightly``: median, min and
+max, the figure issue 9's 1.05x is read from); ``--profile`` adds each row's operations per step (CUDA kernels on a GPU) and the
 costliest of them.
 
     python bench/bench_step.py --device cuda --backbone resnet50 --batch-size 64 \
@@ -124,8 +125,20 @@ def main() -> None:
         "crops": args.crops, "K": args.prototypes,
         "queue": args.queue, "amp": not args.no_amp, "channels_last": args.channels_last,
         "optimizer": args.optimizer, "median_images_per_s": medians,
+        **({"vs_lightly": paired_ratios(rates, "lightly")} if "lightly" in rates else {}),
         "peak_mem_gib": peaks, "torch": torch.__version__,
     }))
+
+
+def paired_ratios(rates: dict[str, list[float]], base: str) -> dict[str, list[float]]:
+    """Each row's images/s over ``base``'s in the same repeat (the rows of a repeat run back to
+    back, so a machine that drifts between repeats moves both): [median, min, max] per row."""
+    out = {}
+    for row, r in rates.items():
+        ratios = [a / b for a, b in zip(r, rates[base])] if row != base else []
+        if ratios:
+            out[row] = [round(v, 3) for v in (statistics.median(ratios), min(ratios), max(ratios))]
+    return out
 
 
 def run_rows(servers: dict, args: argparse.Namespace) -> tuple[dict, dict, str]:
