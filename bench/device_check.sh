@@ -8,18 +8,22 @@
 #     1. 120 s of cifar10_wallclock's training end to end (crops made on the GPU, compiled at
 #        set-up since session 11, whose first epoch no longer plans the run: kNN at 120 s about
 #        0.70?), with counterfactuals of its model;
-#     2. the step against lightly's grouped loop, ResNet-18 CIFAR stem, 2x32 + 4x16, with
-#        model.compile (static shapes since session 11) and CUDA graphs as rows; 5 alternating
-#        repeats, every row in a process of its own, each row's kernel profile and busy share;
-#     3. cifar10_wallclock's step alone, for stage 1's share of it, with and without cuDNN's
-#        autotuning (model.cudnn_benchmark, on since session 12, unmeasured).
+#     2. cifar10_wallclock's step alone, for stage 1's share of it, with and without cuDNN's
+#        autotuning (model.cudnn_benchmark, on since session 12, unmeasured);
+#     3. last, as its two compiled rows may need what is left: the step against lightly's
+#        grouped loop, ResNet-18 CIFAR stem, 2x32 + 4x16, with model.compile (static shapes
+#        since session 11) and model.compile_mode=reduce-overhead (CUDA graphs, session 13) as
+#        rows, all with lightly's optimiser (SGD), and ours with LARS; 5 alternating repeats,
+#        every row in a process of its own, each row's kernel profile and busy share, and each
+#        row's ratio to lightly paired by repeat.
 #   PART=2 (DEADLINE 270 s; at once after part 1, while the machine is warm): ResNet-50
-#   (2x224 + 6x96) against lightly, eager rows and one without autotuning; the eager R18 rows
-#   with --thin backbones (4 channels a layer: the host's time per step); then, in a run of its
-#   own, ResNet-50 compiled (two static graphs) against ours and lightly; if time is left, the
-#   Sinkhorn stack (session 11: 0.55 against 1.18 ms for two calls). The batched multi-crop, eager
-#   against compiled and Kornia's, was measured in session 11 (PART=3). Both parts together:
-#   about 14 minutes of device time with the machine's start.
+#   (2x224 + 6x96) against lightly, eager rows and one without autotuning; then, in a run of its
+#   own, ResNet-50 compiled (two static graphs: the likeliest way past 1.05x for a step bound by
+#   the GPU) against ours and lightly, all with SGD; the eager R18 rows with --thin backbones (4 channels a
+#   layer: the host's time per step); if time is left, the Sinkhorn stack (session 11: 0.55
+#   against 1.18 ms for two calls). The batched multi-crop, eager against compiled and Kornia's,
+#   was measured in session 11 (PART=3). Both parts together: about 14 minutes of device time
+#   with the machine's start.
 # Needs, in the ignored folder .gpu/ of the checkout (carried to the device): the CIFAR-10 Parquet
 # (.gpu/cifar10/{train,test}.parquet), lightly's wheel and, optionally (its rows are left out
 # without them), Kornia's for the device's Python 3.12: `bash bench/prepare_device.sh` puts them
@@ -64,27 +68,28 @@ if [[ $PART == 1 ]]; then
     mark tta
     run 200 tta python3 bench/bench_time_to_accuracy.py --data .gpu/cifar10 --budget 120 \
         --marks 60,120 --recipes ours --workers 15 --cf-images 256 $COMPILE
-    mark step_r18
-    GRAPHS=${COMPILED:+$COMPILED,ours-graphs}
-    run 150 step_r18 python3 bench/bench_step.py --backbone resnet18 --cifar-stem \
-        --batch-size 256 --crops 2x32,4x16 --channels-last --prototypes 3000 \
-        --rows $ROWS$GRAPHS --repeats 5 --steps 30 --profile
-    mark step_wallclock
+    mark step_wallclock  # (before the compiling rows: stage 1's share needs it)
     run 40 step_wallclock python3 bench/bench_step.py --backbone resnet18 --cifar-stem \
         --batch-size 512 --crops 2x32 --channels-last --prototypes 3000 --rows ours,nobench \
         --variants $NOBENCH --repeats 5
+    mark step_r18  # last: its two compiled rows may take what is left
+    GRAPHS=${COMPILED:+$COMPILED,ours-graphs}  # every row of ours with lightly's SGD but lars
+    run 200 step_r18 python3 bench/bench_step.py --backbone resnet18 --cifar-stem \
+        --batch-size 256 --crops 2x32,4x16 --channels-last --prototypes 3000 --optimizer sgd \
+        --rows ours,lightly$GRAPHS,lars --variants lars:optim.name=lars --repeats 5 --steps 30 \
+        --profile
 elif [[ $PART == 2 ]]; then
     R50="--backbone resnet50 --batch-size 64 --crops 2x224,6x96 --channels-last --prototypes 3000"
     mark step_r50
-    run 100 step_r50 python3 bench/bench_step.py $R50 --rows $ROWS,nobench --variants $NOBENCH \
+    run 90 step_r50 python3 bench/bench_step.py $R50 --rows $ROWS,nobench --variants $NOBENCH \
         --repeats 5 --steps 20 --profile
+    mark step_r50_compiled  # a run of its own: a compile that outlasts it loses these rows only
+    [[ -n $COMPILED ]] && run 200 step_r50_compiled python3 bench/bench_step.py $R50 \
+        --optimizer sgd --rows ours,lightly$COMPILED --repeats 3 --steps 20  # (all SGD)
     mark step_thin  # the R18 rows with 4 channels a layer: what the host needs per step
     run 30 step_thin python3 bench/bench_step.py --backbone resnet18 --cifar-stem \
         --batch-size 256 --crops 2x32,4x16 --channels-last --prototypes 3000 \
         --rows $ROWS --repeats 5 --steps 30 --thin
-    mark step_r50_compiled  # a run of its own: a compile that outlasts it loses these rows only
-    [[ -n $COMPILED ]] && run 150 step_r50_compiled python3 bench/bench_step.py $R50 \
-        --rows ours,lightly$COMPILED --repeats 3 --steps 20
     mark sinkhorn
     run 25 sinkhorn python3 bench/bench_sinkhorn.py --sizes 256x3000,64x3000 --stack 2 --repeats 7
 else
