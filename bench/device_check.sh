@@ -64,7 +64,7 @@ NOBENCH="nobench:model.cudnn_benchmark=false"  # what cuDNN's autotuning gives
 if [[ $PART == 1 ]]; then
     mark gpu_tests  # the CUDA-only tests (pytest is not always installed there)
     python3 -c "import pytest" 2>/dev/null && run 170 gpu_tests python3 -m pytest -q \
-        -p no:cacheprovider --durations=10 tests/test_gpu.py  # (9 tests, 3 of them compile)
+        -p no:cacheprovider --durations=10 tests/test_gpu.py  # (9 tests, 4 of them compile)
     mark tta
     run 200 tta python3 bench/bench_time_to_accuracy.py --data .gpu/cifar10 --budget 120 \
         --marks 60,120 --recipes ours --workers 15 --cf-images 256 $COMPILE
