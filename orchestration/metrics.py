@@ -24,6 +24,8 @@ EPOCH_METRICS: dict[str, tuple[str, str]] = {
     "corrupt_images": ("undecodable images skipped", "min"),
     "knn_top1": ("held-out weighted kNN top-1 of the backbone", "max"),
     "knn_top1_random_init": ("the same at initialisation (epoch 0 only)", "max"),
+    "setup_s": ("seconds a worker took before its first epoch: data, model, compiling, a resume's "
+                "checkpoint, the random-init kNN (that epoch only)", "min"),
 }
 # Reported only when the data has a labelled held-out set.
 LABELLED_METRICS = ("knn_top1", "knn_top1_random_init")
@@ -32,7 +34,8 @@ LABELLED_METRICS = ("knn_top1", "knn_top1_random_init")
 def epoch_report(stats: EpochStats, knn_top1: float | None = None,
                  knn_top1_random_init: float | None = None,
                  epochs_planned: int | None = None,
-                 training_s: float | None = None) -> dict[str, Any]:
+                 training_s: float | None = None,
+                 setup_s: float | None = None) -> dict[str, Any]:
     """The report of one epoch: ``epoch`` (0-based, the MLflow step), ``epochs_done`` (epochs
     trained so far: Tune's time axis, right after a resume too), ``epochs_planned`` (the run's
     length as planned now: ``optim.epochs``, or what fits ``optim.time_budget_s``) and the
@@ -56,6 +59,8 @@ def epoch_report(stats: EpochStats, knn_top1: float | None = None,
         report["knn_top1"] = knn_top1
     if knn_top1_random_init is not None:
         report["knn_top1_random_init"] = knn_top1_random_init
+    if setup_s is not None:
+        report["setup_s"] = setup_s
     return report
 
 

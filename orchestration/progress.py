@@ -54,7 +54,9 @@ def epoch_line(report: dict[str, Any], epochs: int) -> str:
         else:
             parts.append(f"{name} {value:.4f}")
     if report.get("epoch_time_s") is not None:
-        parts.append(f"({report['epoch_time_s']:.1f} s)")
+        setup = report.get("setup_s")
+        after = "" if setup is None else f", after {setup:.1f} s of set-up"
+        parts.append(f"({report['epoch_time_s']:.1f} s{after})")
     return "  ".join(parts)
 
 

@@ -291,6 +291,9 @@ def _check_metric(spec: SweepSpec) -> None:
         if spec.metric == "knn_top1_random_init":
             raise ConfigError("metric: knn_top1_random_init is the untrained baseline (epoch 0 "
                               "only); sweep on knn_top1")
+    if spec.metric == "setup_s":
+        raise ConfigError("metric: setup_s is reported once, before training (a worker's "
+                          "set-up); sweep on knn_top1 or loss")
 
 
 def _check_combinations(spec: SweepSpec) -> None:

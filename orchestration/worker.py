@@ -125,6 +125,7 @@ def _train_worker(config: dict[str, Any]) -> None:
 
 
 def _train_epochs(cfg: ExperimentConfig, config: dict[str, Any]) -> None:
+    begun = time.perf_counter()
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
@@ -138,6 +139,7 @@ def _train_epochs(cfg: ExperimentConfig, config: dict[str, Any]) -> None:
     init_knn = None
     if epoch == 0 and training.evaluation is not None:
         init_knn = distributed_knn(engine.net, training.evaluation, cfg, device)
+    setup_s: float | None = time.perf_counter() - begun  # (reported with the first epoch)
     images_seen = corrupt_seen = 0
     while epoch < planned:
         _maybe_fail(cfg, epoch, rank, config.get("run_dir"))
@@ -157,7 +159,8 @@ def _train_epochs(cfg: ExperimentConfig, config: dict[str, Any]) -> None:
                 f"data.max_corrupt_fraction={cfg.data.max_corrupt_fraction}")
         report = epoch_report(stats, _epoch_knn(training, epoch, planned, device),
                               init_knn if epoch == 0 else None, epochs_planned=planned,
-                              training_s=clock.trained_s)
+                              training_s=clock.trained_s, setup_s=setup_s)
+        setup_s = None
         _report_with_checkpoint(report, engine, epoch, clock, rank, config)
         if poster is not None:
             board.post_epoch.remote(report)

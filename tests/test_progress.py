@@ -18,6 +18,9 @@ def test_an_epoch_line_names_the_epoch_of_the_total_and_the_vocabulary_s_figures
                                       "prototypes_used 45  code_entropy 3.5000  "
                                       "images_per_s 851  lr 0.0312  (12.3 s)")
     assert epoch_line({"epoch": 0, "loss": 8.0}, 1) == "epoch 1/1  loss 8.0000"
+    # A worker's first epoch says how long it took to set up (data, model, compiling).
+    first = {"epoch": 0, "loss": 8.0, "epoch_time_s": 1.04, "setup_s": 41.26}
+    assert epoch_line(first, 3) == "epoch 1/3  loss 8.0000  (1.0 s, after 41.3 s of set-up)"
 
 
 def test_the_console_prints_each_posted_epoch_once_in_order(ray_local):

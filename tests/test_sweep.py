@@ -74,6 +74,7 @@ def test_a_section_is_searched_as_a_whole_by_named_presets(tmp_path):
     ({"search": {"crops": {"choice": {"a": {"nmb_crop": [2]}}}}},
      "search.crops: preset key 'nmb_crop' is not in section crops"),
     ({"metric": "accuracy"}, "metric: 'accuracy' is not reported by trials"),
+    ({"metric": "setup_s"}, "metric: setup_s is reported once, before training"),
     ({"mode": "best"}, "mode: expected min or max"),
     ({"search": {"swav.epsilon": {"grid": [0.05, 0.0]}}},
      "search: swav.epsilon=0.0 makes an invalid config: swav.epsilon: must be > 0"),

@@ -101,6 +101,8 @@ def test_two_worker_run_is_tracked_as_one_mlflow_run_with_a_loadable_model(strai
     assert 0.3 < knn <= 1.0  # 10 classes: chance is 0.1
     baseline = client.get_metric_history(outcome.run_id, "knn_top1_random_init")
     assert [m.step for m in baseline] == [0] and 0.1 < baseline[0].value <= 1.0
+    setup = client.get_metric_history(outcome.run_id, "setup_s")  # once, with the first epoch
+    assert [m.step for m in setup] == [0] and 0 < setup[0].value < 120
 
     mlflow.set_tracking_uri(outcome.tracking_uri)
     model = mlflow.pytorch.load_model(f"runs:/{outcome.run_id}/model")
