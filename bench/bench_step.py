@@ -1,27 +1,27 @@
 """Training-step throughput of the SwAV engine on synthetic crops (no data loading).
 
 Measures what one worker's GPU (or CPU) sustains for the full step: prototype normalisation,
-multi-resolution forward, queue, Sinkhorn, loss, backward, optimiser.  The engine is built by the
-recipe every run uses (``orchestration.recipe``) from the config defaults plus the flags below
-(or any dotted override after them).  ``--rows`` adds peers, rows alternating every repeat:
-``lightly`` (lightly's SwaV parts, one backbone pass per resolution group, SGD;
-``bench/lightly_peer.py``), ``ours-sgd`` (our engine with SGD, the same optimiser as that peer),
-``ours-compile`` (``model.compile``: ``torch.compile`` of backbone and head, on a GPU only) and
-``ours-graphs`` (the same replayed as CUDA graphs, ``model.compile_mode=reduce-overhead``: for
-a step bound by its launches; GPU only), or a variant of ours named by ``--variants`` (its overrides on
-top of the others). A row that fails is reported and left out. Every row runs under the
-configuration's ``model.cudnn_benchmark`` (lightly's too: the same settings), a variant's under
-its own. ``--thin`` gives every row's ResNet 4 channels a layer: the same operations with next
-to no arithmetic in them, so that a step takes what the host needs to issue them.
+multi-resolution forward, queue, Sinkhorn, loss, backward, optimiser. The engine is built by the
+recipe every run uses (``orchestration.recipe``) from the config defaults plus the flags below (or
+any dotted override after them). ``--rows`` adds peers, rows alternating every repeat: ``lightly``
+(lightly's SwaV parts, one backbone pass per resolution group, SGD; ``bench/lightly_peer.py``),
+``ours-sgd`` (our engine with SGD, the same optimiser as that peer), ``ours-compile``
+(``model.compile``: ``torch.compile`` of backbone and head, on a GPU only) and ``ours-graphs`` (the
+same replayed as CUDA graphs, ``model.compile_mode=reduce-overhead``: for a step bound by its
+launches; GPU only), or a variant of ours named by ``--variants`` (its overrides on top of the
+others). A row that fails is reported and left out. Every row runs under the configuration's
+``model.cudnn_benchmark`` (lightly's too: the same settings), a variant's under its own. ``--thin``
+gives every row's ResNet 4 channels a layer: the same operations with next to no arithmetic in them,
+so that a step takes what the host needs to issue them.
 
 Each row lives in a process of its own, which builds it once and measures it when its turn comes,
 so that what one row leaves behind cannot slow another: in one process, on an H100 (session 11),
 both eager rows of ours went from 17.9 to 22-25 ms a step once the compiled row had run, at the
-same GPU time (on the 2-core VM, compiling a ResNet-18 slowed a small engine's later eager steps
-by 6%, and not through the garbage collector).  Prints one JSON line per row and repeat and the
-medians, with each row's ratio to lightly's paired by repeat (``vs_lightly``: median, min and
-max, the figure issue 9's 1.05x is read from); ``--profile`` adds each row's operations per step (CUDA kernels on a GPU) and the
-costliest of them.
+same GPU time (on the 2-core VM, compiling a ResNet-18 slowed a small engine's later eager steps by
+6%, and not through the garbage collector). Prints one JSON line per row and repeat and the
+medians, with each row's ratio to lightly's paired by repeat (``vs_lightly``: median, min and max,
+the figure issue 9's 1.05x is read from); ``--profile`` adds each row's operations per step (CUDA
+kernels on a GPU) and the costliest of them.
 
     python bench/bench_step.py --device cuda --backbone resnet50 --batch-size 64 \
         --crops 2x224,6x96 --prototypes 3000 --queue 3840 --optimizer lars
