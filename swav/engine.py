@@ -158,16 +158,21 @@ class SwAVEngine:
         return scores
 
     # -- one step ----------------------------------------------------------------------------
-    def step(self, crops: Sequence[torch.Tensor]) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        """One optimisation step on a batch of crops grouped by resolution. Returns (loss, codes)."""
+    def _begin_step(self, crops: Sequence[torch.Tensor]) -> tuple[list[torch.Tensor], int]:
+        """The crops on the device in the model's memory format, and the images per crop; a
+        compiled model that replays CUDA graphs is told that a step begins."""
         crops = [c.to(self.device, non_blocking=True).contiguous(memory_format=self.memory_format)
                  for c in crops]
         rows = sum(c.shape[0] for c in crops)
         if rows % self.loss_fn.n_crops:
             raise ValueError(f"crops: {rows} rows is not a multiple of {self.loss_fn.n_crops} crops")
-        batch_size = rows // self.loss_fn.n_crops
         if self.cuda_graphs:
             torch.compiler.cudagraph_mark_step_begin()
+        return crops, rows // self.loss_fn.n_crops
+
+    def step(self, crops: Sequence[torch.Tensor]) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """One optimisation step on a batch of crops grouped by resolution. Returns (loss, codes)."""
+        crops, batch_size = self._begin_step(crops)
         self.net.prototypes.normalize_()
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
             embeddings, scores = self.model(crops)
@@ -189,10 +194,7 @@ class SwAVEngine:
         static shapes (``model.compile``) compiles now, at set-up, rather than in the first
         training step. Under DDP every worker must call it, as every worker steps."""
         kept = {k: v.detach().clone() for k, v in self.net.state_dict().items()}
-        crops = [c.to(self.device).contiguous(memory_format=self.memory_format) for c in crops]
-        batch_size = sum(c.shape[0] for c in crops) // self.loss_fn.n_crops
-        if self.cuda_graphs:
-            torch.compiler.cudagraph_mark_step_begin()
+        crops, batch_size = self._begin_step(crops)
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
             _, scores = self.model(crops)
         self.loss_fn(scores, batch_size).loss.backward()  # the training step's backward graph
