@@ -400,17 +400,18 @@ def _validate_schedule(o: OptimConfig) -> None:
 
 def _validate_compile_mode(cfg: ExperimentConfig, modes: tuple[str, ...],
                            cuda_graph_modes: tuple[str, ...]) -> None:
+    """``model.compile_mode`` is the mode of ``model.compile``: unused while that is false, so
+    that ``model.compile=false`` alone turns off an experiment's compiled model."""
     m = cfg.model
     _check(m.compile_mode in modes, "model.compile_mode",
            f"expected {', '.join(modes)}, got {m.compile_mode!r}")
-    _check(m.compile or m.compile_mode == "default", "model.compile_mode",
-           f"{m.compile_mode} is for a compiled model, but model.compile is false")
     # Under DDP, SyncBatchNorm's collectives run inside the backbone and the gradients' all-reduce
     # hooks on them: neither is made to be replayed as a CUDA graph.
     sc = cfg.scaling
-    _check(m.compile_mode not in cuda_graph_modes or not sc.use_gpu or sc.num_workers == 1,
-           "model.compile_mode", f"{m.compile_mode} replays CUDA graphs, on one GPU worker "
-           f"only; got scaling.num_workers={sc.num_workers}")
+    graphs = m.compile and m.compile_mode in cuda_graph_modes
+    _check(not graphs or not sc.use_gpu or sc.num_workers == 1, "model.compile_mode",
+           f"{m.compile_mode} replays CUDA graphs, on one GPU worker only; got "
+           f"scaling.num_workers={sc.num_workers} (model.compile_mode=default compiles for more)")
 
 
 def validate(cfg: ExperimentConfig) -> None:

@@ -153,14 +153,17 @@ def test_model_compile_mode_is_checked_and_its_cuda_graph_modes_mark_every_step(
     with pytest.raises(ConfigError, match="^model.compile_mode: expected default, reduce-overhead, "
                                           "max-autotune, max-autotune-no-cudagraphs, got 'fast'$"):
         load_config(None, ["model.compile=true", "model.compile_mode=fast"])
-    with pytest.raises(ConfigError, match="^model.compile_mode: reduce-overhead is for a compiled "
-                                          "model, but model.compile is false$"):
-        load_config(None, ["model.compile_mode=reduce-overhead"])
     gpus = ["scaling.use_gpu=true", "scaling.num_workers=2"]
-    with pytest.raises(ConfigError, match="^model.compile_mode: max-autotune replays CUDA graphs, "
-                                          "on one GPU worker only; got scaling.num_workers=2$"):
+    with pytest.raises(ConfigError, match=r"^model.compile_mode: max-autotune replays CUDA graphs, "
+                                          r"on one GPU worker only; got scaling.num_workers=2 "
+                                          r"\(model.compile_mode=default compiles for more\)$"):
         load_config(None, ["model.compile=true", "model.compile_mode=max-autotune", *gpus])
     load_config(None, ["model.compile=true", "model.compile_mode=max-autotune-no-cudagraphs", *gpus])
+    # The mode of model.compile: model.compile=false alone turns an experiment's compiling off
+    # (cifar10_wallclock replays CUDA graphs), on any number of workers.
+    eager = load_config("cifar10_wallclock", ["model.compile=false", "data.path=/tmp", *gpus])
+    assert not replays_cuda_graphs(eager, cuda)
+    assert replays_cuda_graphs(load_config("cifar10_wallclock", ["data.path=/tmp"]), cuda)
 
 
 def test_cudnn_benchmark_is_set_for_a_process_that_trains_on_a_gpu():
