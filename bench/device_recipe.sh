@@ -5,15 +5,17 @@
 # not yet measured for short budgets: K and the batch size.
 #   k1000: model.n_prototypes=1000 (lightly's CIFAR-10 recipe uses 512; we use 3000)
 #   b256:  optim.batch_size=256 at the same rate per image (lr 1.2): twice the updates per epoch
-#   b1024: optim.batch_size=1024 (lr 4.8), not run by default: if the step is bound by the host
-#          (session 11: R18 steps took 22-27 ms for 15 ms of kernels), twice the images per
-#          launch may buy more images/s than the updates it gives up (RECIPES=ours,b1024)
+#   b1024: optim.batch_size=1024 (lr 4.8), not run by default: when the step was bound by the
+#          host (session 11: R18 steps took 22-27 ms for 15 ms of kernels), twice the images per
+#          launch might have bought more images/s than the updates it gives up; replayed as CUDA
+#          graphs (session 14) the step runs as long as its kernels, which favours b256 instead
 #   mc:    SwAV's multi-crop, 2x32 + 4x16 (about 1.5x the work per image), not run by default:
 #          more views per image against fewer images in the budget (RECIPES=ours,mc)
-#   compiled: model.compile (static shapes, compiled at set-up since session 12), not run by
-#          default: if device_check's ours-compile row beats ours (RECIPES=ours,compiled)
-#   graphs: the same replayed as CUDA graphs (model.compile_mode=reduce-overhead), not run by
-#          default: if device_check's ours-graphs row beats both (RECIPES=ours,graphs)
+#   eager: the model not compiled (model.compile=false), as the recipe was until session 14,
+#          which replays it as CUDA graphs for 1.41x the images a second: does the kNN at 120 s
+#          follow? (RECIPES=ours,eager)
+#   compiled: compiled without CUDA graphs (model.compile_mode=default; session 14's step: 0.87x
+#          lightly's loop against 1.93x with them), not run by default
 # Needs .gpu/cifar10/{train,test}.parquet in the checkout (carried; bash bench/prepare_device.sh).
 # Run from the repository root. RECIPES picks others, e.g. RECIPES=ours,lightly: ours against
 # lightly's published CIFAR-10 recipe in one call (lightly's wheel in .gpu/; about 5 minutes).
@@ -27,8 +29,8 @@ S=$(date +%s)
 VARIANTS="k1000:model.n_prototypes=1000;b256:optim.batch_size=256,optim.lr=1.2"
 VARIANTS+=";b1024:optim.batch_size=1024,optim.lr=4.8,swav.freeze_prototypes_iters=50"
 VARIANTS+=";mc:crops.nmb_crops=[2,4],crops.size_crops=[32,16],crops.min_scale_crops=[0.14,0.05]"
-VARIANTS+=",crops.max_scale_crops=[1.0,0.14];compiled:model.compile=true"
-VARIANTS+=";graphs:model.compile=true,model.compile_mode=reduce-overhead"
+VARIANTS+=",crops.max_scale_crops=[1.0,0.14];eager:model.compile=false"
+VARIANTS+=";compiled:model.compile_mode=default"
 timeout 540 python3 bench/bench_time_to_accuracy.py --data .gpu/cifar10 --budget 120 \
     --marks 60,120 --recipes "${RECIPES:-ours,k1000,b256}" --workers 15 --cf-images 0 \
     --variants "$VARIANTS" \
