@@ -15,8 +15,10 @@
 #     unless set; 0.80 within 450 s is the target, and the graphs train 1.41x the eager images
 #     a second), kNN at 120 s and at its end.
 #   PART=3 (DEADLINE 540 s): the step against lightly's grouped loop (ResNet-18 CIFAR stem
-#     2x32 + 4x16 with every row of ours; then ResNet-50 2x224 + 6x96 eager and with CUDA
-#     graphs), all with lightly's optimiser (SGD) but a LARS row; again when the step changes.
+#     2x32 + 4x16, then ResNet-50 2x224 + 6x96), eager, compiled, and compiled with CUDA graphs,
+#     all with lightly's optimiser (SGD) but a LARS row; again when the step changes. ResNet-50
+#     compiled without graphs is unmeasured: what a multi-GPU run may use (graphs are refused
+#     under DDP) of session 14's 1.44x.
 #   PART=4: the batched multi-crop, eager against compiled and Kornia's (session 11).
 # Needs, in the ignored folder .gpu/ of the checkout (carried to the device): the CIFAR-10 Parquet
 # (.gpu/cifar10/{train,test}.parquet), lightly's wheel and, optionally (its rows are left out
@@ -83,7 +85,7 @@ elif [[ $PART == 3 ]]; then
     R50="--backbone resnet50 --batch-size 64 --crops 2x224,6x96 --channels-last --prototypes 3000"
     mark step_r50
     run 280 step_r50 python3 bench/bench_step.py $R50 --optimizer sgd \
-        --rows ours,lightly${COMPILED:+,ours-graphs} --repeats 3 --steps 20
+        --rows ours,lightly$COMPILED${COMPILED:+,ours-graphs} --repeats 3 --steps 20
 else
     mark pipeline
     KORNIA=
