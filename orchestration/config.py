@@ -59,13 +59,14 @@ class ModelConfig:
     n_prototypes: Union[int, list[int]] = 3000  # K, or one K per prototype head
     channels_last: bool = True  # GPU only: +60% images/s for ResNet-50 (BENCHMARKS.md)
     # GPU only: torch.compile the backbone and the projection head in place (the same weights and
-    # state-dict keys; compiled for each crop size while the run is set up). Off: on an H100 it
-    # was no faster (BENCHMARKS, session 11; static shapes since, not yet measured).
+    # state-dict keys; compiled for each crop size while the run is set up). Off by default:
+    # alone it made an H100 step slower (session 14: 0.87x lightly's loop against 1.06x eager);
+    # it pays with compile_mode reduce-overhead (1.93x), as cifar10_wallclock sets.
     compile: bool = False
     # torch.compile's mode for model.compile: default, reduce-overhead (the compiled forward and
     # backward replayed as CUDA graphs: for a step bound by launching its kernels; one worker
     # only), max-autotune (also searches kernel configurations: slow to compile) or
-    # max-autotune-no-cudagraphs.
+    # max-autotune-no-cudagraphs. Unused while model.compile is false.
     compile_mode: str = "default"
     # GPU only: cuDNN times its convolution algorithms for each new input shape and keeps the
     # fastest (torch.backends.cudnn.benchmark; a run has a few fixed crop sizes). On, as in the
