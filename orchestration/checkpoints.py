@@ -11,6 +11,7 @@ previous one that Ray keeps (``CheckpointConfig(num_to_keep=2)``).
 
 from __future__ import annotations
 
+import errno
 import os
 import pickle
 import random
@@ -33,11 +34,15 @@ class CheckpointError(RuntimeError):
     """A checkpoint that cannot be loaded (unreadable, truncated, or not plain tensors/values)."""
 
 
+PROBE_BYTES = 1 << 20  # written for real: an empty file needs no room on a full disk
+
+
 def check_storage(storage_path: str) -> None:
-    """A local ``scaling.storage_path`` where this process cannot create the run folders: one
-    line, before Ray starts or any run is created. Tried for real (a probe file, where missing
-    folders are made and then removed again), as permission bits say nothing for root or on a
-    read-only mount; URIs such as ``s3://`` are left to the workers that write there."""
+    """A local ``scaling.storage_path`` where this process cannot create the run folders, or
+    with no room for a MiB: one line, before Ray starts or any run is created. Tried for real (a
+    probe file written and flushed, where missing folders are made and then removed again), as
+    permission bits say nothing for root or on a read-only mount; URIs such as ``s3://`` are
+    left to the workers that write there."""
     if "://" in storage_path:
         return
     path = Path(storage_path).expanduser().absolute()
@@ -48,15 +53,22 @@ def check_storage(storage_path: str) -> None:
     while not parent.exists():
         missing.append(parent)
         parent = parent.parent
+    probe = None
     try:
         path.mkdir(parents=True, exist_ok=True)
         handle, probe = tempfile.mkstemp(dir=path, prefix=".swav-ray-probe-")
-        os.close(handle)
-        os.unlink(probe)
+        with os.fdopen(handle, "wb") as f:
+            f.write(bytes(PROBE_BYTES))
+            f.flush()
+            os.fsync(f.fileno())
     except OSError as err:
-        raise ConfigError(f"scaling.storage_path: {path} is not writable "
+        what = "has no room left" if err.errno in (errno.ENOSPC, errno.EDQUOT) else \
+            "is not writable"
+        raise ConfigError(f"scaling.storage_path: {path} {what} "
                           f"({err.strerror or err})") from None
     finally:
+        if probe is not None:
+            Path(probe).unlink(missing_ok=True)
         for folder in missing:
             try:
                 folder.rmdir()

@@ -100,6 +100,15 @@ def _refused_for_want_of_token(address: str) -> bool:
     return False
 
 
+def largest_trial(spec) -> ExperimentConfig:
+    """The sweep's base config with the most workers and CPUs per worker any trial asks for."""
+    cfg = spec.base_config()
+    for dim in spec.dimensions:
+        if dim.key in ("scaling.num_workers", "scaling.cpus_per_worker"):
+            setattr(cfg.scaling, dim.key.split(".")[1], max(dim.representatives()))
+    return cfg
+
+
 def check_local_capacity(cfg: ExperimentConfig) -> None:
     """Without RAY_ADDRESS the run starts a Ray instance on this machine: workers beyond its CPUs
     or GPUs are refused here, before Ray starts (on a cluster, once connected)."""
@@ -171,7 +180,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     import ray
 
     from orchestration.failures import TrainingFailed
-    from orchestration.train import default_run_name, run_training
+    from orchestration.tracking import check_resumable
+    from orchestration.train import default_run_name, run_training, storage_root
 
     experiment = Path(args.config).stem if args.config else "default"
     name = cfg.scaling.run_name or default_run_name(experiment)
@@ -180,8 +190,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     if not args.verbose:  # MLflow's store set-up notes and its pickle warning (see README)
         logging.getLogger("mlflow").setLevel(logging.WARNING)
         logging.getLogger("mlflow.pytorch").setLevel(logging.ERROR)
-        # "Token authentication is enabled for this Ray cluster": Ray's default, on every start.
-        logging.getLogger("ray._private.authentication").setLevel(logging.ERROR)
+        quiet_ray_notes()
+    if cfg.scaling.run_name:  # a resume under another config: refused before Ray starts
+        check_resumable(cfg, f"{storage_root(cfg)}/{name}", name)
     connected = connect_ray(cfg, log_to_driver=args.verbose)
     try:
         outcome = run_training(cfg, run_name=name, tags=tags, console=True)
@@ -203,6 +214,31 @@ def cmd_train(args: argparse.Namespace) -> int:
             ray.shutdown()
     _print_summary(outcome)
     return 0
+
+
+def quiet_ray_notes() -> None:
+    """Ray's notes that a run's own lines already cover, at default verbosity: "Token
+    authentication is enabled for this Ray cluster" (Ray's default, on every start), and the
+    raylet's paragraph on every lost worker, "A worker died or was killed ..." (the run says
+    which attempt failed and what it does next). Ray prints the latter through a module-level
+    function of its driver, looked up at each call."""
+    logging.getLogger("ray._private.authentication").setLevel(logging.ERROR)
+    try:
+        import ray._private.worker as ray_driver
+    except ImportError:  # Ray's internals moved: its note shows
+        return
+    shown = ray_driver.print_to_stdstream
+    if getattr(shown, "quiet", False):
+        return
+
+    def print_to_stdstream(data, ignore_prefix):
+        if data.get("pid") == "raylet" and any(
+                "A worker died or was killed" in line for line in data.get("lines", ())):
+            return
+        shown(data, ignore_prefix)
+
+    print_to_stdstream.quiet = True
+    ray_driver.print_to_stdstream = print_to_stdstream
 
 
 def _failure_report(err) -> str:
@@ -234,18 +270,18 @@ def cmd_tune(args: argparse.Namespace) -> int:
     from orchestration.checkpoints import check_storage
     from orchestration.recipe import check_data
 
+    check_local_capacity(largest_trial(spec))  # as swav-ray train refuses it
     try:
         check_data(spec.base_config())  # the base experiment's data, as swav-ray train does
     except ValueError as err:
         raise ConfigError(str(err)) from None
     check_storage(spec.base_config().scaling.storage_path)
-    # Quiet console: our progress bar and table instead of Tune's status tables and MLflow's
-    # run links.
+    # Quiet console: our progress bar and table instead of Tune's status tables.
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
-    os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
+    quiet_ray_notes()
     import ray
 
-    from orchestration.tuning import DRIVER_CPU, run_sweep
+    from orchestration.tuning import DRIVER_CPU, run_sweep, trial_count
 
     connected = connect_ray(spec.base_config(), extra_cpus=DRIVER_CPU, log_to_driver=False)
     try:
@@ -263,7 +299,8 @@ def cmd_tune(args: argparse.Namespace) -> int:
             ray.shutdown()
     _print_sweep(outcome, spec)
     if outcome.unfinished:
-        print(f"swav-ray: sweep interrupted: {outcome.unfinished} trials did not finish; "
+        print(f"swav-ray: sweep interrupted: {outcome.unfinished} of {trial_count(spec)} trials "
+              f"did not finish; the sweep's run and theirs are marked KILLED; "
               f"continue with swav-ray tune --resume {outcome.name}", file=sys.stderr)
         return 1
     return 0
@@ -409,6 +446,8 @@ def loopback_only() -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    # MLflow's "View run ... at: http://..." after each run it ends: the summary says it once.
+    os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
     loopback_only()
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     args = build_parser().parse_args(argv)

@@ -108,12 +108,18 @@ def open_tracked_model(run_id: str, tracking_uri: str | None = None,
             raise missing from None
         # Rebuilt from the config and a state dict loaded with weights_only=True: nothing in the
         # run's artifacts is unpickled (MLflow's logged model stays for mlflow.pytorch users).
+        artifact = f"runs:/{run_id}/{WEIGHTS_ARTIFACT}"
         try:
             state = load_state(weights)
-        except CheckpointError as err:
-            raise ConfigError(str(err)) from None
+        except CheckpointError as err:  # named as the run holds it, not as downloaded here
+            raise ConfigError(str(err).replace(str(weights), artifact)) from None
     model = initial_model(cfg)
-    model.load_state_dict(state["engine"]["model"])
+    try:
+        model.load_state_dict(state["engine"]["model"])
+    except (KeyError, TypeError, RuntimeError) as err:
+        reason = str(err).strip().splitlines()[-1].strip() if str(err).strip() else repr(err)
+        raise ConfigError(f"run-id: {artifact} does not fit the model of the run's config.yaml "
+                          f"({reason})") from None
     return TrackedModel(client, run_id, model.to(device).eval(), cfg)
 
 

@@ -45,8 +45,14 @@ def as_not_retryable(err: BaseException) -> NotRetryable | None:
 
 
 def first_line(err: BaseException) -> str:
-    text = str(err).strip()
-    return text.splitlines()[0] if text else type(err).__name__
+    """The error's first line; a line that only introduces the next (``...error:``) is joined
+    with it, so the cause is not cut off."""
+    lines = [line.strip() for line in str(err).strip().splitlines() if line.strip()]
+    if not lines:
+        return type(err).__name__
+    if lines[0].endswith(":") and len(lines) > 1:
+        return f"{lines[0]} {lines[1]}"
+    return lines[0]
 
 
 def _chain(err: BaseException):

@@ -10,6 +10,7 @@ atomic create; runs there are not locked.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import socket
@@ -46,10 +47,35 @@ class RunLock:
     def __enter__(self) -> RunLock:
         if self.path is None:
             return self
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        written = self._write_claim()
+        try:
+            self._take(written)
+        finally:
+            written.unlink(missing_ok=True)
+        return self
+
+    def _write_claim(self) -> Path:
+        """The lock's whole content in a file of its own, linked into place in one step: a
+        reader never sees a lock half written (it would take it for a stale one), and a disk
+        with no room leaves no empty lock behind."""
+        claim = self.path.with_name(f".{LOCK_FILE}.{socket.gethostname()}.{os.getpid()}")
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            with open(claim, "w") as f:
+                json.dump({"pid": os.getpid(), "host": socket.gethostname(),
+                           "since": time.strftime("%Y-%m-%d %H:%M:%S")}, f)
+                f.flush()
+                os.fsync(f.fileno())
+        except OSError as err:
+            claim.unlink(missing_ok=True)
+            raise ConfigError(f"scaling.storage_path: cannot write the run's lock in "
+                              f"{self.path.parent} ({err.strerror or err})") from None
+        return claim
+
+    def _take(self, claim: Path) -> None:
         for _ in range(2):  # a second try after removing a stale lock
             try:
-                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+                _link_or_copy(claim, self.path)
             except FileExistsError:
                 holder = self._holder()
                 if holder is None or self._stale(holder):
@@ -59,11 +85,8 @@ class RunLock:
                     f"scaling.run_name: run {self.path.parent.name!r} is in use by process "
                     f"{holder.get('pid')} on {holder.get('host')} since {holder.get('since')} "
                     f"(lock {self.path}; delete it only if that process is gone)") from None
-            with os.fdopen(fd, "w") as f:
-                json.dump({"pid": os.getpid(), "host": socket.gethostname(),
-                           "since": time.strftime("%Y-%m-%d %H:%M:%S")}, f)
             self.held = True
-            return self
+            return
         raise ConfigError(f"scaling.run_name: could not take the lock {self.path}")
 
     def _holder(self) -> dict | None:
@@ -90,6 +113,21 @@ class RunLock:
         if self.held:
             self.path.unlink(missing_ok=True)
             self.held = False
+
+
+def _link_or_copy(source: Path, target: Path) -> None:
+    """``target`` made from ``source`` only if it does not exist (FileExistsError): a hard link,
+    or on a file system without them an exclusive create and a copy."""
+    try:
+        os.link(source, target)
+    except FileExistsError:
+        raise
+    except OSError as err:
+        if err.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EXDEV):
+            raise
+        fd = os.open(target, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        with os.fdopen(fd, "wb") as f:
+            f.write(source.read_bytes())
 
 
 class Heartbeat(UserCallback):

@@ -16,6 +16,7 @@ import yaml
 
 from orchestration.failures import first_line
 from orchestration.sweep import SweepSpec, trial_config
+from orchestration.sweep_ledger import Ledger
 
 __all__ = ["TrialRow", "best_row", "format_table", "log_sweep_results", "trial_rows"]
 
@@ -30,14 +31,17 @@ class TrialRow:
     metric: float | None  # the sweep metric at the trial's last epoch
     epochs: int  # epochs trained
     planned_epochs: int
-    status: str  # finished | stopped (by the scheduler) | error
+    status: str  # finished | stopped (by the scheduler) | error | unfinished (interrupted)
     config: dict[str, Any]  # the trial's whole config tree
     curve: list[tuple[int, float]] = field(default_factory=list)  # (epoch, metric)
     error: str | None = None  # an errored trial: the line naming why
 
 
-def trial_rows(grid, spec: SweepSpec, client, parent_run_id: str) -> list[TrialRow]:
-    """One row per trial of a Tune ``ResultGrid`` (with its MLflow child run)."""
+def trial_rows(grid, spec: SweepSpec, client, parent_run_id: str,
+               ledger: Ledger | None = None) -> list[TrialRow]:
+    """One row per trial of a Tune ``ResultGrid`` (with its MLflow child run); ``ledger``: what
+    an interruption cut short, and the configs of trials that never reported."""
+    ledger = ledger or Ledger()
     parent = client.get_run(parent_run_id)
     children = client.search_runs([parent.info.experiment_id],
                                   filter_string=f"tags.mlflow.parentRunId = '{parent_run_id}'")
@@ -46,17 +50,26 @@ def trial_rows(grid, spec: SweepSpec, client, parent_run_id: str) -> list[TrialR
     for result in grid:
         metrics = result.metrics or {}
         trial_id = metrics.get("trial_id") or _trial_id_from_path(result.path)
-        values = {d.key: result.config.get(d.key) for d in spec.dimensions}
+        config = result.config or ledger.configs.get(trial_id, {})
+        values = {d.key: config.get(d.key) for d in spec.dimensions}
         cfg = trial_config(spec.base, spec.dimensions, values)
         epochs = int(metrics.get("epochs_done", 0))
         planned = int(metrics.get("epochs_planned", cfg.optim.epochs))  # (a time budget's plan)
-        status = ("error" if result.error else
-                  "stopped" if epochs < planned else "finished")
+        status = _status(result.error, epochs, planned, ledger.interrupted and (
+            trial_id in ledger.cut_short or epochs == 0))
         rows.append(TrialRow(trial_id, run_ids.get(trial_id), values, _last(metrics, spec.metric),
                              epochs, planned, status, cfg.to_dict(),
                              _curve(result.metrics_dataframe, spec.metric),
                              error_line(result.error)))
     return sorted(rows, key=lambda r: r.trial_id)
+
+
+def _status(error, epochs: int, planned: int, cut_short: bool) -> str:
+    if error:
+        return "error"
+    if epochs >= planned:
+        return "finished"
+    return "unfinished" if cut_short else "stopped"
 
 
 def error_line(error: BaseException | None) -> str | None:
@@ -93,8 +106,9 @@ def _curve(frame, metric: str) -> list[tuple[int, float]]:
 
 
 def best_row(rows: list[TrialRow], mode: str) -> TrialRow | None:
-    """The trial with the best metric at its last epoch (errored trials excluded)."""
-    scored = [r for r in rows if r.metric is not None and r.status != "error"]
+    """The trial with the best metric at its last epoch (errored trials and those an
+    interruption cut short excluded)."""
+    scored = [r for r in rows if r.metric is not None and r.status in ("finished", "stopped")]
     if not scored:
         return None
     return (max if mode == "max" else min)(scored, key=lambda r: r.metric)

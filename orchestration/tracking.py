@@ -111,6 +111,15 @@ def _check_resume(client: MlflowClient, run_id: str, cfg: ExperimentConfig,
     return allowed
 
 
+def check_resumable(cfg: ExperimentConfig, run_dir: str, run_name: str) -> None:
+    """A run of this name that exists with another config: refused (one line) before Ray
+    starts, as :meth:`TrackedRun.start` would refuse it once Ray had."""
+    run_id = read_text(f"{run_dir}/{RUN_ID_FILE}")
+    if run_id:
+        _check_resume(MlflowClient(resolve_tracking_uri(cfg.tracking.tracking_uri)), run_id, cfg,
+                      run_name)
+
+
 class TrackedRun:
     """The MLflow run of one training run (created, or resumed from ``run_dir``)."""
 
@@ -138,6 +147,8 @@ class TrackedRun:
             changed = _check_resume(client, run_id, cfg, run_name)
             client.update_run(run_id, status=RunStatus.to_string(RunStatus.RUNNING))
             client.set_tag(run_id, "resumed", "true")
+            if "failure_cause" in client.get_run(run_id).data.tags:  # the last attempt's
+                client.delete_tag(run_id, "failure_cause")
             if changed:
                 client.set_tag(run_id, "resume_changes", "; ".join(changed)[:5000])
             return cls(uri, run_id, resumed=True)
@@ -163,6 +174,13 @@ class TrackedRun:
         batch = [Metric(k, float(v), now, step) for k, v in metrics.items()]
         if batch:
             self.client.log_batch(self.run_id, metrics=batch)
+
+    def add_to_tag(self, key: str, item: str) -> None:
+        """Tag ``key`` as a comma-separated list, with ``item`` added once."""
+        items = [i for i in self.client.get_run(self.run_id).data.tags.get(key, "").split(",")
+                 if i]
+        if item not in items:
+            self.client.set_tag(self.run_id, key, ",".join([*items, item]))
 
     def log_model(self, model: Any) -> None:
         """The trained model with MLflow's PyTorch flavour: ``mlflow.pytorch.load_model(

@@ -30,6 +30,7 @@ from orchestration.capacity import check_fits, connected_cluster
 from orchestration.checkpoints import STATE_FILE, load_state
 from orchestration.config import ExperimentConfig, from_dict
 from orchestration.failures import TrainingFailed, cause_of
+from orchestration.process_group import NodeAddressTorchConfig
 from orchestration.progress import ConsoleProgress, ProgressBoard
 from orchestration.recipe import crop_examples, crop_names, data_path_missing, initial_model
 from orchestration.run_lock import Heartbeat, RunLock
@@ -195,6 +196,7 @@ def _trainer_factory(cfg: ExperimentConfig, name: str, root: str, run_dir: str,
                                "tracking": {"uri": tracked.uri, "run_id": tracked.run_id}},
             scaling_config=ray.train.ScalingConfig(
                 num_workers=sc.num_workers, use_gpu=sc.use_gpu, resources_per_worker=resources),
+            torch_config=NodeAddressTorchConfig(),
             run_config=RunConfig(
                 name=name, storage_path=root,
                 failure_config=FailureConfig(max_failures=0),  # retried by _fit

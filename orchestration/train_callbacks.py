@@ -15,13 +15,16 @@ from ray.tune.integration.ray_train import TuneReportCallback
 
 from orchestration.metrics import loggable
 
-__all__ = ["EpochMetricsLogger", "ReportEpochsToTune", "is_last_epoch"]
+__all__ = ["RETRAINED_TAG", "EpochMetricsLogger", "ReportEpochsToTune", "is_last_epoch"]
+
+RETRAINED_TAG = "retrained_epochs"  # epochs logged twice: their first checkpoint did not load
 
 
 class EpochMetricsLogger(UserCallback):
     """Logs rank 0's report of each epoch into the run (in the Train controller, after the
     epoch's checkpoint is persisted: an epoch re-run after a failure was never reported, so every
-    epoch is logged once)."""
+    epoch is logged once). The exception: an epoch whose checkpoint was unreadable on a resume
+    is trained and logged again, and tag ``retrained_epochs`` lists it."""
 
     def __init__(self, uri: str, run_id: str) -> None:
         self.uri, self.run_id = uri, run_id
@@ -34,6 +37,8 @@ class EpochMetricsLogger(UserCallback):
         report = metrics[0]
         run = TrackedRun(self.uri, self.run_id, resumed=False)
         run.log_metrics(loggable(report), step=int(report["epoch"]))
+        if report.get("retrained"):
+            run.add_to_tag(RETRAINED_TAG, str(int(report["epoch"])))
 
 
 class ReportEpochsToTune(TuneReportCallback):

@@ -32,6 +32,7 @@ from orchestration.capacity import check_fits, connected_cluster, totals
 from orchestration.config import ConfigError, ExperimentConfig
 from orchestration.mlflow_server import serving
 from orchestration.sweep import SweepSpec, trial_config
+from orchestration.sweep_ledger import SweepLedger, ledger_of
 from orchestration.sweep_report import log_sweep_results, trial_rows
 from orchestration.tracking import TrackedRun, check_reachable, read_text, resolve_tracking_uri, write_text
 from orchestration.train import run_training, storage_root
@@ -193,7 +194,8 @@ class SweepProgress(tune.Callback):
     training seconds when they have a time budget (the best metric so far beside it), and one
     line per ended trial."""
 
-    def __init__(self, spec: SweepSpec, trials: int) -> None:
+    def __init__(self, spec: SweepSpec, trials: int, parent_run_id: str | None = None) -> None:
+        self.parent = parent_run_id
         budget = max_time_budget(spec)
         self.spec, self.timed = spec, budget is not None
         self.total = trials * (budget if self.timed else max_epochs(spec))
@@ -225,7 +227,9 @@ class SweepProgress(tune.Callback):
 
     def on_trial_complete(self, iteration, trials, trial, **info) -> None:
         self._take(trial, trial.last_result or {})
-        self._line(trial, "ended")
+        parent = getattr(self, "parent", None)
+        cut = parent is not None and ledger_of(parent).interrupted
+        self._line(trial, "interrupted" if cut else "ended")
 
     def _take(self, trial, result: dict) -> None:
         self._advance(trial, result)
@@ -302,9 +306,11 @@ def run_sweep(spec: SweepSpec, name: str | None = None, resume: bool = False,
         try:
             grid = _fit(spec, name, root, parent, live_uri, max_concurrent, resume, progress)
             # Trials Tune never ended (an interrupted sweep): their runs are not left RUNNING.
-            unfinished = len(grid) - grid.num_terminated - grid.num_errors
             end_trial_runs(live_uri, parent.run_id, "KILLED")
-            rows = trial_rows(grid, spec, MlflowClient(live_uri), parent.run_id)
+            rows = trial_rows(grid, spec, parent.client, parent.run_id, ledger_of(parent.run_id))
+            _mark_unfinished(parent.client, rows)
+            ended = sum(r.status in ("finished", "stopped", "error") for r in rows)
+            unfinished = trial_count(spec) - ended if ledger_of(parent.run_id).interrupted else 0
             best, best_config = log_sweep_results(parent, spec, rows)
             best_metrics = {} if unfinished else _evaluate_best(spec, best, best_config,
                                                                  live_uri)
@@ -317,6 +323,22 @@ def run_sweep(spec: SweepSpec, name: str | None = None, resume: bool = False,
                         unfinished)
 
 
+def _mark_unfinished(client: MlflowClient, rows: list) -> None:
+    """The runs of trials an interruption cut short end KILLED, even one whose training ended
+    as Tune stopped it (``--resume`` continues each in its own run)."""
+    for row in rows:
+        if row.status == "unfinished" and row.run_id is not None:
+            client.set_terminated(row.run_id, status="KILLED")
+
+
+def trial_count(spec: SweepSpec) -> int:
+    """Trials the sweep runs: its grid points (every choice too, with the grid searcher) times
+    ``num_samples``."""
+    gridded = ("grid", "choice") if spec.searcher == "grid" else ("grid",)
+    return math.prod(len(d.values) for d in spec.dimensions if d.kind in gridded) * \
+        spec.num_samples
+
+
 def _fit(spec: SweepSpec, name: str, root: str, parent: TrackedRun, uri: str,
          max_concurrent: int, resume: bool, progress: bool):
     context = {"base": spec.base, "dimensions": [vars(d) for d in spec.dimensions],
@@ -324,10 +346,9 @@ def _fit(spec: SweepSpec, name: str, root: str, parent: TrackedRun, uri: str,
     # Tune reserves the driver's share only; the trial's Ray Train run reserves its workers.
     trainable = tune.with_resources(tune.with_parameters(_trial, context=context),
                                     {"CPU": DRIVER_CPU})
-    callbacks = [TrialRunStatus(parent.run_id)]
+    callbacks = [TrialRunStatus(parent.run_id), SweepLedger(parent.run_id)]
     if progress:  # (a restored sweep keeps the callbacks it was started with)
-        grid = math.prod(len(d.values) for d in spec.dimensions if d.kind == "grid")
-        callbacks.append(SweepProgress(spec, grid * spec.num_samples))
+        callbacks.append(SweepProgress(spec, trial_count(spec), parent.run_id))
     if resume and tune.Tuner.can_restore(sweep_dir_of(root, name)):
         tuner = tune.Tuner.restore(sweep_dir_of(root, name), trainable, resume_unfinished=True,
                                    resume_errored=True)

@@ -25,6 +25,7 @@ import ray.train.torch
 import torch
 import torch.distributed as dist
 
+from orchestration.checkpoint_folders import FolderNames, newest_first, unregistered, upload_whole
 from orchestration.checkpoints import (
     STATE_FILE,
     CheckpointError,
@@ -132,7 +133,7 @@ def _train_epochs(cfg: ExperimentConfig, config: dict[str, Any]) -> None:
     check_data_here(cfg)
     training = build_training(cfg, rank, world, device, wrap=ray.train.torch.prepare_model)
     engine = training.engine
-    epoch, clock = _restore(engine, rank)
+    epoch, clock, names = _restore(engine, rank)
     planned = _plan(training, epoch, clock)
     board = config.get("board")  # the driver's console (swav-ray train), else None
     # The same encoder before training: the baseline every kNN figure is compared with.
@@ -161,7 +162,9 @@ def _train_epochs(cfg: ExperimentConfig, config: dict[str, Any]) -> None:
                               init_knn if epoch == 0 else None, epochs_planned=planned,
                               training_s=clock.trained_s, setup_s=setup_s)
         setup_s = None
-        _report_with_checkpoint(report, engine, epoch, clock, rank, config)
+        if epoch in names.retrained:  # (its first report came from the unreadable checkpoint)
+            report["retrained"] = True
+        _report_with_checkpoint(report, engine, epoch, clock, rank, config, names.name(epoch))
         if poster is not None:
             board.post_epoch.remote(report)
         epoch += 1
@@ -179,8 +182,10 @@ def _plan(training: Training, done: int, clock: TrainingClock) -> int:
 
 
 def _report_with_checkpoint(report: dict[str, Any], engine: SwAVEngine, epoch: int,
-                            clock: TrainingClock, rank: int, config: dict[str, Any]) -> None:
-    """Report the epoch; rank 0 attaches the checkpoint (every rank's RNG state in it)."""
+                            clock: TrainingClock, rank: int, config: dict[str, Any],
+                            name: str) -> None:
+    """Report the epoch; rank 0 attaches the checkpoint (every rank's RNG state in it), which
+    reaches the storage whole or not at all, as folder ``name``."""
     rng = _all_rng_states()
     with tempfile.TemporaryDirectory() as tmp:
         ckpt = None
@@ -189,27 +194,29 @@ def _report_with_checkpoint(report: dict[str, Any], engine: SwAVEngine, epoch: i
                                    "clock": clock.state_dict(), "config": config["cfg"]})
             ckpt = ray.train.Checkpoint.from_directory(tmp)
         # Named by epoch: the previous checkpoint (a fallback) is the next name down.
-        ray.train.report(report, checkpoint=ckpt,
-                         checkpoint_dir_name=f"checkpoint_epoch{epoch:06d}")
+        ray.train.report(report, checkpoint=ckpt, checkpoint_dir_name=name,
+                         checkpoint_upload_fn=upload_whole)
 
 
-def _restore(engine: SwAVEngine, rank: int) -> tuple[int, TrainingClock]:
-    """Load the newest readable checkpoint into the engine; the first epoch still to run and
-    the training time so far."""
+def _restore(engine: SwAVEngine, rank: int) -> tuple[int, TrainingClock, FolderNames]:
+    """Load the newest readable checkpoint into the engine; the first epoch still to run, the
+    training time so far and the names the next checkpoints take."""
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is None:
-        return 0, TrainingClock()
+        return 0, TrainingClock(), FolderNames()
     if rank == 0:
-        for path in _unregistered(checkpoint):
+        for path in unregistered(checkpoint):
             checkpoint.filesystem.delete_dir(path)
             log.warning("removed %s: written but never registered by Ray", path)
     errors: list[str] = []
-    for candidate in _newest_first(checkpoint):
+    unreadable: list[str] = []
+    for candidate in newest_first(checkpoint):
         with candidate.as_directory() as directory:
             try:
                 state = load_state(Path(directory) / STATE_FILE)
             except CheckpointError as err:
-                errors.append(str(err))
+                errors.append(str(err).replace(str(directory), candidate.path))
+                unreadable.append(candidate.path)
                 continue
         # The schedule's length is the config's: a resume may extend optim.epochs, and the
         # cosine then stretches from the current iteration to the new end.
@@ -217,40 +224,13 @@ def _restore(engine: SwAVEngine, rank: int) -> tuple[int, TrainingClock]:
         engine.load_state_dict(state["engine"])
         engine.scheduler.total_steps, engine.scheduler.warmup_steps = total, warmup
         set_rng_state(state["rng"][rank])
+        names = FolderNames.after_restore(checkpoint, state["epoch"], unreadable)
         if rank == 0:
             for error in errors:
                 log.warning("%s; using an older checkpoint", error)
             log.warning("resumed from the checkpoint of epoch %d", state["epoch"])
-        return state["epoch"] + 1, TrainingClock.from_state(state.get("clock"))
-    raise CheckpointError("; ".join(errors))
-
-
-def _siblings(latest: ray.train.Checkpoint) -> tuple[list[str], list[str]]:
-    """Checkpoint folders beside the latest one, (older newest first, newer): names sort by
-    epoch, and Ray registers them in order."""
-    import pyarrow.fs as pafs
-
-    parent, _, own = latest.path.rstrip("/").rpartition("/")
-    try:
-        infos = latest.filesystem.get_file_info(pafs.FileSelector(parent))
-    except OSError:
-        return [], []
-    names = [i for i in infos if i.type == pafs.FileType.Directory
-             and i.base_name.startswith("checkpoint_")]
-    older = sorted((i.path for i in names if i.base_name < own), reverse=True)
-    return older, sorted(i.path for i in names if i.base_name > own)
-
-
-def _newest_first(latest: ray.train.Checkpoint) -> list[ray.train.Checkpoint]:
-    """The latest checkpoint, then the older ones Ray kept beside it (``num_to_keep``)."""
-    older, _ = _siblings(latest)
-    return [latest, *(ray.train.Checkpoint(p, filesystem=latest.filesystem) for p in older)]
-
-
-def _unregistered(latest: ray.train.Checkpoint) -> list[str]:
-    """Folders newer than Ray's latest checkpoint: written (perhaps in part) by an attempt that
-    died before Ray registered them; a resume removes them so nothing ever lists them."""
-    return _siblings(latest)[1]
+        return state["epoch"] + 1, TrainingClock.from_state(state.get("clock")), names
+    raise CheckpointError(f"checkpoint: no kept checkpoint of the run loads ({'; '.join(errors)})")
 
 
 def _epoch_knn(training: Training, epoch: int, planned: int,

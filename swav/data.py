@@ -141,7 +141,12 @@ class ParquetImageDataset(Dataset):
         self._groups: list[tuple[int, int, int]] = []  # (file index, row group, first global row)
         total = 0
         for f, file in enumerate(self.files):
-            meta = pq.ParquetFile(file)
+            try:
+                meta = pq.ParquetFile(file)
+            except (OSError, ValueError) as err:  # pyarrow's ArrowInvalid is a ValueError
+                reason = str(err).strip().splitlines()[0] if str(err).strip() else "unreadable"
+                raise ValueError(f"path: {str(file)!r} is not a readable Parquet file "
+                                 f"({reason})") from None
             names = meta.schema_arrow.names
             if image_column not in names:
                 raise ValueError(f"image_column: {image_column!r} not in {file.name} ({names})")

@@ -92,3 +92,48 @@ def test_print_config_prints_every_key_as_a_file_train_takes_and_trains_nothing(
 def test_print_config_refuses_bad_input_like_train(capsys):
     assert main(["train", "optim.lr=-1", "--print-config"]) == 2
     assert capsys.readouterr().err.strip() == "swav-ray: error: optim.lr: must be > 0, got -1.0"
+
+
+def test_a_sweep_whose_trials_need_more_cpus_than_the_machine_is_refused_like_train(
+        capsys, tmp_path, monkeypatch):
+    """Without RAY_ADDRESS a sweep starts Ray here: a trial (the largest the search makes) with
+    more workers than the machine's CPUs is refused before Ray starts, as `train` refuses it
+    (it ran oversubscribed)."""
+    import os
+
+    from orchestration import cli
+
+    def no_ray(*args, **kwargs):
+        raise AssertionError("Ray was started for a sweep it should refuse")
+
+    monkeypatch.setattr(cli, "connect_ray", no_ray)
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.chdir(tmp_path)
+    cpus = os.cpu_count()
+    sweep = tmp_path / "sweep.yaml"
+    sweep.write_text(yaml.safe_dump({
+        "experiment": "default", "overrides": {"scaling.storage_path": str(tmp_path / "runs")},
+        "search": {"scaling.num_workers": {"grid": [1, cpus + 1]}}}))
+    assert main(["tune", str(sweep)]) == 2
+    assert capsys.readouterr().err.strip() == (
+        f"swav-ray: error: scaling.num_workers: {cpus + 1} workers x 1 CPU need {cpus + 1} "
+        f"CPUs, this machine has {cpus} (set RAY_ADDRESS to train on a cluster)")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["sweep.yaml"]
+
+
+def test_ray_s_paragraph_on_a_lost_worker_is_silenced_at_default_verbosity(capsys, monkeypatch):
+    """The driver prints the raylet's errors through one function; a lost worker's paragraph is
+    dropped (the run's own line says what failed), any other error still shows."""
+    import ray._private.worker as ray_driver
+
+    from orchestration.cli import quiet_ray_notes
+
+    monkeypatch.setattr(ray_driver, "print_to_stdstream", ray_driver.print_to_stdstream)
+    quiet_ray_notes()
+    quiet_ray_notes()  # (once wrapped is enough)
+    death = "A worker died or was killed while executing a task by an unexpected system error."
+    ray_driver.print_to_stdstream({"lines": [death], "pid": "raylet", "is_err": False}, False)
+    ray_driver.print_to_stdstream({"lines": ["The node ran out of memory"], "pid": "raylet",
+                                   "is_err": False}, False)
+    out = capsys.readouterr().out
+    assert "A worker died" not in out and "The node ran out of memory" in out

@@ -37,6 +37,36 @@ def test_the_best_trial_follows_the_mode_and_never_is_an_errored_or_unscored_one
     assert best_row([row("e", None), row("f", 0.9, "error")], "max") is None
 
 
+def test_a_trial_an_interruption_cut_short_is_unfinished_and_never_the_best():
+    """Tune ends the trials it interrupts as a scheduler ends the ones it stops: the ledger
+    (what ran at the interruption, the configs of trials with no result yet) tells them apart."""
+    from types import SimpleNamespace
+
+    from orchestration.sweep_ledger import Ledger
+    from orchestration.sweep_report import trial_rows
+
+    client = SimpleNamespace(get_run=lambda _: SimpleNamespace(info=SimpleNamespace(
+        experiment_id="0")), search_runs=lambda *a, **k: [])
+    spec = SweepSpec(base={"optim": {"epochs": 4, "warmup_epochs": 1}}, dimensions=SPEC.dimensions)
+
+    def result(trial: str, epochs: int, metric: float | None, config: bool = True):
+        metrics = {"epochs_done": epochs, "knn_top1": metric} if epochs else None
+        return SimpleNamespace(metrics=metrics, error=None, metrics_dataframe=None,
+                               path=f"/s/_trial_{trial}_0_x", config={"swav.epsilon": 0.03}
+                               if config else None)
+
+    grid = [result("aaaaa_00000", 1, 0.5), result("aaaaa_00001", 3, 0.9),
+            result("aaaaa_00002", 0, None, config=False)]
+    ledger = Ledger(interrupted=True, cut_short={"aaaaa_00001", "aaaaa_00002"},
+                    configs={"aaaaa_00002": {"swav.epsilon": 0.05}})
+    rows = trial_rows(grid, spec, client, "parent", ledger)
+    assert [(r.status, r.values["swav.epsilon"]) for r in rows] == [
+        ("stopped", 0.03), ("unfinished", 0.03), ("unfinished", 0.05)]
+    assert best_row(rows, "max").trial_id == "aaaaa_00000"  # not the cut one's 0.9
+    uninterrupted = trial_rows(grid[:2], spec, client, "parent")
+    assert [r.status for r in uninterrupted] == ["stopped", "stopped"]
+
+
 def test_the_trials_csv_has_a_row_per_trial_with_its_swept_values_and_status():
     rows = [row("a", 0.8), row("b", None, "error")]
     table = list(csv.reader(io.StringIO(trials_csv(rows, SPEC))))

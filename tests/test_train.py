@@ -9,6 +9,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -166,8 +167,11 @@ def test_an_interrupted_run_resumes_and_a_killed_worker_is_replaced(straight, tm
     # not have been registered before the controller saw the dead worker.
     before = [m.step for m in client.get_metric_history(run.info.run_id, "loss")]
     assert before in ([0, 1], [0, 1, 2])
-    kept = sorted((tmp_path / "runs" / "interrupted").glob("checkpoint_epoch*"))
-    assert len(kept) >= 2, kept
+    assert "failure_cause" in run.data.tags
+    run_dir = tmp_path / "runs" / "interrupted"
+    kept = sorted(run_dir.glob("checkpoint_epoch*"))
+    assert len(kept) == 2, kept  # epochs 1 and 2, or 0 and 1
+    torn = int(kept[-1].name[-6:])
     newest = kept[-1] / STATE_FILE
     newest.write_bytes(newest.read_bytes()[:200])
     # A folder Ray never registered (an upload cut short after the last report): removed.
@@ -188,15 +192,128 @@ def test_an_interrupted_run_resumes_and_a_killed_worker_is_replaced(straight, tm
     assert marker.exists()  # a worker really died again, at the start of epoch 3
     assert again.run_id == run.info.run_id
     assert not orphan.exists()
-    assert client.get_run(again.run_id).info.status == "FINISHED"
+    finished = client.get_run(again.run_id)
+    assert finished.info.status == "FINISHED"
     steps = [m.step for m in client.get_metric_history(again.run_id, "loss")]
-    assert sorted(set(steps)) == [0, 1, 2, 3]  # the epoch after the fallback is logged again
+    assert sorted(set(steps)) == [0, 1, 2, 3]  # no epoch lost
+    assert steps.count(torn) == 1 + before.count(torn)  # trained twice, logged once a time
+    assert finished.data.tags["retrained_epochs"] == str(torn)
     assert steps.count(3) == 1  # the epoch the replaced worker restarted: once
+    assert "failure_cause" not in finished.data.tags  # (the first attempt's)
+    # The retrained epoch went into a folder of its own: Ray, which still listed the torn one,
+    # deleted that and never the new one (it did, and the controller then failed on the missing
+    # path one report later, or the next resume on Ray's list of checkpoints).
+    assert Path(again.checkpoint_path).name == "checkpoint_epoch000003"
+    assert sorted(p.name for p in run_dir.glob("checkpoint_epoch*")) == (
+        ["checkpoint_epoch000002-1", "checkpoint_epoch000003"] if torn == 2 else
+        ["checkpoint_epoch000002", "checkpoint_epoch000003"])
+    assert not list(run_dir.glob(".staging-*"))
     resumed, straight_weights = final_weights(again), final_weights(uninterrupted)
     for name in straight_weights:
         torch.testing.assert_close(resumed[name], straight_weights[name], rtol=0, atol=0, msg=name)
     tags = client.get_run(again.run_id).data.tags
     assert "scaling.max_failures: 0 -> 1" in tags["resume_changes"]
+
+    # Every kept checkpoint unreadable: the resume is refused in one line, nothing deleted.
+    for folder in run_dir.glob("checkpoint_epoch*"):
+        (folder / STATE_FILE).write_bytes(b"torn")
+    with pytest.raises(TrainingFailed, match=r"^checkpoint: no kept checkpoint of the run loads "
+                                             r"\(checkpoint: cannot load .*checkpoint_epoch000003"
+                                             r"/state.pt: .*; checkpoint: cannot load .*/state.pt"
+                                             ) as refused:
+        run_training(tiny(tmp_path, *digits_parquet, "scaling.run_name=interrupted",
+                          "fail_at_epoch=3", "scaling.max_failures=1", "optim.epochs=6"))
+    assert "\n" not in refused.value.cause and refused.value.bad_input
+    assert len(list(run_dir.glob("checkpoint_epoch*"))) == 2
+    assert len(client.get_metric_history(again.run_id, "loss")) == len(steps)
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A file system of its own with room for a few checkpoints (tmpfs, 4 MiB), and a way to
+    fill it up."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(disk)],
+                             capture_output=True, text=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"needs a tmpfs of its own (mount as root): {mounted.stderr.strip()}")
+
+    def fill() -> Path:
+        """Every byte taken (down to the last one a page still had)."""
+        filler = disk / "filler"
+        with open(filler, "ab", buffering=0) as f:
+            for size in (1 << 16, 1 << 12, 1 << 8, 1):
+                try:
+                    while True:
+                        f.write(bytes(size))
+                except OSError:
+                    continue
+        return filler
+
+    try:
+        yield disk, fill
+    finally:
+        subprocess.run(["umount", "-l", str(disk)], check=False)
+
+
+def test_a_disk_that_fills_mid_run_leaves_no_partial_checkpoint_and_a_full_one_is_refused(
+        ray_local, tmp_path, small_disk):
+    """Storage full after a checkpoint: the next upload fails, the run stops at once (not
+    retried) naming the cause, and no empty or partial state.pt is left where a resume could
+    pick it (Ray's copy to storage is not atomic: it left a 0-byte one; resuming from what is
+    kept: test_an_interrupted_run_resumes_...). Storage full from the start is refused before
+    Ray is needed, and leaves no lock file."""
+    import threading
+
+    from orchestration.checkpoints import check_storage, load_state
+    from orchestration.run_lock import RunLock
+
+    disk, fill = small_disk
+    run_dir = disk / "runs" / "full"
+    args = ["scaling.num_workers=1", "optim.epochs=5", "scaling.run_name=full",
+            f"scaling.storage_path={disk / 'runs'}", "data.limit=1024"]  # epochs of ~1 s
+    filled: list[tuple[Path, list[str]]] = []
+
+    def fill_after_second_checkpoint() -> None:
+        """Once epoch 1's checkpoint is in place, before epoch 2's upload: Ray deletes an old
+        checkpoint only when it registers a third, so no room comes back meanwhile."""
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            if (run_dir / "checkpoint_epoch000001").exists():
+                later = sorted(p.name for p in run_dir.glob("*checkpoint_epoch00000[2-9]*"))
+                filled.append((fill(), later))
+                return
+            time.sleep(0.01)
+
+    watcher = threading.Thread(target=fill_after_second_checkpoint, daemon=True)
+    watcher.start()
+    failed = None
+    try:
+        run_training(tiny(tmp_path, *args))
+    except TrainingFailed as err:
+        failed = err
+    watcher.join()
+    assert filled and filled[0][1] == [], filled  # (in time)
+    assert failed is not None, "the run did not fail"
+    assert failed.not_retryable is not None and not failed.bad_input
+    assert failed.attempts == 1 and "No space left on device" in failed.cause
+    states = sorted(run_dir.rglob(STATE_FILE))
+    assert [p.parent.name for p in states] == ["checkpoint_epoch000000",
+                                              "checkpoint_epoch000001"]
+    assert all(load_state(p) for p in states)  # each one whole
+    assert not list(run_dir.glob(".staging-*"))
+
+    filled[0][0].unlink()
+    filler = fill()
+    with pytest.raises(ConfigError, match=r"^scaling.storage_path: .* has no room left "
+                                          r"\(No space left on device\)$"):
+        check_storage(str(disk / "runs"))
+    with pytest.raises(ConfigError, match=r"^scaling.storage_path: cannot write the run's lock"):
+        with RunLock(str(disk / "runs" / "other")):
+            pass
+    assert [p for p in (disk / "runs").rglob("*") if p.is_file() and "other" in p.parts] == []
+    filler.unlink()
 
 
 def test_a_run_held_by_another_process_is_refused_before_its_mlflow_run_is_touched(
@@ -293,7 +410,11 @@ def test_data_that_cannot_train_is_refused_before_ray_starts(cli_train, tmp_path
     pq.write_table(table.set_column(1, "label", pa.array([str(v) for v in
                                                            table.column(1).to_pylist()])),
                    data / "text_labels.parquet")
+    (data / "notes.parquet").write_text("not Parquet at all")
     cases = [
+        (["data.source=parquet", f"data.path={data / 'notes.parquet'}"],
+         f"swav-ray: error: data.path: '{data / 'notes.parquet'}' is not a readable Parquet "
+         f"file (Parquet magic bytes not found"),
         (["data.source=parquet", f"data.path={data / 'renamed.parquet'}"],
          "swav-ray: error: data.image_column: 'image' not in renamed.parquet"),
         (["data.source=parquet", f"data.path={data / 'text_labels.parquet'}"],
@@ -315,6 +436,29 @@ def test_data_that_cannot_train_is_refused_before_ray_starts(cli_train, tmp_path
     assert list(run.iterdir()) == []
 
 
+def test_a_resume_under_another_config_is_refused_before_ray_starts(cli_train, tmp_path):
+    """The run exists (its MLflow run id beside its checkpoints, its config.yaml logged): the
+    same name with another experiment is one line listing the change, before Ray starts (it
+    took 18-29 s when Ray started first), and the run is left as it was."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    cfg = tiny(tmp_path, "scaling.run_name=kept")
+    client = MlflowClient(uri)
+    run_id = client.create_run(client.create_experiment("swav-ray")).info.run_id
+    client.log_text(run_id, yaml.safe_dump(cfg.to_dict()), "config.yaml")
+    client.set_terminated(run_id, "KILLED")
+    (tmp_path / "runs" / "kept").mkdir(parents=True)
+    (tmp_path / "runs" / "kept" / "mlflow_run_id").write_text(run_id)
+    result = cli_train(tmp_path, *TINY, f"scaling.storage_path={tmp_path / 'runs'}",
+                       f"tracking.tracking_uri={uri}", "scaling.run_name=kept",
+                       "model.n_prototypes=30")
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        "swav-ray: error: scaling.run_name: run 'kept' exists with another config, so it cannot "
+        "be resumed with this one (model.n_prototypes: 20 -> 30); choose another "
+        "scaling.run_name, or resume with the stored values"]
+    assert client.get_run(run_id).info.status == "KILLED"
+
+
 def _listening(pid: int) -> list[tuple[str, str]]:
     """``(process name, address)`` of every TCP listener of ``pid`` and all its descendants."""
     import psutil
@@ -333,7 +477,7 @@ def _listening(pid: int) -> list[tuple[str, str]]:
 def test_ctrl_c_says_how_to_resume_and_marks_the_run_killed(tmp_path):
     """The real CLI, interrupted as a user would (SIGINT) after its first epoch line. The Ray
     instance it started listens on the loopback interface only (GCS, raylet, dashboard, agents,
-    workers: the processes it started), but for torch.distributed's store of the training."""
+    workers: the processes it started, the training's torch.distributed store among them)."""
     import signal
 
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI")}
@@ -350,12 +494,12 @@ def test_ctrl_c_says_how_to_resume_and_marks_the_run_killed(tmp_path):
         assert seen and seen[-1].startswith("epoch 1/200  loss "), "".join(seen)
         listening = _listening(proc.pid)
         assert len(listening) >= 3  # GCS, raylet, agents at least
-        # One exception: rank 0's torch.distributed store (the process group's rendezvous,
-        # created by Ray Train) binds all interfaces, and torch offers no address to bind.
+        # torch.distributed's store (rank 0's, the process group's rendezvous) too: torch binds
+        # it to every interface unless given a socket (orchestration/process_group.py).
+        assert any(name.startswith("ray::RayTrainWorker") for name, _ in listening), listening
         wide = [(name, ip) for name, ip in listening
                 if ip not in ("127.0.0.1", "::ffff:127.0.0.1", "::1")]
-        assert wide in ([], [("ray::RayTrainWorker", "::")], [("ray::RayTrainWorker", "0.0.0.0")]
-                        ), listening
+        assert wide == [], listening
         proc.send_signal(signal.SIGINT)
         rest = proc.stderr.read()
         assert proc.wait(timeout=120) == 130, rest
@@ -419,7 +563,7 @@ def test_evaluate_and_explain_log_into_the_run_and_reject_bad_input(straight, tm
     )
     from swav.evaluation import assign_with_scores, majority_labels
 
-    _, _, outcome = straight
+    _, cfg, outcome = straight
     # Nothing the run stores is unpickled: every torch.load is weights_only, MLflow's pickled
     # model is never loaded.
     real_load, loads = torch.load, []
@@ -517,6 +661,26 @@ def test_evaluate_and_explain_log_into_the_run_and_reject_bad_input(straight, tm
     with pytest.raises(ConfigError, match="has no logged model"):
         explain_run(empty.info.run_id, tracking_uri=outcome.tracking_uri)
     client.delete_run(empty.info.run_id)
+    # Weights that are plain tensors but of another model, and a pickle: one line each, naming
+    # the artifact as the run holds it (not a temporary download).
+    from orchestration.recipe import initial_model
+
+    config = client.download_artifacts(outcome.run_id, "config.yaml", str(tmp_path))
+    for name, state in (("other", {"engine": {"model": initial_model(
+            from_dict({**cfg.to_dict(), "model": {**cfg.to_dict()["model"],
+                                                  "n_prototypes": 30}})).state_dict()}}),
+                        ("pickle", {"engine": {"model": SwAVModel}})):
+        bad = client.create_run(client.get_experiment_by_name("swav-ray").experiment_id)
+        client.log_artifact(bad.info.run_id, config)
+        (tmp_path / name).mkdir()
+        torch.save(state, tmp_path / name / STATE_FILE)
+        client.log_artifact(bad.info.run_id, str(tmp_path / name / STATE_FILE), "checkpoints")
+        said = (r"does not fit the model of the run's config.yaml \(size mismatch for "
+                r"prototypes" if name == "other" else r"holds objects other than tensors")
+        with pytest.raises(ConfigError, match=rf"runs:/{bad.info.run_id}/checkpoints/state.pt"
+                                              rf".*{said}"):
+            evaluate_run(bad.info.run_id, outcome.tracking_uri, "cpu")
+        client.delete_run(bad.info.run_id)
     with pytest.raises(ConfigError, match="^target: prototype 99 out of range for K=20"):
         explain_run(outcome.run_id, n=2, target=99, tracking_uri=outcome.tracking_uri)
     with pytest.raises(ConfigError, match="^target: expected other_label or nearest or a "):

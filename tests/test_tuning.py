@@ -170,6 +170,58 @@ def test_asha_stops_a_bad_trial_and_a_resumed_sweep_reruns_only_the_unfinished(
         run_sweep(spec, name="asha")
 
 
+def test_an_interrupted_sweep_exits_non_zero_and_resumes_into_the_same_child_run(
+        ray_local, mlflow_url, tmp_path):
+    """The real `swav-ray tune`, interrupted (SIGINT) as its trial starts, before the trial's
+    first result (its missing result broke the table): the table so far, exit 1, the parent and
+    the trial KILLED, no best. The resumed sweep finishes the trial into the same MLflow run:
+    one child run per trial, every epoch logged once."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    path = sweep(tmp_path, mlflow_url, {"model.n_prototypes": {"grid": [10]}}, epochs=2,
+                 scheduler={"name": "fifo"}, eval={"final_evaluation": False, "explain_images": 0})
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI")}
+    proc = subprocess.Popen([sys.executable, "-m", "orchestration.cli", "tune", path, "--name",
+                             "cut"], cwd=tmp_path, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 240
+        while not list((tmp_path / "runs").glob("cut-*/mlflow_run_id")):
+            assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read()
+            time.sleep(0.1)
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=300)
+    finally:
+        proc.kill()
+    assert proc.returncode == 1, err
+    assert err.strip().splitlines()[-1] == (
+        "swav-ray: sweep interrupted: 1 of 1 trials did not finish; the sweep's run and theirs "
+        "are marked KILLED; continue with swav-ray tune --resume cut")
+    table = [line.split() for line in out.splitlines()
+             if line.split()[-1:] in (["finished"], ["stopped"], ["unfinished"], ["error"])]
+    assert [(row[1], row[-1]) for row in table] == [("10", "unfinished")], out
+    assert "best:" not in out
+    client = MlflowClient(mlflow_url)
+    (parent,) = client.search_runs([client.get_experiment_by_name("swav-ray").experiment_id],
+                                   filter_string="tags.mlflow.runName = 'cut'")
+    assert parent.info.status == "KILLED" and "best_trial_id" not in parent.data.tags
+    kids = children(client, parent.info.run_id)
+    assert [r.info.status for r in kids.values()] == ["KILLED"]
+    (cut_id, cut), = kids.items()
+
+    again = run_sweep(load_saved_spec(str(tmp_path / "runs"), "cut"), name="cut", resume=True)
+    assert again.unfinished == 0 and [r.status for r in again.rows] == ["finished"]
+    kids = children(client, parent.info.run_id)
+    assert list(kids) == [cut_id] and kids[cut_id].info.run_id == cut.info.run_id
+    assert kids[cut_id].info.status == "FINISHED"
+    assert steps(client, cut.info.run_id) == [0, 1]
+    assert client.get_run(parent.info.run_id).info.status == "FINISHED"
+    assert again.best.trial_id == cut_id
+
+
 def test_a_trial_larger_than_the_cluster_is_refused_before_any_run(ray_local, mlflow_url,
                                                                    tmp_path):
     spec = load_sweep(sweep(tmp_path, mlflow_url, {"swav.epsilon": {"grid": [0.03]}},
