@@ -276,9 +276,11 @@ def cmd_tune(args: argparse.Namespace) -> int:
     except ValueError as err:
         raise ConfigError(str(err)) from None
     check_storage(spec.base_config().scaling.storage_path)
-    # Quiet console: our progress bar and table instead of Tune's status tables.
+    # Quiet console: our progress bar and table instead of Tune's status tables, and our lines
+    # on an interruption instead of Tune's (which offer Tuner.restore(...) as the way back).
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     quiet_ray_notes()
+    logging.getLogger("ray.tune.tune").setLevel(logging.ERROR)
     import ray
 
     from orchestration.tuning import DRIVER_CPU, run_sweep, trial_count
@@ -318,7 +320,8 @@ def _storage_root(storage: str | None) -> str:
 def _print_sweep(outcome, spec) -> None:
     from orchestration.sweep_report import format_table
 
-    print(f"\nsweep {outcome.name}: {len(outcome.rows)} trials, metric {spec.metric} "
+    n = len(outcome.rows)
+    print(f"\nsweep {outcome.name}: {n} trial{'' if n == 1 else 's'}, metric {spec.metric} "
           f"({spec.mode}, at each trial's last epoch)")
     print(format_table(outcome.rows, spec, outcome.best))
     if outcome.best is not None:

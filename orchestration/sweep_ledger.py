@@ -12,6 +12,7 @@ the grid, which the ledger keeps from Tune's own trial objects.
 from __future__ import annotations
 
 import signal
+import sys
 import threading
 from dataclasses import dataclass, field
 from typing import Any
@@ -55,6 +56,8 @@ class SweepLedger(tune.Callback):
             if not ledger.interrupted:
                 ledger.interrupted = True
                 ledger.cut_short |= ledger.running
+                sys.stderr.write("\nswav-ray: interrupted: stopping the trials and saving the "
+                                 "sweep's state (Ctrl-C again to skip that)\n")
             if callable(tune_handler):
                 tune_handler(signum, frame)
             else:

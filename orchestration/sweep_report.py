@@ -216,14 +216,15 @@ def metric_by_knob(rows: list[TrialRow], spec: SweepSpec):
         ax.set_xlabel(dim.key)
         ax.set_ylabel(f"{spec.metric} (last epoch)")
         ax.grid(alpha=0.3)
-    axes[0][0].legend(fontsize=8)
+    if axes[0][0].get_legend_handles_labels()[0]:  # (no trial with a figure yet: no legend)
+        axes[0][0].legend(fontsize=8)
     fig.suptitle(f"{spec.metric} ({spec.mode}) against each swept knob, {len(rows)} trials")
     fig.tight_layout()
     return fig
 
 
 def learning_curves(rows: list[TrialRow], spec: SweepSpec):
-    """Every trial's per-epoch metric in one figure (dashed: stopped early)."""
+    """Every trial's per-epoch metric in one figure (dashed: stopped early or cut short)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -235,12 +236,12 @@ def learning_curves(rows: list[TrialRow], spec: SweepSpec):
             continue
         label = ", ".join(f"{k.split('.')[-1]}={_short(v)}" for k, v in r.values.items())
         ax.plot([e for e, _ in r.curve], [v for _, v in r.curve], marker=".",
-                linestyle="--" if r.status == "stopped" else "-", label=label)
+                linestyle="-" if r.status == "finished" else "--", label=label)
     ax.set_xlabel("epoch")
     ax.set_ylabel(spec.metric)
-    ax.set_title(f"{spec.metric} per epoch, all trials (dashed: stopped early)")
+    ax.set_title(f"{spec.metric} per epoch, all trials (dashed: not finished)")
     ax.grid(alpha=0.3)
-    if len(rows) <= 16:
+    if len(rows) <= 16 and ax.get_legend_handles_labels()[0]:
         ax.legend(fontsize=7, loc="best")
     fig.tight_layout()
     return fig

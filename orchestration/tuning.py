@@ -203,6 +203,11 @@ class SweepProgress(tune.Callback):
         self.best: float | None = None
         self.done: dict[str, float] = {}  # trial id -> its epochs (or training seconds) so far
 
+    def setup(self, **info) -> None:
+        """The bar from the start: a sweep's first result comes after Ray, the MLflow server,
+        the first trial's workers and its first epoch (a minute on 2 cores)."""
+        self._ensure_bar()
+
     def _ensure_bar(self):
         if self.bar is None:
             from tqdm import tqdm
