@@ -64,3 +64,33 @@ def test_a_torn_lock_is_taken_over_and_object_stores_are_not_locked(tmp_path):
         assert lock.held
     with RunLock("s3://bucket/runs/exp-1") as lock:
         assert not lock.held and lock.path is None
+
+
+def test_a_lock_appears_whole_and_its_claim_file_is_gone(tmp_path, monkeypatch):
+    """The lock is written in a file of its own and linked into place: at no moment does the
+    lock exist without its holder (read as a stale lock, it let two starts both take it). Where
+    the file system has no hard links it is created exclusively and copied."""
+    import orchestration.run_lock as run_lock
+
+    run_dir = tmp_path / "run"
+    seen = []
+    real_link = os.link
+
+    def watched_link(source, target):
+        real_link(source, target)
+        seen.append(json.loads((run_dir / LOCK_FILE).read_text()))  # the moment it exists
+
+    monkeypatch.setattr(run_lock.os, "link", watched_link)
+    with RunLock(str(run_dir)):
+        assert seen and seen[0]["pid"] == os.getpid()
+        assert sorted(p.name for p in run_dir.iterdir()) == [LOCK_FILE]  # no claim file left
+
+    def no_links(source, target):
+        raise PermissionError(1, "Operation not permitted")
+
+    monkeypatch.setattr(run_lock.os, "link", no_links)
+    with RunLock(str(run_dir)):
+        assert json.loads((run_dir / LOCK_FILE).read_text())["pid"] == os.getpid()
+        with pytest.raises(ConfigError, match="is in use by process"):
+            RunLock(str(run_dir)).__enter__()
+    assert list(run_dir.iterdir()) == []
