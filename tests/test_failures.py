@@ -119,3 +119,17 @@ def test_a_training_failure_survives_copy_and_pickle_with_its_fields():
     for again in (copy.copy(failed), pickle.loads(pickle.dumps(failed))):
         assert (again.cause, again.attempts, again.run_dir, again.bad_input, str(again)) == (
             failed.cause, 1, "/runs/a", True, str(failed))
+
+
+def test_a_cause_whose_first_line_only_introduces_it_is_not_cut_off():
+    """Ray's controller error puts its cause on the line after "...controller error:"; the one
+    line keeps both (the console's last line was "training failed: ControllerError: Training
+    failed due to controller error:")."""
+    class ControllerError(RuntimeError):
+        pass
+
+    err = ControllerError("Training failed due to controller error:\n"
+                          "Path not found: /runs/x/checkpoint_epoch000005\n  at somewhere")
+    assert cause_of(err) == ("ControllerError: Training failed due to controller error: Path "
+                             "not found: /runs/x/checkpoint_epoch000005", None)
+    assert cause_of(ValueError("data: bad\nmore"))[0] == "ValueError: data: bad"
