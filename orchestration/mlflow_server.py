@@ -57,8 +57,11 @@ def serving(uri: str, timeout: float = 90.0) -> Iterator[str]:
                "--host", "127.0.0.1", "--port", str(port), "--workers", "1"]
     log = open(db.parent / "mlflow-server.log", "ab")
     # Its own session: the server and its worker are stopped together, by this PID only.
+    # MLflow 3's job runner (a runner and seven huey consumers, processes nothing here uses)
+    # stays off: on a small machine they compete with the trials for its cores.
+    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
     process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT,
-                               start_new_session=True)
+                               start_new_session=True, env=env)
     try:
         _wait_healthy(url, process, timeout)
         yield url
