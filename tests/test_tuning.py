@@ -36,6 +36,21 @@ def mlflow_url(tmp_path_factory):
         yield url
 
 
+def test_the_private_mlflow_server_answers_on_loopback_and_runs_no_job_runner(mlflow_url):
+    """MLflow 3 starts a job runner and seven huey consumers with every server by default:
+    processes nothing here uses, competing with the trials for a small machine's cores."""
+    import urllib.request
+
+    import psutil
+
+    assert mlflow_url.startswith("http://127.0.0.1:")
+    with urllib.request.urlopen(f"{mlflow_url}/health", timeout=5) as answer:
+        assert answer.status == 200
+    commands = [" ".join(p.cmdline()) for p in psutil.Process().children(recursive=True)]
+    assert any("mlflow server" in c for c in commands), commands
+    assert not any("huey" in c or "_job_runner" in c for c in commands), commands
+
+
 def sweep(tmp: Path, url: str, search: dict, epochs: int = EPOCHS, **extra) -> str:
     overrides = {
         "data.limit": 256, "optim.epochs": epochs, "optim.batch_size": 64, "model.width": 8,
