@@ -122,7 +122,8 @@ def tree_bytes() -> int:
     """What the working tree sends with every device call (tracked files)."""
     files = subprocess.run(["git", "ls-files", "-z"], cwd=ROOT, capture_output=True,
                            check=True).stdout.split(b"\0")
-    return sum((ROOT / f.decode()).stat().st_size for f in files if f and (ROOT / f.decode()).is_file())
+    paths = [ROOT / f.decode() for f in files if f]
+    return sum(p.stat().st_size for p in paths if p.is_file())
 
 
 def main() -> int:
