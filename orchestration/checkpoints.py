@@ -116,8 +116,9 @@ def save_state(directory: Path, state: dict[str, Any]) -> Path:
     return path
 
 
-def load_state(path: str | Path) -> dict[str, Any]:
-    """A checkpoint's state, loaded with ``weights_only=True``; CheckpointError names the file."""
+def load_state(path: str | Path, shown_as: str | None = None) -> dict[str, Any]:
+    """A checkpoint's state, loaded with ``weights_only=True``; CheckpointError names the file
+    (as ``shown_as``, where the file read is a local copy of it)."""
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError:
@@ -126,4 +127,4 @@ def load_state(path: str | Path) -> dict[str, Any]:
     except Exception as err:  # a truncated zip, a missing file
         text = str(err).strip()
         reason = text.splitlines()[0].split(". ")[0] if text else type(err).__name__
-    raise CheckpointError(f"checkpoint: cannot load {path}: {reason}")
+    raise CheckpointError(f"checkpoint: cannot load {shown_as or path}: {reason}")

@@ -109,10 +109,10 @@ def open_tracked_model(run_id: str, tracking_uri: str | None = None,
         # Rebuilt from the config and a state dict loaded with weights_only=True: nothing in the
         # run's artifacts is unpickled (MLflow's logged model stays for mlflow.pytorch users).
         artifact = f"runs:/{run_id}/{WEIGHTS_ARTIFACT}"
-        try:
-            state = load_state(weights)
-        except CheckpointError as err:  # named as the run holds it, not as downloaded here
-            raise ConfigError(str(err).replace(str(weights), artifact)) from None
+        try:  # named as the run holds it, not as downloaded here
+            state = load_state(weights, artifact)
+        except CheckpointError as err:
+            raise ConfigError(str(err)) from None
     model = initial_model(cfg)
     try:
         model.load_state_dict(state["engine"]["model"])

@@ -213,9 +213,10 @@ def _restore(engine: SwAVEngine, rank: int) -> tuple[int, TrainingClock, FolderN
     for candidate in newest_first(checkpoint):
         with candidate.as_directory() as directory:
             try:
-                state = load_state(Path(directory) / STATE_FILE)
+                state = load_state(Path(directory) / STATE_FILE,
+                                   f"{candidate.path}/{STATE_FILE}")
             except CheckpointError as err:
-                errors.append(str(err).replace(str(directory), candidate.path))
+                errors.append(str(err))
                 unreadable.append(candidate.path)
                 continue
         # The schedule's length is the config's: a resume may extend optim.epochs, and the
