@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import ray  # noqa: E402
 from mlflow.tracking import MlflowClient  # noqa: E402
 
-from orchestration.config import load_config  # noqa: E402
+from orchestration.preflight import load_experiment  # noqa: E402
 from orchestration.train import run_training  # noqa: E402
 
 
@@ -43,9 +43,9 @@ def main() -> None:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for seed in args.seeds:
-            cfg = load_config(args.config, [*args.overrides, f"scaling.seed={seed}",
-                                            f"scaling.storage_path={tmp}/runs",
-                                            f"tracking.tracking_uri=sqlite:///{tmp}/mlflow.db"])
+            cfg = load_experiment(args.config, [*args.overrides, f"scaling.seed={seed}",
+                                                f"scaling.storage_path={tmp}/runs",
+                                                f"tracking.tracking_uri=sqlite:///{tmp}/mlflow.db"])
             start = time.perf_counter()
             outcome = run_training(cfg, run_name=f"bench-seed{seed}")
             seconds = time.perf_counter() - start

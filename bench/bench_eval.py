@@ -27,7 +27,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from orchestration.config import load_config  # noqa: E402
+from orchestration.preflight import load_experiment  # noqa: E402
 from orchestration.recipe import (  # noqa: E402
     build_training,
     eval_loaders,
@@ -63,7 +63,7 @@ def train(cfg, device: torch.device, max_seconds: float | None):
     for epoch in range(cfg.optim.epochs):
         stats = training.run_epoch(epoch)
         emit({"epoch": epoch, "loss": round(stats.loss, 4), "images_per_s": round(stats.images_per_s),
-              "used_prototypes": stats.used_prototypes})
+              "prototypes_used": stats.prototypes_used})
         if max_seconds and time.perf_counter() - start > max_seconds and epoch + 1 < cfg.optim.epochs:
             emit({"stopped_early_after_epochs": epoch + 1})  # a guard for time-boxed machines
             break
@@ -122,7 +122,7 @@ def main() -> None:
     overrides = list(args.overrides)
     if args.loader_workers is not None:
         overrides.append(f"data.loader_workers={args.loader_workers}")
-    cfg = load_config(args.config, overrides)
+    cfg = load_experiment(args.config, overrides)
     start = time.perf_counter()
     if args.load_model:
         model = initial_model(cfg).to(device)

@@ -28,7 +28,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from orchestration.config import load_config  # noqa: E402
+from orchestration.preflight import load_experiment  # noqa: E402
 from orchestration.recipe import batch_crop_transform, open_splits, train_loader  # noqa: E402
 from swav.raw_batches import ResidentBatches, resident_images  # noqa: E402
 
@@ -64,12 +64,12 @@ def main() -> None:
                          "one row per RandomResizedCrop cropping mode: resample, slice")
     args = ap.parse_args()
     _check_kornia(args.kornia)
-    cfg = load_config(args.config, [*args.overrides, "scaling.num_workers=1"])
+    cfg = load_experiment(args.config, [*args.overrides, "scaling.num_workers=1"])
     batch, splits = cfg.optim.batch_size, open_splits(cfg)
     common = {"config": args.config, "crops": list(zip(cfg.crops.nmb_crops, cfg.crops.size_crops)),
               "batch": batch, "torch": torch.__version__}
     for workers in (int(w) for w in args.workers.split(",")):
-        cpu_cfg = load_config(args.config, [*args.overrides, "scaling.num_workers=1",
+        cpu_cfg = load_experiment(args.config, [*args.overrides, "scaling.num_workers=1",
                                             "crops.device=cpu", f"data.loader_workers={workers}"])
         loader = train_loader(cpu_cfg, splits, 0, 1, torch.device("cpu"))
         rates = [args.batches * batch / timed(loader, args.batches, lambda: None)
@@ -120,7 +120,7 @@ def _check_kornia(modes: str) -> None:
 
 
 def _batched_augment(args, name: str, device: torch.device):
-    cfg = load_config(args.config, [*args.overrides, "scaling.num_workers=1",
+    cfg = load_experiment(args.config, [*args.overrides, "scaling.num_workers=1",
                                     f"crops.compile={name == 'compiled'}"])
     if name.startswith("kornia-"):
         from kornia_peer import kornia_multicrop

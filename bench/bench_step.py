@@ -15,13 +15,11 @@ gives every row's ResNet 4 channels a layer: the same operations with next to no
 so that a step takes what the host needs to issue them.
 
 Each row lives in a process of its own, which builds it once and measures it when its turn comes,
-so that what one row leaves behind cannot slow another: in one process, on an H100 (session 11),
-both eager rows of ours went from 17.9 to 22-25 ms a step once the compiled row had run, at the
-same GPU time (on the 2-core VM, compiling a ResNet-18 slowed a small engine's later eager steps by
-6%, and not through the garbage collector). Prints one JSON line per row and repeat and the
-medians, with each row's ratio to lightly's paired by repeat (``vs_lightly``: median, min and max,
-the figure issue 9's 1.05x is read from); ``--profile`` adds each row's operations per step (CUDA
-kernels on a GPU) and the costliest of them.
+so that what one row leaves behind cannot slow another (in one process, a compiled row slowed the
+eager rows that ran after it: BENCHMARKS.md, section "Host share of a step"). Prints one JSON line
+per row and repeat and the medians, with each row's ratio to lightly's paired by repeat
+(``vs_lightly``: median, min and max, the figure issue 9's 1.05x is read from); ``--profile`` adds
+each row's operations per step (CUDA kernels on a GPU) and the costliest of them.
 
     python bench/bench_step.py --device cuda --backbone resnet50 --batch-size 64 \
         --crops 2x224,6x96 --prototypes 3000 --queue 3840 --optimizer lars
@@ -44,7 +42,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from orchestration.config import ConfigError, ExperimentConfig, build_config  # noqa: E402
+from orchestration.config import ConfigError, ExperimentConfig  # noqa: E402
+from orchestration.preflight import experiment_from  # noqa: E402
 from orchestration.recipe import build_engine, use_cudnn_benchmark  # noqa: E402
 from variants import parse_variants  # noqa: E402
 
@@ -108,7 +107,7 @@ def main() -> None:
         ap.error(f"--rows: unknown {sorted(unknown)} ({', '.join(ROWS)} or a variant)")
     for name, extra in args.variants.items():  # checked before any row is built
         try:
-            build_config({}, [*cfg_overrides(args), *extra])
+            experiment_from({}, [*cfg_overrides(args), *extra])
         except ConfigError as error:
             ap.error(f"--variants: {name}: {error}")
     servers = {row: RowProcess(row, args) for row in rows}
@@ -171,7 +170,8 @@ def run_rows(servers: dict, args: argparse.Namespace) -> tuple[dict, dict, str]:
         profile = ask(row, "profile")
         if profile is not None:
             # The kernels' (operations') time over the measured step's: near 1, the device is
-            # the bound; well under, the host that issues them (session 11: 15.3 of 22-27 ms).
+            # the bound; well under, the host that issues them (BENCHMARKS.md, section "Host
+            # share of a step").
             busy = profile["ms_per_step"] / statistics.median(step_ms[row])
             print(json.dumps({"row": row, "profile": {**profile, "busy_share": round(busy, 2)}}),
                   flush=True)
@@ -226,7 +226,7 @@ def serve(row: str, args: argparse.Namespace, conn) -> None:
         device = torch.device(args.device)
         if args.thin:
             thin_resnets()
-        cfg: ExperimentConfig = build_config({}, [*cfg_overrides(args),
+        cfg: ExperimentConfig = experiment_from({}, [*cfg_overrides(args),
                                                   *args.variants.get(row, [])])
         use_cudnn_benchmark(cfg, device)  # (our rows' engines set it so too)
         step = make_step(row, cfg, args, device)
@@ -288,7 +288,7 @@ def make_step(row: str, cfg: ExperimentConfig, args, device: torch.device):
                             cfg.crops.nmb_crops, lr=0.1, device=device,
                             channels_last=args.channels_last)
     if row in ROW_OVERRIDES:  # (model.compile: GPU only)
-        cfg = build_config({}, [*cfg_overrides(args), *ROW_OVERRIDES[row]])
+        cfg = experiment_from({}, [*cfg_overrides(args), *ROW_OVERRIDES[row]])
     engine = build_engine(cfg, total, device, args.batch_size, amp=not args.no_amp)
     engine.start_queue(epoch=0)
     fill = [torch.randn(n * args.batch_size, 3, s, s, device=device)
@@ -337,7 +337,7 @@ def profile_steps(step, batch, device: torch.device, steps: int = 3) -> dict:
             torch.cuda.synchronize(device)
     if cuda:
         # Kernels only: a user annotation (``Optimizer.step#LARS.step``) spans its kernels on
-        # the GPU timeline, gaps included (session 11 summed LARS's 2.0 ms span with them).
+        # the GPU timeline, gaps included: summed with them, it would count that time twice.
         ops = [e for e in prof.events() if e.device_type == DeviceType.CUDA
                and not getattr(e, "is_user_annotation", False)]
         cost = lambda e: e.device_time  # noqa: E731  (microseconds)

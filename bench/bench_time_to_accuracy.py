@@ -34,7 +34,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from orchestration.config import load_config  # noqa: E402
+from orchestration.preflight import load_experiment  # noqa: E402
 from orchestration.recipe import (  # noqa: E402
     build_training, initial_model, model_kwargs, open_splits, use_cudnn_benchmark)
 from orchestration.time_budget import TrainingClock, plan_run  # noqa: E402
@@ -201,9 +201,10 @@ def main() -> None:
     marks = [float(m) for m in args.marks.split(",")]
     base = [f"data.path={args.data}", "data.source=parquet",
             f"data.loader_workers={args.workers}", *args.overrides]
-    cfg = load_config(args.config, base)
+    cfg = load_experiment(args.config, base)
     # Every variant's config is checked now, before any GPU time is spent (the data is base's).
-    configs = {name: load_config(args.config, [*base, *extra]) for name, extra in variants.items()}
+    configs = {name: load_experiment(args.config, [*base, *extra])
+               for name, extra in variants.items()}
     splits = open_splits(cfg)
     t0 = time.perf_counter()
     train_u8, _ = resident_images(splits.train, args.workers)

@@ -1,27 +1,25 @@
 #!/bin/bash
 # Issue 9's GPU measurements, as prepared device calls on one warm machine. The
 # stages of a part share its DEADLINE; one that would run past it gets what is left, or is
-# skipped under 20 s. Session 14 (H100, code of 88be6e1) showed the step against lightly's loop
-# (PART=3: 1.93x R18 and 1.44x R50 with CUDA graphs); session 15 (H200, code of 8f37b8f) ran
-# PART=1 and PART=2 with cifar10_wallclock's CUDA graphs (93.0% of the step end to end, kNN
-# +0.161 over lightly's recipe at 120 s, ce validity 1.000, 0.8154 after 295 s). Rerun them when
-# the recipe, the engine or the crops change:
+# skipped under 20 s. Their figures, with the code each measured: BENCHMARKS.md, sections
+# "Time to accuracy on CIFAR-10 (cifar10_wallclock)" (PART=1, PART=2), "CUDA graphs and
+# torch.compile" (PART=3) and "Batched crops on the GPU" (PART=4). Rerun them when the recipe,
+# the engine or the crops change:
 #   PART=1 (the default; DEADLINE 480 s, about 8.5 minutes with the set-up):
-#     0. the CUDA tests (tests/test_gpu.py), only with TESTS=1 (they passed in session 14: run
-#        them again when the engine, the model or the crops change);
+#     0. the CUDA tests (tests/test_gpu.py), only with TESTS=1 (run them when the engine, the
+#        model or the crops change);
 #     1. cifar10_wallclock's step alone (CUDA graphs) and eager, for stage 2's share;
 #     2. 120 s of cifar10_wallclock end to end against lightly's published CIFAR-10 recipe, in
 #        one call, with the counterfactuals (ce) of our model between the two.
-#   PART=2 (at once, on the warm machine; DEADLINE 360 s unless set: give it the session's device
-#     time left less about 40 s): one run of cifar10_wallclock for BUDGET seconds (DEADLINE - 100
-#     unless set; 0.80 within 450 s is the target, and the graphs train 1.41x the eager images
-#     a second), kNN at 120 s and at its end.
+#   PART=2 (at once, on the warm machine; DEADLINE 360 s unless set: give it the device time
+#     left less about 40 s): one run of cifar10_wallclock for BUDGET seconds (DEADLINE - 100
+#     unless set; 0.80 within 450 s is the target), kNN at 120 s and at its end.
 #   PART=3 (DEADLINE 540 s): the step against lightly's grouped loop (ResNet-18 CIFAR stem
 #     2x32 + 4x16, then ResNet-50 2x224 + 6x96), eager, compiled, and compiled with CUDA graphs,
 #     all with lightly's optimiser (SGD) but a LARS row; again when the step changes. ResNet-50
 #     compiled without graphs is unmeasured: what a multi-GPU run may use (graphs are refused
-#     under DDP) of session 14's 1.44x.
-#   PART=4: the batched multi-crop, eager against compiled and Kornia's (session 11).
+#     under DDP).
+#   PART=4: the batched multi-crop, eager against compiled and Kornia's.
 # Needs, in the ignored folder .gpu/ of the checkout (carried to the device): the CIFAR-10 Parquet
 # (.gpu/cifar10/{train,test}.parquet), lightly's wheel and, optionally (its rows are left out
 # without them), Kornia's for the device's Python 3.12: `bash bench/prepare_device.sh` puts them
@@ -62,7 +60,7 @@ WALLCLOCK="--backbone resnet18 --cifar-stem --batch-size 512 --crops 2x32 --chan
     --prototypes 3000"  # cifar10_wallclock's step
 if [[ $PART == 1 ]]; then
     if [[ -n $TESTS ]] && python3 -c "import pytest" 2>/dev/null; then
-        mark gpu_tests  # (9 tests, 4 of them compile: 121 s in session 14)
+        mark gpu_tests  # (9 tests, 4 of them compile)
         run 170 gpu_tests python3 -m pytest -q -p no:cacheprovider --durations=10 \
             tests/test_gpu.py
     fi

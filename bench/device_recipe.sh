@@ -1,21 +1,21 @@
 #!/bin/bash
 # Issue 9's wall-clock recipe, second device call (about 7 minutes; after bench/device_check.sh
-# when the session's device time allows both): cifar10_wallclock against two variants, 120 s of
-# training each on the same GPU, one decode of the data. Session 4 measured the LR (2.4 beat 1.2);
-# not yet measured for short budgets: K and the batch size.
+# when the device time left allows both): cifar10_wallclock against two variants, 120 s of
+# training each on the same GPU, one decode of the data. The LR has been measured (BENCHMARKS.md,
+# section "Time to accuracy on CIFAR-10 (cifar10_wallclock)"); not yet for short budgets: K and
+# the batch size.
 #   k1000: model.n_prototypes=1000 (lightly's CIFAR-10 recipe uses 512; we use 3000)
 #   b256:  optim.batch_size=256 at the same rate per image (lr 1.2): twice the updates per epoch
-#   b1024: optim.batch_size=1024 (lr 4.8), not run by default: when the step was bound by the
-#          host (session 11: R18 steps took 22-27 ms for 15 ms of kernels), twice the images per
-#          launch might have bought more images/s than the updates it gives up; replayed as CUDA
-#          graphs (session 14) the step runs as long as its kernels, which favours b256 instead
+#   b1024: optim.batch_size=1024 (lr 4.8), not run by default: for a step bound by the host,
+#          twice the images per launch might buy more images/s than the updates it gives up;
+#          replayed as CUDA graphs the step runs as long as its kernels, which favours b256 instead
 #   mc:    SwAV's multi-crop, 2x32 + 4x16 (about 1.5x the work per image), not run by default:
 #          more views per image against fewer images in the budget (RECIPES=ours,mc)
-#   eager: the model not compiled (model.compile=false), as the recipe was until session 14,
-#          which replays it as CUDA graphs for 1.41x the images a second: does the kNN at 120 s
-#          follow? (RECIPES=ours,eager)
-#   compiled: compiled without CUDA graphs (model.compile_mode=default; session 14's step: 0.87x
-#          lightly's loop against 1.93x with them), not run by default
+#   eager: the model not compiled (model.compile=false), as the recipe was before it replayed
+#          the model as CUDA graphs for more images a second: does the kNN at 120 s follow?
+#          (RECIPES=ours,eager)
+#   compiled: compiled without CUDA graphs (model.compile_mode=default; a slower step than with
+#          them: BENCHMARKS.md, section "CUDA graphs and torch.compile"), not run by default
 # Needs .gpu/cifar10/{train,test}.parquet in the checkout (carried; bash bench/prepare_device.sh).
 # Run from the repository root. RECIPES picks others, e.g. RECIPES=ours,lightly: ours against
 # lightly's published CIFAR-10 recipe in one call (lightly's wheel in .gpu/; about 5 minutes).

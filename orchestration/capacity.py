@@ -118,19 +118,13 @@ def from_launcher_config(config: dict[str, Any]) -> Cluster:
 
 def _from_gcs() -> Cluster | None:
     """The autoscaler's node groups as it published them to the GCS (None: not autoscaling)."""
-    from ray._private.state import state
+    from orchestration.ray_compat import autoscaler_node_groups
 
-    try:
-        config = state.get_cluster_config()
-    except Exception:  # an older or non-autoscaling GCS
+    declared = autoscaler_node_groups()
+    if declared is None:
         return None
-    if config is None or not config.node_group_configs:
-        return None
-    groups = []
-    for g in config.node_group_configs:
-        count = g.max_count if g.max_count >= 0 else 10**6
-        groups.append(NodeGroup(g.name, float(g.resources.get("CPU", 0)),
-                                float(g.resources.get("GPU", 0)), count))
+    groups = [NodeGroup(name, cpus, gpus, most if most >= 0 else 10**6)
+              for name, cpus, gpus, most in declared]
     return Cluster(tuple(groups), "the cluster's declared maximum (autoscaler)")
 
 

@@ -20,6 +20,8 @@ from dataclasses import dataclass, field
 import pyarrow.fs as pafs
 import ray.train
 
+from orchestration.ray_compat import checkpoint_destination
+
 __all__ = ["PREFIX", "FolderNames", "newest_first", "unregistered", "upload_whole"]
 
 log = logging.getLogger(__name__)
@@ -98,9 +100,7 @@ def _epoch_of(path: str) -> int | None:
 def upload_whole(checkpoint: ray.train.Checkpoint, name: str) -> ray.train.Checkpoint:
     """Ray Train's ``checkpoint_upload_fn``: the checkpoint under ``name`` in the run's storage,
     whole or not at all (see the module's docstring)."""
-    storage = ray.train.get_context().get_storage()
-    fs = storage.storage_filesystem
-    final = storage.build_checkpoint_path_from_name(name)
+    fs, final = checkpoint_destination(name)
     local = isinstance(fs, pafs.LocalFileSystem)
     target = final if not local else f"{final.rpartition('/')[0]}/{STAGING}{name}"
     try:

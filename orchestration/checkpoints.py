@@ -11,21 +11,19 @@ previous one that Ray keeps (``CheckpointConfig(num_to_keep=2)``).
 
 from __future__ import annotations
 
-import errno
 import os
 import pickle
 import random
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from orchestration.config import ConfigError
+from orchestration.config import ExperimentConfig
 
-__all__ = ["STATE_FILE", "CheckpointError", "check_storage", "load_state", "rng_state",
-           "save_state", "set_rng_state"]
+__all__ = ["STATE_FILE", "CheckpointError", "load_state", "rng_state", "save_state",
+           "set_rng_state", "storage_root"]
 
 STATE_FILE = "state.pt"
 
@@ -34,46 +32,10 @@ class CheckpointError(RuntimeError):
     """A checkpoint that cannot be loaded (unreadable, truncated, or not plain tensors/values)."""
 
 
-PROBE_BYTES = 1 << 20  # written for real: an empty file needs no room on a full disk
-
-
-def check_storage(storage_path: str) -> None:
-    """A local ``scaling.storage_path`` where this process cannot create the run folders, or
-    with no room for a MiB: one line, before Ray starts or any run is created. Tried for real (a
-    probe file written and flushed, where missing folders are made and then removed again), as
-    permission bits say nothing for root or on a read-only mount; URIs such as ``s3://`` are
-    left to the workers that write there."""
-    if "://" in storage_path:
-        return
-    path = Path(storage_path).expanduser().absolute()
-    if path.is_file():
-        raise ConfigError(f"scaling.storage_path: {path} is a file, not a directory")
-    missing = []  # deepest first
-    parent = path
-    while not parent.exists():
-        missing.append(parent)
-        parent = parent.parent
-    probe = None
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-        handle, probe = tempfile.mkstemp(dir=path, prefix=".swav-ray-probe-")
-        with os.fdopen(handle, "wb") as f:
-            f.write(bytes(PROBE_BYTES))
-            f.flush()
-            os.fsync(f.fileno())
-    except OSError as err:
-        what = "has no room left" if err.errno in (errno.ENOSPC, errno.EDQUOT) else \
-            "is not writable"
-        raise ConfigError(f"scaling.storage_path: {path} {what} "
-                          f"({err.strerror or err})") from None
-    finally:
-        if probe is not None:
-            Path(probe).unlink(missing_ok=True)
-        for folder in missing:
-            try:
-                folder.rmdir()
-            except OSError:
-                break
+def storage_root(cfg: ExperimentConfig) -> str:
+    """``scaling.storage_path`` as Ray Train takes it: a URI as is, a local path absolute."""
+    path = cfg.scaling.storage_path
+    return path if "://" in path else str(Path(path).expanduser().resolve())
 
 
 def rng_state() -> dict[str, Any]:

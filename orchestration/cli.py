@@ -18,14 +18,13 @@ import argparse
 import logging
 import math
 import os
-import socket
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
 import yaml
 
-from orchestration.config import ConfigError, ExperimentConfig, load_config
+from orchestration.config import ConfigError, ExperimentConfig
 
 __all__ = ["connect_ray", "main"]
 
@@ -36,11 +35,13 @@ def connect_ray(cfg: ExperimentConfig, extra_cpus: float = 0.0, log_to_driver: b
     plus ``extra_cpus``). True when this call did."""
     import ray
 
+    from orchestration.ray_compat import refused_for_want_of_token
+
     if ray.is_initialized():
         return False
     if os.environ.get("RAY_ADDRESS"):
         address = os.environ["RAY_ADDRESS"]
-        if _refused_for_want_of_token(address):
+        if refused_for_want_of_token(address):
             raise _missing_token(address)
         try:
             ray.init(log_to_driver=log_to_driver,
@@ -53,7 +54,7 @@ def connect_ray(cfg: ExperimentConfig, extra_cpus: float = 0.0, log_to_driver: b
     sc = cfg.scaling
     needed = sc.num_workers * sc.cpus_per_worker + extra_cpus
     # Ray Train's controller takes the workers' reports when it polls them, every 2 s by default:
-    # up to 2 s per epoch of waiting, a sixth of the embedded default's run. The instance we start
+    # up to 2 s per epoch of waiting, long beside a small run's epochs. The instance we start
     # (and so the controller) inherits this process's environment.
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25")
     # Ray Train watches the cluster's nodes for preemption (spot instances) with an actor of its
@@ -71,62 +72,6 @@ def _missing_token(address: str) -> ConfigError:
         f"RAY_ADDRESS: the cluster at {address} wants its auth token: "
         "set RAY_AUTH_MODE=token and RAY_AUTH_TOKEN (or copy ~/.ray/auth_token from the "
         "head; `ray get-auth-token` there prints it)")
-
-
-def _refused_for_want_of_token(address: str) -> bool:
-    """One connection to the GCS at ``host:port``: True when it refuses us for want of a token.
-
-    ``ray.init`` retries that refusal once a second for about 20 s before it fails; one probe
-    answers in under a second.  Anything else (no ``host:port``, nothing listening, another
-    error, Ray's internals moved) is left to ``ray.init`` to report."""
-    host, sep, port = address.rpartition(":")
-    if not sep or not port.isdigit() or "://" in address:
-        return False
-    try:
-        socket.create_connection((host, int(port)), timeout=2).close()
-    except OSError:
-        return False
-    try:
-        from ray._raylet import GcsClient
-        from ray.exceptions import AuthenticationError
-    except ImportError:
-        return False
-    try:
-        GcsClient(address=address)
-    except AuthenticationError:
-        return True
-    except Exception:  # noqa: BLE001 - ray.init says what it is
-        return False
-    return False
-
-
-def largest_trial(spec) -> ExperimentConfig:
-    """The sweep's base config with the most workers and CPUs per worker any trial asks for."""
-    cfg = spec.base_config()
-    for dim in spec.dimensions:
-        if dim.key in ("scaling.num_workers", "scaling.cpus_per_worker"):
-            setattr(cfg.scaling, dim.key.split(".")[1], max(dim.representatives()))
-    return cfg
-
-
-def check_local_capacity(cfg: ExperimentConfig) -> None:
-    """Without RAY_ADDRESS the run starts a Ray instance on this machine: workers beyond its CPUs
-    or GPUs are refused here, before Ray starts (on a cluster, once connected)."""
-    if os.environ.get("RAY_ADDRESS"):
-        return
-    sc = cfg.scaling
-    cpus, need = os.cpu_count() or 1, sc.num_workers * sc.cpus_per_worker
-    if need > cpus:
-        raise ConfigError(f"scaling.num_workers: {sc.num_workers} workers x "
-                          f"{sc.cpus_per_worker:g} CPU need {need:g} CPUs, this machine has "
-                          f"{cpus} (set RAY_ADDRESS to train on a cluster)")
-    if sc.use_gpu:
-        import torch
-
-        gpus = torch.cuda.device_count()
-        if sc.num_workers > gpus:
-            raise ConfigError(f"scaling.use_gpu: {sc.num_workers} workers need "
-                              f"{sc.num_workers} GPUs, this machine has {gpus}")
 
 
 def _print_summary(outcome) -> None:
@@ -161,41 +106,32 @@ def _print_evaluation(m: dict, prefix: str = "") -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    cfg = load_config(args.config, args.overrides)  # fails here, before Ray, on bad input
+    from orchestration import preflight
+
+    cfg = preflight.load_experiment(args.config, args.overrides)
     if args.print_config:  # the whole config as the run would log it (config.yaml), and no run
         print(yaml.safe_dump(cfg.to_dict(), sort_keys=False), end="")
         return 0
-    from orchestration.checkpoints import check_storage
-    from orchestration.recipe import check_data
-    from orchestration.tracking import check_reachable, resolve_tracking_uri
-
-    check_local_capacity(cfg)
-    try:
-        check_data(cfg)  # columns, labels, shard vs batch: before Ray, not in every worker
-    except ValueError as err:
-        raise ConfigError(str(err)) from None
-
-    check_reachable(resolve_tracking_uri(cfg.tracking.tracking_uri))
-    check_storage(cfg.scaling.storage_path)
-    import ray
-
-    from orchestration.failures import TrainingFailed
-    from orchestration.tracking import check_resumable
-    from orchestration.train import default_run_name, run_training, storage_root
+    from orchestration.train import default_run_name
 
     experiment = Path(args.config).stem if args.config else "default"
     name = cfg.scaling.run_name or default_run_name(experiment)
+    splits = preflight.check_train(cfg, name)  # every check before Ray starts
+    import ray
+
+    from orchestration.failures import TrainingFailed
+    from orchestration.ray_compat import quiet_ray_notes
+    from orchestration.train import run_training
+
     tags = {"swav_ray.experiment_file": args.config or "(embedded default)",
             "swav_ray.overrides": " ".join(args.overrides) or "(none)"}
     if not args.verbose:  # MLflow's store set-up notes and its pickle warning (see README)
         logging.getLogger("mlflow").setLevel(logging.WARNING)
         logging.getLogger("mlflow.pytorch").setLevel(logging.ERROR)
         quiet_ray_notes()
-    if cfg.scaling.run_name:  # a resume under another config: refused before Ray starts
-        check_resumable(cfg, f"{storage_root(cfg)}/{name}", name)
     connected = connect_ray(cfg, log_to_driver=args.verbose)
     try:
-        outcome = run_training(cfg, run_name=name, tags=tags, console=True)
+        outcome = run_training(cfg, run_name=name, tags=tags, console=True, splits=splits)
     except TrainingFailed as err:  # the run started and failed: what is kept, then the cause
         print(_failure_report(err), file=sys.stderr)
         return 2 if err.bad_input else 1
@@ -214,31 +150,6 @@ def cmd_train(args: argparse.Namespace) -> int:
             ray.shutdown()
     _print_summary(outcome)
     return 0
-
-
-def quiet_ray_notes() -> None:
-    """Ray's notes that a run's own lines already cover, at default verbosity: "Token
-    authentication is enabled for this Ray cluster" (Ray's default, on every start), and the
-    raylet's paragraph on every lost worker, "A worker died or was killed ..." (the run says
-    which attempt failed and what it does next). Ray prints the latter through a module-level
-    function of its driver, looked up at each call."""
-    logging.getLogger("ray._private.authentication").setLevel(logging.ERROR)
-    try:
-        import ray._private.worker as ray_driver
-    except ImportError:  # Ray's internals moved: its note shows
-        return
-    shown = ray_driver.print_to_stdstream
-    if getattr(shown, "quiet", False):
-        return
-
-    def print_to_stdstream(data, ignore_prefix):
-        if data.get("pid") == "raylet" and any(
-                "A worker died or was killed" in line for line in data.get("lines", ())):
-            return
-        shown(data, ignore_prefix)
-
-    print_to_stdstream.quiet = True
-    ray_driver.print_to_stdstream = print_to_stdstream
 
 
 def _failure_report(err) -> str:
@@ -266,22 +177,19 @@ def cmd_tune(args: argparse.Namespace) -> int:
         if args.sweep is None:
             raise ConfigError("sweep: name a sweep file (e.g. experiments/sweep_default.yaml) "
                               "or --resume NAME")
-        spec = load_sweep(args.sweep, args.overrides)  # fails here, before Ray, on bad input
-    from orchestration.checkpoints import check_storage
-    from orchestration.recipe import check_data
+        spec = load_sweep(args.sweep, args.overrides)  # every trial's config validated
+    from orchestration import preflight
 
-    check_local_capacity(largest_trial(spec))  # as swav-ray train refuses it
-    try:
-        check_data(spec.base_config())  # the base experiment's data, as swav-ray train does
-    except ValueError as err:
-        raise ConfigError(str(err)) from None
-    check_storage(spec.base_config().scaling.storage_path)
+    preflight.check_sweep(spec)  # every check before Ray starts
     # Quiet console: our progress bar and table instead of Tune's status tables, and our lines
     # on an interruption instead of Tune's (which offer Tuner.restore(...) as the way back).
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+    import ray
+
+    from orchestration.ray_compat import quiet_ray_notes
+
     quiet_ray_notes()
     logging.getLogger("ray.tune.tune").setLevel(logging.ERROR)
-    import ray
 
     from orchestration.tuning import DRIVER_CPU, run_sweep, trial_count
 
@@ -309,8 +217,8 @@ def cmd_tune(args: argparse.Namespace) -> int:
 
 
 def _storage_root(storage: str | None) -> str:
+    from orchestration.checkpoints import storage_root
     from orchestration.config import ScalingConfig
-    from orchestration.train import storage_root
 
     cfg = ExperimentConfig()
     cfg.scaling = ScalingConfig(storage_path=storage or ScalingConfig().storage_path)

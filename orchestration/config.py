@@ -3,9 +3,14 @@
 An experiment is a YAML file (``experiments/*.yaml``) whose sections mirror the dataclasses
 below; anything it leaves out takes the default written here.  Command-line overrides are dotted
 ``section.key=value`` pairs whose values are parsed as YAML (``optim.lr=0.3``,
-``model.n_prototypes=[100,30]``).  Loading checks every key and type, then :func:`validate` builds
-the pure components of :mod:`swav` once, so that a bad value fails with a message that names its
-key before Ray starts.
+``model.n_prototypes=[100,30]``).  Loading checks every key and type; the values are checked by
+:mod:`orchestration.preflight`.  This module is the schema alone: it imports nothing of the
+project, so any process may read a config without building anything.
+
+The loader is written out rather than pydantic's: pydantic's lax mode takes ``"3"`` for an int
+and ``"yes"`` for a bool, its strict mode refuses ``1e-4`` as PyYAML reads it (a string), and its
+errors are multi-line; matching the one-line ``key: problem`` errors would take a validator and a
+formatter about as long as :func:`_coerce` and :func:`_build`.
 """
 
 from __future__ import annotations
@@ -37,11 +42,10 @@ __all__ = [
     "merge",
     "nest",
     "parse_overrides",
-    "validate",
+    "resume_changes",
 ]
 
 EXPERIMENTS_DIR = Path(__file__).resolve().parents[1] / "experiments"
-DATA_SOURCES = ("digits", "cifar10", "cifar100", "stl10", "imagefolder", "parquet")
 
 
 class ConfigError(ValueError):
@@ -57,11 +61,11 @@ class ModelConfig:
     hidden_dim: int = 2048  # projector hidden layer (0: a single linear layer)
     out_dim: int = 128  # embedding dimension
     n_prototypes: Union[int, list[int]] = 3000  # K, or one K per prototype head
-    channels_last: bool = True  # GPU only: +60% images/s for ResNet-50 (BENCHMARKS.md)
+    channels_last: bool = True  # GPU only: the memory format cuDNN's convolutions run fastest in
     # GPU only: torch.compile the backbone and the projection head in place (the same weights and
-    # state-dict keys; compiled for each crop size while the run is set up). Off by default:
-    # alone it made an H100 step slower (session 14: 0.87x lightly's loop against 1.06x eager);
-    # it pays with compile_mode reduce-overhead (1.93x), as cifar10_wallclock sets.
+    # state-dict keys; compiled for each crop size while the run is set up). Off by default: it
+    # pays with compile_mode reduce-overhead (CUDA graphs), as cifar10_wallclock sets; alone it
+    # did not speed the step up (BENCHMARKS.md).
     compile: bool = False
     # torch.compile's mode for model.compile: default, reduce-overhead (the compiled forward and
     # backward replayed as CUDA graphs: for a step bound by launching its kernels; one worker
@@ -88,11 +92,11 @@ class CropConfig:
     solarize_prob: float = 0.0  # not in SwAV's recipe (BYOL's: 0.2 on one view); after the blur
     # Where crops are made: cpu = PIL in loader workers; gpu = batched on the training device
     # (swav.batch_multicrop); auto = gpu when the run trains on a GPU, and on the CPU when a
-    # worker's shard is kept in memory (small data sets; 3.5x faster epochs on the default).
+    # worker's shard is kept in memory (small data sets, where PIL would cost more than the step).
     device: str = "auto"
     # Batched crops on a GPU: fuse the crop boxes and the augmentation into few kernels with
-    # torch.compile (the same crops; compiled once per crop size while the run is set up; on an
-    # H100 2.7x the eager crops' images/s, for about 10 s of compiling: BENCHMARKS, session 11).
+    # torch.compile (the same crops; compiled once per crop size while the run is set up, which
+    # takes seconds; BENCHMARKS.md has its speed).
     compile: bool = False
     mean: list[float] = field(default_factory=lambda: [0.485, 0.456, 0.406])
     std: list[float] = field(default_factory=lambda: [0.228, 0.224, 0.225])
@@ -126,7 +130,7 @@ class OptimConfig:
 
 @dataclass
 class DataConfig:
-    source: str = "digits"  # digits | cifar10 | cifar100 | stl10 | imagefolder | parquet
+    source: str = "digits"  # one of swav.data.SOURCES: digits, cifar10, parquet, imagefolder, ...
     path: Union[str, None] = None  # root folder / file; not needed for digits
     download: bool = False  # torchvision sources only
     image_column: str = "image"  # parquet
@@ -163,12 +167,13 @@ class EvalConfig:
     knn_k: int = 200
     knn_temperature: float = 0.07
     knn_every: int = 1  # epochs between kNN evaluations (0: only at the end)
-    linear_method: str = "auto"  # auto | sklearn | sgd (linear evaluation on frozen features)
+    linear_method: str = "auto"  # swav.evaluation.LINEAR_METHODS (linear eval, frozen features)
     max_train_images: Union[int, None] = 20000  # training images used by evaluate (kNN bank, linear)
     final_evaluation: bool = False  # run `swav-ray evaluate` on the finished run
     explain_images: int = 0  # run `swav-ray explain` on this many held-out images (0: no)
-    explain_methods: list[str] = field(default_factory=lambda: ["ce"])  # ce | logit
-    # other_label (the nearest prototype of another majority label) | nearest | a prototype index
+    explain_methods: list[str] = field(default_factory=lambda: ["ce"])  # swav.counterfactual.METHODS
+    # swav.counterfactual.TARGET_MODES: other_label (the nearest prototype of another majority
+    # label), nearest; or a prototype index
     explain_target: Union[int, str] = "other_label"
 
 
@@ -182,8 +187,6 @@ class ExperimentConfig:
     scaling: ScalingConfig = field(default_factory=ScalingConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
-    # Test-only switch: worker rank 1 dies once at the start of this epoch (fault tolerance tests).
-    fail_at_epoch: Union[int, None] = None
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -325,7 +328,8 @@ def resolve_path(config: str | os.PathLike | None) -> Path:
 def load_config(
     config: str | os.PathLike | None = None, overrides: list[str] | None = None
 ) -> ExperimentConfig:
-    """Load an experiment file (default: ``experiments/default.yaml``), apply overrides, validate."""
+    """Load an experiment file (default: ``experiments/default.yaml``) and apply overrides: every
+    key and type checked, values not (:func:`orchestration.preflight.load_experiment` does both)."""
     path = resolve_path(config)
     try:
         data = yaml.safe_load(path.read_text()) or {}
@@ -337,33 +341,30 @@ def load_config(
 
 
 def build_config(data: dict[str, Any], overrides: list[str] | None = None) -> ExperimentConfig:
-    """A validated config from a (partial) nested dict and dotted overrides; the rest defaults."""
-    cfg = _build(ExperimentConfig, merge(data, parse_overrides(overrides or [])), "")
-    validate(cfg)
-    return cfg
+    """A typed config from a (partial) nested dict and dotted overrides; the rest defaults.
+    Values are checked by :func:`orchestration.preflight.validate`."""
+    return _build(ExperimentConfig, merge(data, parse_overrides(overrides or [])), "")
+
+
+# Keys that configs stored by earlier versions hold and this one no longer has (a test-only
+# switch): dropped when a stored config is read, so that older runs still evaluate and resume.
+RETIRED = ("fail_at_epoch",)
 
 
 def from_dict(data: dict[str, Any]) -> ExperimentConfig:
-    """Rebuild a config from :meth:`ExperimentConfig.to_dict` (e.g. inside a Ray worker)."""
-    return _build(ExperimentConfig, data, "")
+    """Rebuild a config from :meth:`ExperimentConfig.to_dict` (inside a Ray worker; a run's
+    stored ``config.yaml``)."""
+    return _build(ExperimentConfig, {k: v for k, v in data.items() if k not in RETIRED}, "")
 
 
-# -- validation -------------------------------------------------------------------------------
-
-def _check(condition: bool, key: str, message: str) -> None:
-    if not condition:
-        raise ConfigError(f"{key}: {message}")
-
-CROP_DEVICES = ("auto", "cpu", "gpu")
-
+# -- resuming ---------------------------------------------------------------------------------
 
 # What a resume (the same scaling.run_name again) may change: how long it trains, where results
 # go and how they are evaluated, failures tolerated, loader processes and where crops are made.
 # Anything else would silently continue a different experiment under the old run's params.
 RESUMABLE = ("optim.epochs", "optim.time_budget_s", "tracking.", "eval.", "scaling.run_name",
              "scaling.max_failures", "scaling.cpus_per_worker", "data.loader_workers",
-             "crops.device", "crops.compile", "model.compile", "model.cudnn_benchmark",
-             "fail_at_epoch")
+             "crops.device", "crops.compile", "model.compile", "model.cudnn_benchmark")
 
 
 def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -379,7 +380,8 @@ def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 def resume_changes(stored: dict[str, Any], new: dict[str, Any]) -> tuple[list[str], list[str]]:
     """Differences between a run's stored config and the one resuming it, as ``key: old -> new``:
     (those a resume may not make, those it may; see ``RESUMABLE``)."""
-    old, now = _flatten(stored), _flatten(new)
+    old = {k: v for k, v in _flatten(stored).items() if k not in RETIRED}
+    now = _flatten(new)
     refused, allowed = [], []
     for key in sorted(set(old) | set(now)):
         before, after = old.get(key, "(absent)"), now.get(key, "(absent)")
@@ -387,88 +389,3 @@ def resume_changes(stored: dict[str, Any], new: dict[str, Any]) -> tuple[list[st
             change = f"{key}: {before!r} -> {after!r}"
             (allowed if key.startswith(RESUMABLE) else refused).append(change)
     return refused, allowed
-
-
-def _validate_schedule(o: OptimConfig) -> None:
-    _check(o.final_lr >= 0, "optim.final_lr", f"must be >= 0, got {o.final_lr}")
-    _check(o.start_warmup >= 0, "optim.start_warmup", f"must be >= 0, got {o.start_warmup}")
-    _check(o.epochs >= 1, "optim.epochs", f"must be >= 1, got {o.epochs}")
-    _check(0 <= o.warmup_epochs <= o.epochs, "optim.warmup_epochs",
-           f"must be in [0, optim.epochs={o.epochs}], got {o.warmup_epochs}")
-    _check(o.time_budget_s is None or o.time_budget_s > 0, "optim.time_budget_s",
-           f"must be > 0 seconds or null, got {o.time_budget_s}")
-
-
-def _validate_compile_mode(cfg: ExperimentConfig, modes: tuple[str, ...],
-                           cuda_graph_modes: tuple[str, ...]) -> None:
-    """``model.compile_mode`` is the mode of ``model.compile``: unused while that is false, so
-    that ``model.compile=false`` alone turns off an experiment's compiled model."""
-    m = cfg.model
-    _check(m.compile_mode in modes, "model.compile_mode",
-           f"expected {', '.join(modes)}, got {m.compile_mode!r}")
-    # Under DDP, SyncBatchNorm's collectives run inside the backbone and the gradients' all-reduce
-    # hooks on them: neither is made to be replayed as a CUDA graph.
-    sc = cfg.scaling
-    graphs = m.compile and m.compile_mode in cuda_graph_modes
-    _check(not graphs or not sc.use_gpu or sc.num_workers == 1, "model.compile_mode",
-           f"{m.compile_mode} replays CUDA graphs, on one GPU worker only; got "
-           f"scaling.num_workers={sc.num_workers} (model.compile_mode=default compiles for more)")
-
-
-def validate(cfg: ExperimentConfig) -> None:
-    """Fail fast on a bad value, naming its key. Builds the pure SwAV components once, through
-    the same recipe the run uses."""
-    # Imported here: the config is read by processes that never build a model (the Ray Train
-    # controller unpickles callbacks that name it), and the recipe pulls in torchvision.
-    from orchestration import recipe
-    from swav.counterfactual import METHODS
-    from swav.queue import per_worker_length
-
-    o, d, sc, e, s = cfg.optim, cfg.data, cfg.scaling, cfg.eval, cfg.swav
-    _check(sc.num_workers >= 1, "scaling.num_workers", f"must be >= 1, got {sc.num_workers}")
-    _check(o.batch_size >= 1, "optim.batch_size", f"must be >= 1, got {o.batch_size}")
-    try:
-        recipe.check_components(cfg)  # messages start with the dotted key
-    except ValueError as err:
-        raise ConfigError(str(err)) from None
-    try:
-        per_worker_length(s.queue_length, o.batch_size, sc.num_workers)
-    except ValueError as err:
-        raise ConfigError(f"swav.{err}") from None
-    _check(s.freeze_prototypes_iters >= 0, "swav.freeze_prototypes_iters", "must be >= 0")
-    _check(s.epoch_queue_starts >= 0, "swav.epoch_queue_starts", "must be >= 0")
-    _validate_schedule(o)
-    _check(cfg.crops.device in CROP_DEVICES, "crops.device",
-           f"expected {', '.join(CROP_DEVICES)}, got {cfg.crops.device!r}")
-    _validate_compile_mode(cfg, recipe.COMPILE_MODES, recipe.CUDA_GRAPH_MODES)
-    _check(d.source in DATA_SOURCES, "data.source",
-           f"unknown source {d.source!r}, expected one of {', '.join(DATA_SOURCES)}")
-    if d.source in ("imagefolder", "parquet"):
-        _check(d.path is not None, "data.path", f"required for source {d.source!r}")
-    if not os.environ.get("RAY_ADDRESS"):  # on a cluster the workers read it: checked there
-        _check(not recipe.data_path_missing(d), "data.path", f"{d.path!r} does not exist")
-    _check(0 < d.holdout_fraction < 1, "data.holdout_fraction",
-           f"must be in (0, 1), got {d.holdout_fraction}")
-    _check(d.limit is None or d.limit >= 1, "data.limit", f"must be >= 1, got {d.limit}")
-    _check(0 <= d.max_corrupt_fraction <= 1, "data.max_corrupt_fraction",
-           f"must be in [0, 1], got {d.max_corrupt_fraction}")
-    _check(d.loader_workers >= 0, "data.loader_workers", f"must be >= 0, got {d.loader_workers}")
-    _check(d.eval_size is None or d.eval_size >= 1, "data.eval_size", "must be >= 1")
-    _check(sc.cpus_per_worker > 0, "scaling.cpus_per_worker", "must be > 0")
-    _check(sc.max_failures >= 0, "scaling.max_failures", f"must be >= 0, got {sc.max_failures}")
-    _check(cfg.tracking.system_metrics_every_s > 0, "tracking.system_metrics_every_s",
-           "must be > 0")
-    _check(e.knn_k >= 1, "eval.knn_k", f"must be >= 1, got {e.knn_k}")
-    _check(e.knn_temperature > 0, "eval.knn_temperature", "must be > 0")
-    _check(e.knn_every >= 0, "eval.knn_every", f"must be >= 0, got {e.knn_every}")
-    _check(e.linear_method in ("auto", "sklearn", "sgd"), "eval.linear_method",
-           f"expected auto, sklearn or sgd, got {e.linear_method!r}")
-    _check(e.max_train_images is None or e.max_train_images >= 1, "eval.max_train_images",
-           "must be >= 1")
-    _check(e.explain_images >= 0, "eval.explain_images", f"must be >= 0, got {e.explain_images}")
-    _check(e.explain_target in ("other_label", "nearest") or (
-        isinstance(e.explain_target, int) and e.explain_target >= 0), "eval.explain_target",
-        f"expected other_label, nearest or a prototype index, got {e.explain_target!r}")
-    bad = [m for m in e.explain_methods if m not in METHODS]
-    _check(not bad, "eval.explain_methods",
-           f"unknown method(s) {bad}, expected one of {', '.join(METHODS)}")

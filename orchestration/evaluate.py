@@ -24,6 +24,7 @@ from __future__ import annotations
 import json
 import tempfile
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -36,9 +37,10 @@ from torch.utils.data import DataLoader, Dataset
 from orchestration.checkpoints import STATE_FILE, CheckpointError, load_state
 from orchestration.config import ConfigError, ExperimentConfig, from_dict
 from orchestration.metrics import evaluation_metrics
-from orchestration.recipe import EvalSets, eval_loaders, eval_sets, initial_model, open_splits
-from orchestration.tracking import CONFIG_ARTIFACT, resolve_tracking_uri
+from orchestration.recipe import eval_loaders, eval_sets, initial_model, open_splits
+from orchestration.tracking import CONFIG_ARTIFACT, TrackedRun, resolve_tracking_uri
 from swav.counterfactual import (
+    TARGET_MODES,
     CounterfactualResult,
     explain,
     other_label_candidates,
@@ -58,29 +60,43 @@ from swav.gallery import Cluster, clusters, prototype_grid, prototype_index
 from swav.model import SwAVModel
 from swav.viz import embedding_plot
 
-__all__ = ["TARGET_MODES", "TrackedModel", "evaluate_run", "explain_run", "open_tracked_model"]
-
-TARGET_MODES = ("other_label", "nearest")  # or a prototype index
+__all__ = ["TrackedModel", "evaluate_run", "explain_run", "open_tracked_model"]
 
 WEIGHTS_ARTIFACT = f"checkpoints/{STATE_FILE}"  # logged by run_training with the model
 
 
+@dataclass
 class TrackedModel:
-    """A trained model, its config and the MLflow run they came from."""
+    """A trained model and its config, loaded from the MLflow run they came from (``run``)."""
 
-    def __init__(self, client: MlflowClient, run_id: str, model: SwAVModel,
-                 cfg: ExperimentConfig) -> None:
-        self.client, self.run_id, self.model, self.cfg = client, run_id, model, cfg
+    run: TrackedRun
+    model: SwAVModel
+    cfg: ExperimentConfig
 
-    def log_metrics(self, metrics: dict[str, float]) -> None:
-        for key, value in metrics.items():
-            self.client.log_metric(self.run_id, key, float(value))
 
-    def log_figure(self, figure, path: str) -> None:
-        import matplotlib.pyplot as plt
+class HeldOut:
+    """The run's evaluation sets and loaders, opened once, and the trained model's prototype
+    assignments of the held-out images, computed once for evaluate and explain alike."""
 
-        self.client.log_figure(self.run_id, figure, path)
-        plt.close(figure)
+    def __init__(self, tracked: TrackedModel, device: str | torch.device) -> None:
+        self.tracked, self.device = tracked, device
+        sets = eval_sets(tracked.cfg, open_splits(tracked.cfg))
+        if sets is None:
+            raise ConfigError(f"data.source: {tracked.cfg.data.source!r} has no labelled "
+                              f"held-out set to evaluate on")
+        self.sets = sets
+        self.bank_loader, self.loader = eval_loaders(tracked.cfg, sets)
+        self._assigned: tuple | None = None
+
+    def assignments(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """(prototype index, scores, label) of every held-out image under the trained model."""
+        if self._assigned is None:
+            self._assigned = assign_with_scores(self.tracked.model, self.loader, self.device)
+        return self._assigned
+
+
+def _device(device: str | None) -> str:
+    return device or ("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def open_tracked_model(run_id: str, tracking_uri: str | None = None,
@@ -120,15 +136,7 @@ def open_tracked_model(run_id: str, tracking_uri: str | None = None,
         reason = str(err).strip().splitlines()[-1].strip() if str(err).strip() else repr(err)
         raise ConfigError(f"run-id: {artifact} does not fit the model of the run's config.yaml "
                           f"({reason})") from None
-    return TrackedModel(client, run_id, model.to(device).eval(), cfg)
-
-
-def _eval_sets(cfg: ExperimentConfig) -> EvalSets:
-    sets = eval_sets(cfg, open_splits(cfg))
-    if sets is None:
-        raise ConfigError(f"data.source: {cfg.data.source!r} has no labelled held-out set to "
-                          f"evaluate on")
-    return sets
+    return TrackedModel(TrackedRun(uri, run_id), model.to(device).eval(), cfg)
 
 
 def _features(model: SwAVModel, train: DataLoader, held: DataLoader, device) -> tuple:
@@ -141,16 +149,20 @@ def evaluate_run(run_id: str, tracking_uri: str | None = None, device: str | Non
                  prototypes: Sequence[int] | None = None) -> dict[str, float]:
     """Evaluate the run's encoder (and a random-init one) and log the results into the run;
     ``prototypes``: also a gallery of these (``clusters/prototype_members_chosen.png``)."""
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    tracked = open_tracked_model(run_id, tracking_uri, device)
-    cfg = tracked.cfg
+    tracked = open_tracked_model(run_id, tracking_uri, _device(device))
     n_prototypes = tracked.model.prototypes.sizes[0]
     bad = [p for p in prototypes or () if not 0 <= p < n_prototypes]
     if bad:
         raise ConfigError(f"prototypes: {bad[0]} out of range for K={n_prototypes}")
-    sets = _eval_sets(cfg)
-    held_set, n_classes = sets.heldout, sets.n_classes
-    train_loader, held_loader = eval_loaders(cfg, sets)
+    return evaluate_model(tracked, HeldOut(tracked, _device(device)), prototypes)
+
+
+def evaluate_model(tracked: TrackedModel, held: HeldOut,
+                   prototypes: Sequence[int] | None = None) -> dict[str, float]:
+    """:func:`evaluate_run` on a model already loaded, its data already opened."""
+    cfg, device = tracked.cfg, held.device
+    held_set, n_classes = held.sets.heldout, held.sets.n_classes
+    train_loader, held_loader = held.bank_loader, held.loader
     e = cfg.eval
     random_model = initial_model(cfg).to(device).eval()
     metrics: dict[str, float] = {}
@@ -163,11 +175,12 @@ def evaluate_run(run_id: str, tracking_uri: str | None = None, device: str | Non
                  **linear_eval(f_train, y_train, f_held, y_held, method=e.linear_method,
                                n_classes=n_classes)}
         metrics.update({k + suffix: v for k, v in found.items()})
-    assignments, scores, labels = assign_with_scores(tracked.model, held_loader, device)
+    assignments, scores, labels = held.assignments()
     quality = cluster_quality(assignments, labels, tracked.model.prototypes.sizes[0])
     metrics.update(quality)
     metrics = evaluation_metrics(metrics)
-    tracked.log_metrics(metrics)
+    run = tracked.run
+    run.log_metrics(metrics)
     # Member grid over (at most) the first 4096 held-out images; rows line up with the
     # assignments only when none of them is corrupt (the collate refills corrupt rows).
     shown = [held_set[i] for i in range(min(len(held_set), 4096))]
@@ -175,20 +188,19 @@ def evaluate_run(run_id: str, tracking_uri: str | None = None, device: str | Non
         k = len(shown)
         images = torch.stack([sample[0] for sample in shown])
         args = (images, assignments[:k], scores[:k], None if labels is None else labels[:k])
-        tracked.log_figure(prototype_grid(*args, mean=cfg.crops.mean, std=cfg.crops.std),
-                           "clusters/prototype_members.png")
-        tracked.log_figure(prototype_index(*args, mean=cfg.crops.mean, std=cfg.crops.std),
-                           "clusters/prototype_index.png")
+        run.log_figure(prototype_grid(*args, mean=cfg.crops.mean, std=cfg.crops.std),
+                       "clusters/prototype_members.png")
+        run.log_figure(prototype_index(*args, mean=cfg.crops.mean, std=cfg.crops.std),
+                       "clusters/prototype_index.png")
         if prototypes:
             try:
                 chosen = prototype_grid(*args, prototypes=list(prototypes), mean=cfg.crops.mean,
                                         std=cfg.crops.std)
             except ValueError as err:
                 raise ConfigError(str(err)) from None
-            tracked.log_figure(chosen, "clusters/prototype_members_chosen.png")
-    tracked.log_figure(embedding_plot(held_features, assignments, labels),
-                       "evaluation/embedding.png")
-    tracked.client.log_text(run_id, json.dumps(metrics, indent=2), "evaluation/metrics.json")
+            run.log_figure(chosen, "clusters/prototype_members_chosen.png")
+    run.log_figure(embedding_plot(held_features, assignments, labels), "evaluation/embedding.png")
+    run.log_text(json.dumps(metrics, indent=2), "evaluation/metrics.json")
     return metrics
 
 
@@ -210,18 +222,22 @@ def explain_run(run_id: str, n: int = 16, methods: Sequence[str] = ("ce",),
     if not isinstance(target, int) and target not in TARGET_MODES:
         raise ConfigError(f"target: expected {' or '.join(TARGET_MODES)} or a prototype index, "
                           f"got {target!r}")
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    tracked = open_tracked_model(run_id, tracking_uri, device)
-    sets = _eval_sets(tracked.cfg)
-    images = torch.stack([sample[0] for sample in _good_samples(sets.heldout, n)]).to(device)
-    _, held_loader = eval_loaders(tracked.cfg, sets)
-    assignments, scores, labels = assign_with_scores(tracked.model, held_loader, device)
+    tracked = open_tracked_model(run_id, tracking_uri, _device(device))
+    return explain_model(tracked, HeldOut(tracked, _device(device)), n, methods, target)
+
+
+def explain_model(tracked: TrackedModel, held: HeldOut, n: int, methods: Sequence[str],
+                  target: int | str) -> dict[str, float]:
+    """:func:`explain_run` on a model already loaded, its data already opened."""
+    heldout = held.sets.heldout
+    images = torch.stack([sample[0] for sample in _good_samples(heldout, n)]).to(held.device)
+    assignments, scores, labels = held.assignments()
     aims = _aims(tracked.model, images, target, assignments, labels)
-    held = _HeldOutClusters(sets.heldout, clusters(assignments, scores, labels))
-    tracked.client.set_tag(run_id, "explain_target", str(target))
+    members = _HeldOutClusters(heldout, clusters(assignments, scores, labels))
+    tracked.run.client.set_tag(tracked.run.run_id, "explain_target", str(target))
     metrics: dict[str, float] = {}
     for method in methods:
-        metrics.update(_explain_and_log(tracked, images, method, aims, held))
+        metrics.update(_explain_and_log(tracked, images, method, aims, members))
     return metrics
 
 
@@ -282,13 +298,13 @@ def _explain_and_log(tracked: TrackedModel, images: torch.Tensor, method: str,
                          std=cfg.crops.std, temperature=cfg.swav.temperature, **aims)
     except ValueError as err:
         raise ConfigError(str(err)) from None
-    metrics = {f"{method}_cf_{key}": value for key, value in _cf_metrics(result.summary()).items()}
-    tracked.log_metrics(metrics)
+    metrics = {f"{method}_cf_{key}": float(value) for key, value in result.summary().items()}
+    tracked.run.log_metrics(metrics)
     pages = counterfactual_pages(_panel_data(result, held), method, result.margin,
                                  mean=cfg.crops.mean, std=cfg.crops.std)
     for page, figure in enumerate(pages, start=1):
-        tracked.log_figure(figure, f"counterfactuals/{method}/panel_{page}.png")
-    tracked.client.log_text(tracked.run_id, json.dumps(_per_image(result), indent=1),
+        tracked.run.log_figure(figure, f"counterfactuals/{method}/panel_{page}.png")
+    tracked.run.log_text(json.dumps(_per_image(result), indent=1),
                             f"counterfactuals/{method}/results.json")
     return metrics
 
@@ -306,19 +322,21 @@ def _good_samples(dataset: Dataset, limit: int) -> list:
 
 
 def after_training(run_id: str, tracking_uri: str, cfg: ExperimentConfig) -> dict[str, float]:
-    """What ``eval.final_evaluation`` / ``eval.explain_images`` ask for, on a finished run."""
+    """What ``eval.final_evaluation`` / ``eval.explain_images`` ask for, on a finished run: the
+    model loaded and the held-out images assigned once for both."""
     metrics: dict[str, float] = {}
-    if cfg.eval.final_evaluation:
-        metrics.update(evaluate_run(run_id, tracking_uri))
-    if cfg.eval.explain_images:
-        metrics.update(explain_run(run_id, cfg.eval.explain_images, cfg.eval.explain_methods,
-                                   cfg.eval.explain_target, tracking_uri=tracking_uri))
+    e = cfg.eval
+    if not (e.final_evaluation or e.explain_images):
+        return metrics
+    device = _device(None)
+    tracked = open_tracked_model(run_id, tracking_uri, device)
+    held = HeldOut(tracked, device)
+    if e.final_evaluation:
+        metrics.update(evaluate_model(tracked, held))
+    if e.explain_images:
+        metrics.update(explain_model(tracked, held, e.explain_images, e.explain_methods,
+                                     e.explain_target))
     return metrics
-
-
-def _cf_metrics(summary: dict[str, Any]) -> dict[str, float]:
-    names = {"validity": "validity", "l1_mean": "l1", "l2_mean": "l2", "steps_mean": "steps"}
-    return {names[k]: float(v) for k, v in summary.items() if k in names}
 
 
 def _per_image(result) -> list[dict[str, Any]]:

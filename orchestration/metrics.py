@@ -47,7 +47,7 @@ def epoch_report(stats: EpochStats, knn_top1: float | None = None,
         "lr": stats.lr,
         "images_per_s": stats.images_per_s,
         "epoch_time_s": stats.seconds,
-        "prototypes_used": stats.used_prototypes,
+        "prototypes_used": stats.prototypes_used,
         "code_entropy": stats.code_entropy,
         "corrupt_images": stats.corrupt_images,
     }
@@ -73,10 +73,8 @@ def loggable(report: dict[str, Any]) -> dict[str, float]:
 # eval_<name>: never at a step of a per-epoch curve (an MLflow chart would jump back to step 0 and
 # the UI's latest value would stop being the last epoch's).
 EVAL_PREFIX = "eval_"
-# swav.evaluation's names -> the vocabulary's (one name per figure everywhere).
-_VOCABULARY = {"used_prototypes": "prototypes_used", "assignment_entropy": "code_entropy"}
 
 
 def evaluation_metrics(found: dict[str, Any]) -> dict[str, float]:
-    """``{"knn_top1": .., "used_prototypes": ..}`` -> ``{"eval_knn_top1": .., "eval_prototypes_used": ..}``."""
-    return {EVAL_PREFIX + _VOCABULARY.get(k, k): float(v) for k, v in found.items()}
+    """``{"knn_top1": .., "prototypes_used": ..}`` -> ``{"eval_knn_top1": .., "eval_prototypes_used": ..}``."""
+    return {EVAL_PREFIX + k: float(v) for k, v in found.items()}

@@ -10,25 +10,24 @@ Batch semantics: ``optim.batch_size`` is per Ray worker, so the *global* batch i
 ``global / world`` images per step; one process (a bench) therefore trains on the same global
 batch the Ray run does, and the Sinkhorn codes, gathered over workers, are the same.
 
-``cfg`` is an :class:`orchestration.config.ExperimentConfig`; this module does not import it, so
-that :func:`orchestration.config.validate` can build the components through it.
+The checks that run before Ray starts (:mod:`orchestration.preflight`) build the components
+through this module too, so that a bad value fails as the run would fail on it.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import random
-import socket
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
+from orchestration.config import ExperimentConfig
 from swav.batch_multicrop import BatchMultiCrop
 from swav.data import (
     Batch,
@@ -51,13 +50,9 @@ from swav.raw_batches import (
     RawBatch,
     ResidentBatches,
     collate_uint8,
-    fits_in_memory,
     resident_images,
     to_uint8,
 )
-
-if TYPE_CHECKING:
-    from orchestration.config import ExperimentConfig
 
 __all__ = [
     "EvalSets",
@@ -65,7 +60,6 @@ __all__ = [
     "batch_crop_transform",
     "build_loss",
     "build_training",
-    "check_data",
     "compile_model",
     "crop_transform",
     "crops_on_device",
@@ -103,8 +97,8 @@ def crop_transform(cfg: ExperimentConfig) -> MultiCropTransform:
 def crops_on_device(cfg: ExperimentConfig, device: torch.device, resident: bool = False) -> bool:
     """``crops.device``: batched crops on the training device. ``auto``: on a GPU always; on the
     CPU when the training shard is ``resident`` (a small data set, decoded once into memory),
-    where per-image PIL crops cost more than the step itself (the default on 2 cores: 4.5 s an
-    epoch with PIL, 1.3 s batched); a streamed shard keeps PIL in the loader workers there."""
+    where per-image PIL crops cost more than the step itself (BENCHMARKS.md); a streamed shard
+    keeps PIL in the loader workers there."""
     mode = cfg.crops.device
     return mode == "gpu" or (mode == "auto" and (device.type == "cuda" or resident))
 
@@ -122,51 +116,6 @@ def batch_crop_transform(cfg: ExperimentConfig, device: torch.device,
                           solarize_prob=c.solarize_prob, seed=seed,
                           memory_format=memory_format,
                           compile=c.compile and device.type == "cuda")
-
-
-def crop_names(cfg: ExperimentConfig) -> list[str]:
-    """``"global 1 (16 px)"``, ..., ``"local 1 (12 px)"``, ...: one name per crop, in order."""
-    names = []
-    for group, (count, size) in enumerate(zip(cfg.crops.nmb_crops, cfg.crops.size_crops)):
-        kind = "global" if group == 0 else "local"
-        start = sum(cfg.crops.nmb_crops[1:group]) if group else 0
-        names += [f"{kind} {start + i + 1} ({size} px)" for i in range(count)]
-    return names
-
-
-def crop_examples(cfg: ExperimentConfig, n: int = 4, seed: int = 0
-                  ) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    """The first ``n`` decodable training images (``[n, 3, H, W]`` in [0, 1]; images of other
-    sizes are padded as the uint8 batches pad them) and each of their crops (one normalised
-    ``[n, 3, s, s]`` tensor per crop, in :func:`crop_names` order), made as the run makes them:
-    the PIL transform per image, or (:func:`crops_on_device`) the batched
-    :class:`BatchMultiCrop`, here on the CPU (the same code).  The global RNGs are left as they
-    were."""
-    train = open_splits(cfg).train
-    samples = []
-    for i in range(len(train)):  # type: ignore[arg-type]
-        if len(samples) == n:
-            break
-        try:
-            samples.append(train[i])
-        except (OSError, ValueError, SyntaxError):  # a corrupt image: the next one
-            continue
-    raw = collate_uint8([(to_uint8(image), label) for image, label in samples])
-    worker = torch.device("cuda" if cfg.scaling.use_gpu else "cpu")
-    # Whether a worker's shard would be kept resident, judged from these images (the workers
-    # decide on their whole shard): one size, and the shard's pixels within the bound.
-    per_worker = len(train) // cfg.scaling.num_workers  # type: ignore[arg-type]
-    resident = raw.sizes is None and fits_in_memory(per_worker, raw.images[0])
-    if crops_on_device(cfg, worker, resident):
-        groups = batch_crop_transform(cfg, torch.device("cpu"), seed)(raw.images, raw.sizes)
-        crops = [crop for group in groups for crop in group.split(len(samples))]  # crop-major
-    else:
-        transform = crop_transform(cfg)
-        with torch.random.fork_rng():
-            torch.manual_seed(seed)
-            views = [transform(image) for image, _ in samples]
-        crops = [torch.stack([v[c] for v in views]) for c in range(len(views[0]))]
-    return raw.images.float() / 255.0, crops
 
 
 def plain_transform(cfg: ExperimentConfig) -> Callable:
@@ -302,10 +251,9 @@ def compile_model(model: SwAVModel, cfg: ExperimentConfig, device: torch.device)
     ``crops.compile``. Returns whether it did.
 
     Static shapes (``dynamic=False``), one graph per crop size as for the crops: a run has a few
-    fixed shapes. With torch's default, the second crop size recompiled the model for symbolic
-    shapes; on an H100 (BENCHMARKS, session 11) that step ran slower than the eager one (28.6
-    against 22-25 ms, ResNet-18, 2x32 + 4x16) and ResNet-50's compile outlasted its 2 minutes.
-    ``model.compile_mode`` is torch.compile's ``mode``."""
+    fixed shapes, and with torch's default the second crop size recompiles the model for symbolic
+    shapes, which ran slower than the eager step (BENCHMARKS.md). ``model.compile_mode`` is
+    torch.compile's ``mode``."""
     if not (cfg.model.compile and device.type == "cuda"):
         return False
     model.backbone.compile(dynamic=False, mode=cfg.model.compile_mode)
@@ -425,75 +373,3 @@ def warm_up_crops(cfg: ExperimentConfig, batch_size: int, device: torch.device
     """Zero crops of a training step's shapes: one group per resolution."""
     return [torch.zeros(n * batch_size, 3, s, s, device=device)
             for n, s in zip(cfg.crops.nmb_crops, cfg.crops.size_crops)]
-
-
-# -- validation -------------------------------------------------------------------------------
-
-CHEAP_TO_OPEN = ("digits", "parquet", "imagefolder")  # metadata, one column or a file listing
-DOWNLOADABLE = ("cifar10", "cifar100", "stl10")  # torchvision fetches them with data.download
-
-
-def data_path_missing(d: Any) -> bool:
-    """A local ``data.path`` that this machine lacks (remote stores and downloads aside)."""
-    return (d.path is not None and "://" not in d.path
-            and not (d.download and d.source in DOWNLOADABLE)
-            and not Path(d.path).expanduser().exists())
-
-
-def check_data_here(cfg: ExperimentConfig) -> None:
-    """In a worker: its node lacks ``data.path`` (on a cluster the driver cannot check it)."""
-    if data_path_missing(cfg.data):
-        raise ValueError(f"data.path: {cfg.data.path!r} does not exist on node "
-                         f"{socket.gethostname()}")
-
-
-def check_data(cfg: ExperimentConfig) -> None:
-    """Open the data source on the driver where that is cheap, so that a missing column,
-    non-integer or missing labels, or a shard smaller than one step fail once, as one line,
-    before Ray starts (in the workers they would fail on every retry)."""
-    d = cfg.data
-    if d.source not in CHEAP_TO_OPEN or (d.path and "://" in d.path) or data_path_missing(d):
-        return  # large downloads, remote stores, a cluster's worker-side paths: where read
-    try:
-        splits = open_splits(cfg)
-    except ValueError as err:
-        raise ValueError(f"data.{err}") from None
-    n, workers = len(splits.train), cfg.scaling.num_workers  # type: ignore[arg-type]
-    if n // workers < cfg.optim.batch_size:
-        raise ValueError(f"optim.batch_size: {cfg.optim.batch_size} images per step exceed the "
-                         f"{n // workers} images of each worker's shard ({n} training images "
-                         f"over {workers} workers)")
-
-
-
-def check_components(cfg: ExperimentConfig) -> None:
-    """Build the pure components once (crops, loss, model, optimiser) so that a bad value fails
-    with its component's ValueError, whose message starts with the dotted key."""
-    def section(name: str, build: Callable[[], Any]) -> None:
-        try:
-            build()
-        except ValueError as err:
-            raise ValueError(f"{name}.{err}") from None
-
-    section("crops", lambda: crop_transform(cfg))
-    try:
-        build_loss(cfg)
-    except ValueError as err:
-        name = "crops" if str(err).startswith(("crops_for_assign", "nmb_crops")) else "swav"
-        raise ValueError(f"{name}.{err}") from None
-    section("model", lambda: _model_check(tuple(sorted(model_kwargs(cfg).items(), key=str))))
-    o = cfg.optim
-    section("optim", lambda: build_optimizer(nn.Linear(1, 1), o.name, o.lr, o.weight_decay,
-                                             o.momentum))
-
-
-_MODELS_CHECKED: set[str] = set()
-
-
-def _model_check(kwargs: tuple) -> None:
-    """Build the model once per distinct ``model`` section (a sweep validates many configs)."""
-    key = repr(kwargs)
-    if key not in _MODELS_CHECKED:
-        with torch.device("meta"):  # shapes and arguments only: no memory, no initialisation
-            build_model(**dict(kwargs))
-        _MODELS_CHECKED.add(key)

@@ -50,6 +50,7 @@ from orchestration.config import (
     resolve_path,
 )
 from orchestration.metrics import EPOCH_METRICS, LABELLED_METRICS
+from orchestration.preflight import validate
 
 __all__ = ["Dimension", "SweepSpec", "load_sweep", "trial_config"]
 
@@ -127,7 +128,7 @@ def trial_config(base: dict[str, Any], dimensions: list[Dimension],
             leaves[dim.key] = value
     # Trials never run the full evaluation; the sweep gives it to the best trial only.
     leaves.update({"eval.final_evaluation": False, "eval.explain_images": 0})
-    return build_config(merge(tree, nest(leaves)))
+    return validate(build_config(merge(tree, nest(leaves))))
 
 
 def _plain(value: Any) -> Any:
@@ -163,7 +164,7 @@ def load_sweep(path: str, overrides: list[str] | None = None) -> SweepSpec:
         raise ConfigError("overrides: expected a mapping of dotted keys to values")
     base = merge(merge(base, nest({str(k): v for k, v in extra.items()})),
                  parse_overrides(overrides or []))
-    build_config(base)  # the base itself must be a valid experiment
+    validate(build_config(base))  # the base itself must be a valid experiment
     spec = _spec(data, base, str(file))
     check_spec(spec)
     return spec
@@ -201,9 +202,7 @@ def _dimension(key: str, spec: Any) -> Dimension:
     where = f"search.{key}"
     defaults = ExperimentConfig().to_dict()
     section, _, leaf = key.partition(".")
-    top_level = section in defaults and not isinstance(defaults[section], dict)  # fail_at_epoch
-    if section not in defaults or (top_level and leaf) or (
-            not top_level and leaf and leaf not in defaults[section]) or "." in leaf:
+    if section not in defaults or (leaf and leaf not in defaults[section]) or "." in leaf:
         known = ", ".join(k for k, v in defaults.items() if isinstance(v, dict))
         raise ConfigError(f"{where}: not a config key (sections: {known}; keys as section.key)")
     if not isinstance(spec, dict) or len(spec) != 1:
@@ -213,7 +212,7 @@ def _dimension(key: str, spec: Any) -> Dimension:
     if kind not in DISTRIBUTIONS:
         raise ConfigError(f"{where}: unknown distribution {kind!r} (expected one of "
                           f"{', '.join(DISTRIBUTIONS)})")
-    if not leaf and not top_level:  # a whole section: named presets
+    if not leaf:  # a whole section: named presets
         if kind not in ("grid", "choice") or not isinstance(args, dict) or not args or not all(
                 isinstance(v, dict) for v in args.values()):
             raise ConfigError(f"{where}: a section is searched as a whole: {{choice: {{name: "

@@ -8,11 +8,10 @@ plans the same; the first epoch left out), until the last quarter of the plan; t
 a run never stops under a schedule that has not ended.
 
 The first epoch carries the run's start-up (compilation, autotuning, the allocator's growth), so
-it alone plans nothing: a plan from it is too short, and its warmup is over before it is made.
-On an H100 with ``crops.compile``, ``cifar10_wallclock``'s first epoch took 14 s and the next
-ones 1.9 s; planned after the first, the run had 9 epochs, and its second epoch ran at the peak
-rate after one at under 3% of it.  Until a second epoch is timed the plan stays ``optim.epochs``
-(whose warmup rises slowest), unless the first epoch spent the budget.
+it alone plans nothing: on a GPU it can take several times a later epoch, a plan from it is far
+too short, and its warmup would be over before the plan is made.  Until a second epoch is timed
+the plan stays ``optim.epochs`` (whose warmup rises slowest), unless the first epoch spent the
+budget.
 
 The warmup + cosine schedule is fitted to the plan: the warmup keeps its share
 (``warmup_epochs / epochs``) and the learning rate reaches ``final_lr`` at the end, as a schedule
@@ -94,17 +93,11 @@ def plan_epochs(done: int, clock: TrainingClock, budget_s: float, most: int) -> 
     return planned
 
 
-def fit_schedule(scheduler, optimizer, epochs: int, steps_per_epoch: int,
-                 warmup_share: float) -> None:
+def fit_schedule(scheduler, epochs: int, steps_per_epoch: int, warmup_share: float) -> None:
     """Stretch the per-iteration warmup + cosine (:class:`swav.optim.WarmupCosine`) over
     ``epochs``, the warmup over ``warmup_share`` of them; the next step's rate follows at once."""
     total = max(1, epochs * steps_per_epoch)
-    scheduler.total_steps = total
-    scheduler.warmup_steps = round(warmup_share * total)
-    rates = scheduler.get_lr()
-    for group, lr in zip(optimizer.param_groups, rates):
-        group["lr"] = lr
-    scheduler._last_lr = rates
+    scheduler.resize(total, round(warmup_share * total))
 
 
 def plan_run(optim: Any, engine: Any, clock: TrainingClock, done: int,
@@ -120,7 +113,7 @@ def plan_run(optim: Any, engine: Any, clock: TrainingClock, done: int,
     capped = (clock.epochs >= 2 and planned == optim.epochs  # (a pace is known)
               and plan_epochs(done, clock, budget, 2 ** 31) > planned)
     clock.planned, clock.budget_s = planned, budget
-    fit_schedule(engine.scheduler, engine.optimizer, planned, steps_per_epoch,
+    fit_schedule(engine.scheduler, planned, steps_per_epoch,
                  optim.warmup_epochs / optim.epochs)
     return planned, capped
 

@@ -92,8 +92,8 @@ def environment_tags(cfg: ExperimentConfig) -> dict[str, str]:
     }
 
 
-def _check_resume(client: MlflowClient, run_id: str, cfg: ExperimentConfig,
-                  run_name: str) -> list[str]:
+def check_resume(client: MlflowClient, run_id: str, cfg: ExperimentConfig,
+                 run_name: str) -> list[str]:
     """Refuse to resume a run under a config that trains something else (ConfigError listing
     the keys); returns the permitted changes (``RESUMABLE``) to record on the run."""
     with tempfile.TemporaryDirectory() as tmp:
@@ -111,19 +111,10 @@ def _check_resume(client: MlflowClient, run_id: str, cfg: ExperimentConfig,
     return allowed
 
 
-def check_resumable(cfg: ExperimentConfig, run_dir: str, run_name: str) -> None:
-    """A run of this name that exists with another config: refused (one line) before Ray
-    starts, as :meth:`TrackedRun.start` would refuse it once Ray had."""
-    run_id = read_text(f"{run_dir}/{RUN_ID_FILE}")
-    if run_id:
-        _check_resume(MlflowClient(resolve_tracking_uri(cfg.tracking.tracking_uri)), run_id, cfg,
-                      run_name)
-
-
 class TrackedRun:
     """The MLflow run of one training run (created, or resumed from ``run_dir``)."""
 
-    def __init__(self, uri: str, run_id: str, resumed: bool) -> None:
+    def __init__(self, uri: str, run_id: str, resumed: bool = False) -> None:
         self.uri, self.run_id, self.resumed = uri, run_id, resumed
         self.client = MlflowClient(uri)
 
@@ -140,11 +131,10 @@ class TrackedRun:
         """Create the run, or continue the one whose id is stored in ``run_dir``; ``uri``
         overrides the config's tracking URI (a sweep's private server)."""
         uri = uri or resolve_tracking_uri(cfg.tracking.tracking_uri)
-        check_reachable(uri)
         client = MlflowClient(uri)
         run_id = read_text(f"{run_dir}/{RUN_ID_FILE}")
         if run_id:
-            changed = _check_resume(client, run_id, cfg, run_name)
+            changed = check_resume(client, run_id, cfg, run_name)
             client.update_run(run_id, status=RunStatus.to_string(RunStatus.RUNNING))
             client.set_tag(run_id, "resumed", "true")
             if "failure_cause" in client.get_run(run_id).data.tags:  # the last attempt's
@@ -169,11 +159,24 @@ class TrackedRun:
         write_text(f"{run_dir}/{RUN_ID_FILE}", run_id)
         return cls(uri, run_id, resumed=False)
 
-    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+    def log_metrics(self, metrics: dict[str, float], step: int = 0) -> None:
+        """One batch of metrics at ``step`` (an epoch; 0 for figures logged once)."""
         now = int(time.time() * 1000)
         batch = [Metric(k, float(v), now, step) for k, v in metrics.items()]
         if batch:
             self.client.log_batch(self.run_id, metrics=batch)
+
+    def log_figure(self, figure: Any, path: str) -> None:
+        """A matplotlib figure as an artifact at ``path``; the figure is closed."""
+        import matplotlib.pyplot as plt
+
+        try:
+            self.client.log_figure(self.run_id, figure, path)
+        finally:
+            plt.close(figure)
+
+    def log_text(self, text: str, path: str) -> None:
+        self.client.log_text(self.run_id, text, path)
 
     def add_to_tag(self, key: str, item: str) -> None:
         """Tag ``key`` as a comma-separated list, with ``item`` added once."""

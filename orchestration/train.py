@@ -13,6 +13,7 @@ PyTorch flavour.
 from __future__ import annotations
 
 import logging
+import os
 import secrets
 import sys
 import threading
@@ -27,19 +28,20 @@ import ray.train.torch
 from ray.train import CheckpointConfig, FailureConfig, RunConfig
 
 from orchestration.capacity import check_fits, connected_cluster
-from orchestration.checkpoints import STATE_FILE, load_state
+from orchestration.checkpoints import STATE_FILE, load_state, storage_root
 from orchestration.config import ExperimentConfig, from_dict
+from orchestration.crops_figure import start_crops_figure
 from orchestration.failures import TrainingFailed, cause_of
-from orchestration.process_group import NodeAddressTorchConfig
 from orchestration.progress import ConsoleProgress, ProgressBoard
-from orchestration.recipe import crop_examples, crop_names, data_path_missing, initial_model
+from orchestration.ray_compat import NodeAddressTorchConfig, TorchTrainer
+from orchestration.recipe import initial_model
 from orchestration.run_lock import Heartbeat, RunLock
 from orchestration.tracking import TrackedRun
 from orchestration.train_callbacks import EpochMetricsLogger
-from orchestration.worker import train_loop_per_worker
+from orchestration.worker import FAIL_AT_EPOCH, train_loop_per_worker
+from swav.data import SourceSplits
 
-__all__ = ["TrainOutcome", "check_cluster_resources", "default_run_name", "run_training",
-           "train_loop_per_worker"]
+__all__ = ["TrainOutcome", "check_cluster_resources", "default_run_name", "run_training"]
 
 log = logging.getLogger(__name__)
 
@@ -61,11 +63,6 @@ def check_cluster_resources(cfg: ExperimentConfig) -> None:
     check_fits(cfg, connected_cluster())
 
 
-def storage_root(cfg: ExperimentConfig) -> str:
-    path = cfg.scaling.storage_path
-    return path if "://" in path else str(Path(path).expanduser().resolve())
-
-
 def run_training(
     cfg: ExperimentConfig,
     parent_run_id: str | None = None,
@@ -74,12 +71,14 @@ def run_training(
     tracking_uri: str | None = None,
     tags: dict[str, str] | None = None,
     console: bool = False,
+    splits: SourceSplits | None = None,
 ) -> TrainOutcome:
     """Train ``cfg`` on the connected Ray cluster; returns the MLflow run id and final metrics.
 
     A Tune trial passes ``parent_run_id`` (nests the MLflow run), ``callbacks`` (Tune's
     ``TuneReportCallback``), ``tracking_uri`` (the sweep's server) and ``tags``. ``console``:
-    draw a progress bar and a line per epoch (``swav-ray train``).
+    draw a progress bar and a line per epoch (``swav-ray train``). ``splits``: the data as the
+    driver's checks opened it (the crops figure is drawn from it).
     """
     check_cluster_resources(cfg)
     name = run_name or cfg.scaling.run_name or default_run_name("swav")
@@ -89,7 +88,7 @@ def run_training(
         tracked = TrackedRun.start(cfg, run_dir, name, parent_run_id, tags, tracking_uri)
         print(f"swav-ray: run {name} ({'resumed' if tracked.resumed else 'new'}), MLflow run "
               f"{tracked.run_id}, checkpoints under {run_dir}", flush=True)
-        figure = None if tracked.resumed else _start_crops_figure(cfg, tracked)
+        figure = None if tracked.resumed else start_crops_figure(cfg, tracked, splits)
         board = ProgressBoard.remote() if console else None
         make_trainer = _trainer_factory(cfg, name, root, run_dir, tracked,
                                         [Heartbeat(lock), *(callbacks or [])], board)
@@ -106,31 +105,6 @@ def run_training(
             num_cpus=sc.cpus_per_worker, num_gpus=1 if sc.use_gpu else 0)
         metrics.update(ray.get(task.remote(tracked.run_id, tracked.uri, cfg.to_dict())))
     return TrainOutcome(tracked.run_id, tracked.uri, metrics, result.checkpoint.path, name)
-
-
-def _start_crops_figure(cfg: ExperimentConfig, tracked: TrackedRun) -> threading.Thread:
-    """:func:`_log_crops` beside the trainer's start: Ray Train's controller and workers take
-    seconds to start, one after the other, and leave a core free meanwhile."""
-    thread = threading.Thread(target=_log_crops, args=(cfg, tracked), name="crops-figure",
-                              daemon=True)
-    thread.start()
-    return thread
-
-
-def _log_crops(cfg: ExperimentConfig, tracked: TrackedRun) -> None:
-    """``augmentations/multicrop.png``: a few training images and their crops, drawn where the
-    data is readable (on a cluster whose workers alone hold it, the figure is left out)."""
-    if data_path_missing(cfg.data):
-        return
-    from swav.viz import multicrop_figure
-
-    try:
-        originals, crops = crop_examples(cfg)
-        figure = multicrop_figure(originals, crops, crop_names(cfg), cfg.crops.mean,
-                                  cfg.crops.std)
-        tracked.client.log_figure(tracked.run_id, figure, "augmentations/multicrop.png")
-    except Exception as err:  # a figure never stops a run
-        log.warning("augmentations/multicrop.png left out: %s", err)
 
 
 def default_run_name(experiment: str) -> str:
@@ -169,31 +143,22 @@ def _fit_and_log(cfg: ExperimentConfig, make_trainer, run_dir: str, tracked: Tra
     return result
 
 
-class _TorchTrainer(ray.train.torch.TorchTrainer):
-    """``TorchTrainer`` without Ray Data's part when the run passes no Ray Datasets (ours read
-    their data in the workers): Ray Train 2.60 starts a ``DatasetManager`` actor for every run
-    all the same, one more process importing Ray Data (about 2 CPU-seconds a run, a tenth of a
-    local run's start), and sends each worker Ray Data's context. Where Ray's internals differ,
-    this changes nothing."""
-
-    def _create_default_callbacks(self) -> list:
-        callbacks = super()._create_default_callbacks()
-        if getattr(self, "datasets", None):
-            return callbacks
-        return [c for c in callbacks if type(c).__name__ != "DatasetsCallback"]
-
-
 def _trainer_factory(cfg: ExperimentConfig, name: str, root: str, run_dir: str,
                      tracked: TrackedRun, callbacks: list, board=None):
     """A new TorchTrainer per attempt; the same name and storage make each resume the last."""
     sc = cfg.scaling
     resources = {"CPU": sc.cpus_per_worker, **({"GPU": 1} if sc.use_gpu else {})}
 
+    # Tests make a worker die once (SWAV_RAY_FAIL_AT_EPOCH, read here: a Ray instance started
+    # earlier does not see this process's later environment).
+    fail_at = os.environ.get(FAIL_AT_EPOCH)
+
     def make() -> ray.train.torch.TorchTrainer:
-        return _TorchTrainer(
+        return TorchTrainer(
             train_loop_per_worker,
             train_loop_config={"cfg": cfg.to_dict(), "run_dir": run_dir, "board": board,
-                               "tracking": {"uri": tracked.uri, "run_id": tracked.run_id}},
+                               "tracking": {"uri": tracked.uri, "run_id": tracked.run_id},
+                               "fail_at_epoch": int(fail_at) if fail_at else None},
             scaling_config=ray.train.ScalingConfig(
                 num_workers=sc.num_workers, use_gpu=sc.use_gpu, resources_per_worker=resources),
             torch_config=NodeAddressTorchConfig(),

@@ -28,14 +28,19 @@ class EpochMetricsLogger(UserCallback):
 
     def __init__(self, uri: str, run_id: str) -> None:
         self.uri, self.run_id = uri, run_id
+        self._run = None  # the MLflow client, made at the first report in the controller
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_run": None}  # (sent to the controller without a client)
 
     def after_report(self, run_context, metrics: list[dict[str, Any]], checkpoint) -> None:
         if not metrics:
             return
-        from orchestration.tracking import TrackedRun
+        if self._run is None:
+            from orchestration.tracking import TrackedRun
 
-        report = metrics[0]
-        run = TrackedRun(self.uri, self.run_id, resumed=False)
+            self._run = TrackedRun(self.uri, self.run_id)
+        report, run = metrics[0], self._run
         run.log_metrics(loggable(report), step=int(report["epoch"]))
         if report.get("retrained"):
             run.add_to_tag(RETRAINED_TAG, str(int(report["epoch"])))

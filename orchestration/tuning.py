@@ -18,6 +18,7 @@ trial that ASHA stops is marked KILLED by :class:`TrialRunStatus`, in the Tune d
 from __future__ import annotations
 
 import math
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,14 +30,21 @@ from mlflow.tracking import MlflowClient
 from ray import tune
 
 from orchestration.capacity import check_fits, connected_cluster, totals
+from orchestration.checkpoints import storage_root
 from orchestration.config import ConfigError, ExperimentConfig
 from orchestration.mlflow_server import serving
 from orchestration.sweep import SweepSpec, trial_config
 from orchestration.sweep_ledger import SweepLedger, ledger_of
 from orchestration.sweep_report import log_sweep_results, trial_rows
-from orchestration.tracking import TrackedRun, check_reachable, read_text, resolve_tracking_uri, write_text
-from orchestration.train import run_training, storage_root
+from orchestration.tracking import (
+    TrackedRun,
+    read_text,
+    resolve_tracking_uri,
+    write_text,
+)
+from orchestration.train import run_training
 from orchestration.train_callbacks import ReportEpochsToTune
+from orchestration.worker import FAIL_AT_EPOCH
 
 __all__ = ["SweepOutcome", "run_sweep", "trial_resources"]
 
@@ -150,6 +158,7 @@ def _trial(config: dict[str, Any], context: dict[str, Any]) -> None:
     from orchestration.sweep import Dimension
 
     trial_id = tune.get_context().get_trial_id()
+    _inject_faults(context.get("fail_at_epoch"))
     dims = [Dimension(**d) for d in context["dimensions"]]
     cfg = trial_config(context["base"], dims, config)
     outcome = run_training(cfg, parent_run_id=context["parent"],
@@ -303,8 +312,7 @@ def run_sweep(spec: SweepSpec, name: str | None = None, resume: bool = False,
         raise ConfigError(f"name: sweep {name!r} already exists under {root}; resume it with "
                           f"swav-ray tune --resume {name}")
     max_concurrent = concurrent_trials(spec)
-    uri = resolve_tracking_uri(base.tracking.tracking_uri)
-    check_reachable(uri)
+    uri = resolve_tracking_uri(base.tracking.tracking_uri)  # (reachable: checked by preflight)
     with serving(uri) as live_uri:
         parent = _start_parent(spec, name, sweep_dir, live_uri)
         _LIVE_URIS[parent.run_id] = live_uri
@@ -345,10 +353,20 @@ def trial_count(spec: SweepSpec) -> int:
         spec.num_samples
 
 
+def _inject_faults(fail_at_epoch: str | None) -> None:
+    """Tests only: the sweep driver's :data:`~orchestration.worker.FAIL_AT_EPOCH`, passed on to
+    the trial's own Ray Train run (a trial actor does not share the driver's environment)."""
+    if fail_at_epoch:
+        os.environ[FAIL_AT_EPOCH] = fail_at_epoch
+    else:
+        os.environ.pop(FAIL_AT_EPOCH, None)
+
+
 def _fit(spec: SweepSpec, name: str, root: str, parent: TrackedRun, uri: str,
          max_concurrent: int, resume: bool, progress: bool):
     context = {"base": spec.base, "dimensions": [vars(d) for d in spec.dimensions],
-               "parent": parent.run_id, "uri": uri, "sweep": name}
+               "parent": parent.run_id, "uri": uri, "sweep": name,
+               "fail_at_epoch": os.environ.get(FAIL_AT_EPOCH)}
     # Tune reserves the driver's share only; the trial's Ray Train run reserves its workers.
     trainable = tune.with_resources(tune.with_parameters(_trial, context=context),
                                     {"CPU": DRIVER_CPU})

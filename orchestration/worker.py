@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 import tempfile
 import time
 from pathlib import Path
@@ -25,7 +26,12 @@ import ray.train.torch
 import torch
 import torch.distributed as dist
 
-from orchestration.checkpoint_folders import FolderNames, newest_first, unregistered, upload_whole
+from orchestration.checkpoint_folders import (
+    FolderNames,
+    newest_first,
+    unregistered,
+    upload_whole,
+)
 from orchestration.checkpoints import (
     STATE_FILE,
     CheckpointError,
@@ -38,16 +44,21 @@ from orchestration.config import ExperimentConfig, from_dict
 from orchestration.failures import as_not_retryable
 from orchestration.metrics import epoch_report
 from orchestration.progress import StepPoster
-from orchestration.recipe import Training, build_training, check_data_here
+from orchestration.recipe import Training, build_training
 from orchestration.system_metrics import node_monitor
 from orchestration.time_budget import TrainingClock, plan_run
+from swav.data import missing_locally
 from swav.engine import SwAVEngine
 from swav.evaluation import extract_features, knn_predict
 from swav.model import SwAVModel
 
-__all__ = ["FAILURE_MARKER", "distributed_knn", "train_loop_per_worker"]
+__all__ = ["FAILURE_MARKER", "FAIL_AT_EPOCH", "distributed_knn", "train_loop_per_worker"]
 
 log = logging.getLogger(__name__)
+# Fault injection for the tests, outside the user's config: with this variable set in the
+# driver's environment, one worker dies hard once at the start of that epoch (the marker file in
+# the run's folder says it did).
+FAIL_AT_EPOCH = "SWAV_RAY_FAIL_AT_EPOCH"
 FAILURE_MARKER = "injected_failure"
 
 
@@ -92,9 +103,10 @@ def _all_rng_states() -> list[dict[str, Any]]:
     return [rng_state()]
 
 
-def _maybe_fail(cfg: ExperimentConfig, epoch: int, rank: int, run_dir: str | None) -> None:
-    """Test-only: rank 1 (or 0 alone) dies hard once at ``fail_at_epoch``."""
-    if cfg.fail_at_epoch != epoch or run_dir is None or "://" in run_dir:
+def _maybe_fail(config: dict[str, Any], cfg: ExperimentConfig, epoch: int, rank: int) -> None:
+    """Test-only (:data:`FAIL_AT_EPOCH`): rank 1 (or 0 alone) dies hard once at that epoch."""
+    run_dir = config.get("run_dir")
+    if config.get("fail_at_epoch") != epoch or run_dir is None or "://" in run_dir:
         return
     marker = Path(run_dir) / FAILURE_MARKER
     if rank == min(1, cfg.scaling.num_workers - 1) and not marker.exists():
@@ -130,7 +142,9 @@ def _train_epochs(cfg: ExperimentConfig, config: dict[str, Any]) -> None:
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
-    check_data_here(cfg)
+    d = cfg.data
+    if missing_locally(d.source, d.path, d.download):  # (on a cluster the driver cannot tell)
+        raise ValueError(f"data.path: {d.path!r} does not exist on node {socket.gethostname()}")
     training = build_training(cfg, rank, world, device, wrap=ray.train.torch.prepare_model)
     engine = training.engine
     epoch, clock, names = _restore(engine, rank)
@@ -143,7 +157,7 @@ def _train_epochs(cfg: ExperimentConfig, config: dict[str, Any]) -> None:
     setup_s: float | None = time.perf_counter() - begun  # (reported with the first epoch)
     images_seen = corrupt_seen = 0
     while epoch < planned:
-        _maybe_fail(cfg, epoch, rank, config.get("run_dir"))
+        _maybe_fail(config, cfg, epoch, rank)
         poster = None
         if board is not None and rank == 0:
             poster = StepPoster(board, epoch, training.steps_per_epoch, engine.iteration,
@@ -219,11 +233,9 @@ def _restore(engine: SwAVEngine, rank: int) -> tuple[int, TrainingClock, FolderN
                 errors.append(str(err))
                 unreadable.append(candidate.path)
                 continue
-        # The schedule's length is the config's: a resume may extend optim.epochs, and the
-        # cosine then stretches from the current iteration to the new end.
-        total, warmup = engine.scheduler.total_steps, engine.scheduler.warmup_steps
+        # The schedule's length stays the one built from this config (its plan is not in the
+        # state): a resume may extend optim.epochs, and the cosine stretches to the new end.
         engine.load_state_dict(state["engine"])
-        engine.scheduler.total_steps, engine.scheduler.warmup_steps = total, warmup
         set_rng_state(state["rng"][rank])
         names = FolderNames.after_restore(checkpoint, state["epoch"], unreadable)
         if rank == 0:

@@ -1,33 +1,25 @@
 """Counterfactual explanations of SwAV cluster assignments.
 
-"How should this image change to be assigned to another cluster (prototype)?"  For an image batch
-``x`` (normalised ``[N, C, H, W]`` tensors, as fed to the model) the assignment probabilities are
-
-    ``p = softmax(prototype_scores(model, x, head) / temperature)``
-
-with ``prototype_scores = prototypes.heads[head](projection_head(backbone(x)))`` (the cosine
-similarities of the L2-normalised embedding to the unit-norm prototypes) and the assigned cluster
-is ``argmax p``.  :func:`explain` searches, by gradient descent on the pixels only, an image
-``x_cf`` near ``x`` that is assigned to a target prototype ``t``.  Pixels stay in the normalised
-image of the valid ``[0, 1]`` range: ``lo_c = -mean_c / std_c``, ``hi_c = (1 - mean_c) / std_c``.
+"How should this image change to be assigned to another cluster (prototype)?"  The assignment
+probabilities are ``p = softmax(prototype_scores(model, x, head) / temperature)`` (cosines of the
+embedding to the unit-norm prototypes); :func:`explain` searches, by gradient descent on the
+pixels only, an image ``x_cf`` near ``x`` (kept in the valid ``[0, 1]`` pixel range) that is
+assigned to a target prototype ``t``.
 
 Two methods:
 
 * ``"ce"`` (the product's method): normalised gradient steps with momentum on
   ``w * CE(scores / ce_temperature, t) + lam_l2 * ||x_cf - x||^2 / D + lam_tv * TV(x_cf)``
-  (steepest descent in L2, the norm of the change); every image stops (and is frozen) as soon
-  as it is assigned to ``t`` with a margin ``log p_t - max_{k != t} log p_k >= margin`` at the
-  assignment temperature (a log-odds margin: unlike a margin on probabilities it means the same
-  for K = 30 and K = 3000, where every probability is small).  The cross-entropy is taken at its
-  own, sharper temperature, and its weight ``w`` doubles while an image stays short of the margin
-  (see :class:`CEOptions`).  Each edit is then shrunk to its smallest multiple that still
-  reaches the target.
+  (steepest descent in L2, the norm of the change); each image stops as soon as ``t`` leads
+  the runner-up by a log-odds margin (comparable across K, unlike a margin on probabilities),
+  the cross-entropy weight grows while it falls short (Wachter et al., 2017), and each edit is
+  then shrunk to its smallest multiple that still reaches ``t`` (see :class:`CEOptions`).
 * ``"logit"`` (a tutorial's recipe, kept for comparison): Adam on ``-score_t + MSE(x_cf, x)
   + lam_tv * TV(x_cf) + lam_norm * mean(x_cf^2)`` for a fixed number of steps, no early stop.
 
-The model is put in eval mode (BatchNorm uses its running statistics, so every image is optimised
-independently of the rest of the batch) and its parameters neither require nor receive gradients;
-its training mode and ``requires_grad`` flags are restored afterwards.
+The model runs in eval mode (every image is optimised independently of the batch) with frozen
+parameters; its training mode and ``requires_grad`` flags are restored afterwards.  How the
+methods compare is measured in BENCHMARKS.md.
 """
 
 from __future__ import annotations
@@ -47,6 +39,7 @@ __all__ = [
     "CounterfactualResult",
     "LogitOptions",
     "METHODS",
+    "TARGET_MODES",
     "assignment_probs",
     "explain",
     "nearest_other_prototype",
@@ -58,6 +51,8 @@ __all__ = [
 ]
 
 METHODS = ("ce", "logit")
+# What explain's target may be chosen by, besides a prototype index (nearest of another label / any).
+TARGET_MODES = ("other_label", "nearest")
 
 
 # --------------------------------------------------------------------------- options
@@ -76,43 +71,21 @@ class CEOptions:
     ``ce_temperature``: the temperature of the cross-entropy that is minimised; ``lam_l2``,
     ``lam_tv``: weights of the per-pixel squared change and of the image's total variation.
 
-    Why a separate, sharp ``ce_temperature``: scores are cosines, and a trained model's nearest
-    prototypes are close (median cosine 0.97 between neighbours on the digits default), so at
-    the assignment temperature (0.1-0.2) the softmax spreads over many prototypes and the
-    cross-entropy gradient pulls the embedding towards the target *and* away from the mean of
-    all of them, rarely opening the gap to the runner-up: on the trained digits default
-    (128 held-out digits, nearest-other targets, margin 0.1) it reaches 70% validity at
-    ``ce_temperature = 0.2``, 96% at 0.05, 100% at 0.02, 99% at 0.01 and 88% at 0.005 (too
-    sharp: the loss turns into a hinge on the single runner-up and zig-zags between runners-up).
-    The margin has a geometric ceiling: a unit embedding can lead the runner-up ``r`` by a score
-    gap of at most ``||w_t - w_r||`` (0.24 at the median there), i.e. a log-odds margin of
-    ``||w_t - w_r|| / temperature``; 0.5 at temperature 0.2 asks for a 0.1 gap and stalls at
-    23-36% validity whatever the regularisation or step size.
-
-    ``lam_l2 = 20`` and ``lam_tv = 1`` (same model, fixed cross-entropy weight): validity 100%
-    with a mean L2 change of 0.63 (``logit``: 1.01); ``lam_l2`` 5: 100% / 0.67, 50: 94% / 0.57,
-    100: 84% / 0.51.  ``TV(x_cf)`` penalises the edges of the image itself, not of the change: a
-    large ``lam_tv`` smooths the original strokes and increases the change.
+    Why a separate, sharp ``ce_temperature``: scores are cosines and a trained model's nearest
+    prototypes are close, so at the assignment temperature the softmax spreads over many
+    prototypes and the cross-entropy rarely opens the gap to the runner-up; a sharper one (but not
+    so sharp that it becomes a hinge on the single runner-up) does.  The margin has a geometric
+    ceiling: a unit embedding leads the runner-up ``r`` by a score gap of at most
+    ``||w_t - w_r||``, i.e. a log-odds margin of ``||w_t - w_r|| / temperature``.
+    ``TV(x_cf)`` penalises the edges of the image itself, not of the change: a large ``lam_tv``
+    smooths the original strokes and increases the change.
 
     ``patience``: the cross-entropy weight of an image doubles every ``patience`` steps it stays
     short of the margin (Wachter et al., 2017, grow the prediction term until the counterfactual
     is valid), so the regularisers shape the easy images and cannot hold a hard one at an
-    equilibrium in front of its target.  On two other seeds of the digits default, where the
-    fixed weight leaves 4-5% of the images at a margin of 0.03-0.09 after 300 steps (targets
-    whose prototype is within 0.06-0.17 of the source's), it lifts validity from 95.3% to 98.4%
-    and from 96.1% to 99.2%.
-
-    ``max_steps = 600`` (was 300): targets of another majority label (``explain``'s
-    ``other_label`` mode) with luminance-only edits of grayscale digits are farther; on seed 0's
-    digits default (256 held-out digits) validity goes from 94.5% at 300 to 98.4% at 600, at a
-    mean of 47 steps (images stop at the margin, so the budget costs only the hard ones).
-
-    The search: Adam (``lr`` 0.01) until this version.  Normalised gradient steps with momentum
-    0.9, then the edit shrunk to its smallest valid multiple, on 3 seeds of the digits default
-    (256 held-out digits, luminance-only edits): mean L2 0.699 -> 0.649 with nearest targets
-    (Adam: 0.801; Adam with per-channel edits: 0.629) and 1.123 -> 1.053 with ``other_label``
-    targets (Adam: 1.314), validity 100% everywhere (Adam: 98.4-100%), in fewer steps.  ``lr``
-    0.003: 1-2% less change, but 98.4% validity on one seed.
+    equilibrium in front of its target.  ``max_steps`` is generous because images stop at the
+    margin: the budget costs only the hard ones (e.g. ``other_label`` targets).  The defaults and
+    their alternatives are measured in BENCHMARKS.md.
     """
 
     lr: float = 0.005
@@ -224,12 +197,13 @@ class CounterfactualResult:
     margin: float = 0.0
 
     def summary(self) -> dict[str, float]:
-        """``validity`` (share of valid images), ``l1_mean``, ``l2_mean`` and ``steps_mean``."""
+        """Means over the images: ``validity`` (the share of valid images), ``l1``, ``l2`` and
+        ``steps``."""
         return {
             "validity": float(self.valid.float().mean()),
-            "l1_mean": float(self.l1.mean()),
-            "l2_mean": float(self.l2.mean()),
-            "steps_mean": float(self.steps.float().mean()),
+            "l1": float(self.l1.mean()),
+            "l2": float(self.l2.mean()),
+            "steps": float(self.steps.float().mean()),
         }
 
 
@@ -254,9 +228,8 @@ def nearest_other_prototype(model: SwAVModel, assigned: torch.Tensor, head: int 
 
     ``candidates``: an optional bool mask of the prototypes that may be chosen, ``[K]`` for all
     images (e.g. the populated ones, :func:`populated_prototypes`) or ``[N, K]`` per image (e.g.
-    :func:`other_label_candidates`).  With a large K many prototypes hold no image (400 of 3000
-    in use on CIFAR-10 after 16 epochs), and the nearest prototype is then usually an empty one
-    that no real image is assigned to.
+    :func:`other_label_candidates`).  With a large K many prototypes hold no image, and the
+    nearest prototype is then usually an empty one that no real image is assigned to.
     """
     weight = F.normalize(model.prototypes.heads[head].weight.detach(), dim=1)
     k = weight.shape[0]
@@ -524,8 +497,8 @@ def _normalised_momentum_step_(v: torch.Tensor, grad: torch.Tensor, velocity: to
 
     Steepest descent in the L2 norm, which is the norm the change is measured in: a step moves an
     image by ``step`` along its gradient, so the pixels that matter most move most.  (Adam moves
-    every pixel by about its step size whatever its gradient, steepest descent in the max norm:
-    on the digits default it needs 15-20% more L2 change for the same targets.)  The momentum
+    every pixel by about its step size whatever its gradient, steepest descent in the max norm, and
+    needs more L2 change for the same targets.)  The momentum
     averages the directions, so a search between two close runners-up does not zig-zag.
     """
     def unit(t: torch.Tensor) -> torch.Tensor:
@@ -543,8 +516,7 @@ def _smallest_valid_edit(problem: _Problem, v: torch.Tensor, opts: CEOptions,
 
     The search stops at the first step past the margin and carries the regularisers' and the
     momentum's detours; scaling the edit down keeps its pattern, stays in the pixel range (a
-    mix of two valid images) and, for gray edits, gray.  On the digits default it takes 5-8%
-    off the L2 change.  Images that did not reach the target keep their edit."""
+    mix of two valid images) and, for gray edits, gray, with a smaller L2 change.  Images that did not reach the target keep their edit."""
     x = problem.x
     delta = problem.image(v) - x
     shape = (-1,) + (1,) * (x.dim() - 1)

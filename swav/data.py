@@ -32,6 +32,7 @@ __all__ = [
     "collate_skipping_corrupt",
     "eval_transform",
     "load_digits_arrays",
+    "missing_locally",
     "open_source",
     "shard",
     "subset",
@@ -39,6 +40,15 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 SOURCES = ("digits", "cifar10", "cifar100", "stl10", "imagefolder", "parquet")
+DOWNLOADABLE = ("cifar10", "cifar100", "stl10")  # torchvision fetches them with download=True
+
+
+def missing_locally(source: str, path: str | None, download: bool = False) -> bool:
+    """A local ``path`` that this machine lacks (remote stores and downloads aside): on a cluster
+    only the nodes that read the data can say whether it is there."""
+    return (path is not None and "://" not in path
+            and not (download and source in DOWNLOADABLE)
+            and not Path(path).expanduser().exists())
 
 
 def load_digits_arrays() -> tuple[np.ndarray, np.ndarray]:
@@ -46,7 +56,7 @@ def load_digits_arrays() -> tuple[np.ndarray, np.ndarray]:
 
     Returns ``uint8`` images ``[N, 8, 8]`` scaled from 0..16 to 0..255 and ``int64`` labels.
     Read from the package's CSV file as ``sklearn.datasets.load_digits`` reads it, without
-    importing scikit-learn (about a CPU-second in every worker process of a digits run); where
+    importing scikit-learn (whose import every worker process of a digits run would pay); where
     the file is not there, through ``load_digits``.
     """
     table = _digits_csv()
@@ -205,9 +215,8 @@ class ParquetImageDataset(Dataset):
         """Labels of all rows, read from the label column alone (for splitting/evaluation)."""
         if self.label_column is None:
             return None
-        import pyarrow.parquet as pq
-
         import pyarrow as pa
+        import pyarrow.parquet as pq
 
         values = []
         for f in self.files:

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
@@ -57,13 +57,10 @@ class EpochStats:
     images: int
     seconds: float
     images_per_s: float
-    used_prototypes: int
+    prototypes_used: int
     code_entropy: float  # nats, of the hard assignments' distribution over prototypes
     queue_in_use: bool
     corrupt_images: int = 0  # undecodable images dropped (and replaced) by the collate
-
-    def as_dict(self) -> dict[str, float | int | bool]:
-        return asdict(self)
 
 
 def _sum_over_workers(values: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -87,7 +84,7 @@ class SwAVEngine:
         freeze_prototypes_iters: iterations during which the prototypes do not move.
         amp: bf16 autocast on CUDA (ignored on CPU).
         channels_last: feed crops in channels-last memory format (convert the model likewise,
-            before wrapping it in DDP); +60% images/s for ResNet-50 on an H100 (BENCHMARKS.md).
+            before wrapping it in DDP), which GPU convolutions run faster on (BENCHMARKS.md).
         cuda_graphs: the model is compiled to replay CUDA graphs (torch.compile's
             ``reduce-overhead``): each step marks where it begins, which tells torch that the
             last step's graph outputs are no longer read and may be overwritten.
@@ -247,7 +244,7 @@ class SwAVEngine:
             images=int(totals[2]),
             seconds=seconds,
             images_per_s=float(totals[2]) / seconds if seconds > 0 else 0.0,
-            used_prototypes=int((counts > 0).sum()),
+            prototypes_used=int((counts > 0).sum()),
             code_entropy=_entropy(counts),
             queue_in_use=self.queue is not None and self.queue.full,
             corrupt_images=int(totals[3]),

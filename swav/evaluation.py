@@ -8,7 +8,8 @@
   momentum 0.9, lr 0.3 for batch 256, weight decay 1e-6, cosine schedule to 0 over 100 epochs),
   or, for small data, an L-BFGS multinomial logistic regression as in CLIP's linear probes
   (Radford et al., 2021).
-* Quality of the prototype assignments against labels (:func:`assign`, :func:`cluster_quality`):
+* Quality of the prototype assignments against labels (:func:`assign_with_scores`,
+  :func:`cluster_quality`):
   NMI and ARI as in DeepCluster (Caron et al., 2018) and SeLa (Asano et al., 2020), purity,
   prototype usage and the entropy of the assignment distribution (collapse diagnostics).
 """
@@ -24,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 __all__ = [
-    "assign",
+    "LINEAR_METHODS",
     "assign_with_scores",
     "cluster_quality",
     "extract_features",
@@ -32,6 +33,9 @@ __all__ = [
     "knn_predict",
     "linear_eval",
 ]
+
+#: What :func:`linear_eval` accepts as ``method``.
+LINEAR_METHODS = ("auto", "sklearn", "sgd")
 
 #: ``linear_eval(method="auto")`` uses scikit-learn up to this many training samples, SGD above.
 SKLEARN_MAX_TRAIN = 20_000
@@ -222,8 +226,8 @@ def _linear_sklearn(train: torch.Tensor, labels: torch.Tensor, test: torch.Tenso
 
 def _check_linear_args(method: str, epochs: int, lr: float, batch_size: int,
                        weight_decay: float, C: float, max_iter: int) -> None:
-    if method not in ("auto", "sgd", "sklearn"):
-        raise ValueError(f"method: expected 'auto', 'sgd' or 'sklearn', got {method!r}")
+    if method not in LINEAR_METHODS:
+        raise ValueError(f"method: expected one of {LINEAR_METHODS}, got {method!r}")
     checks = [("epochs", epochs, epochs >= 1), ("lr", lr, lr > 0),
               ("batch_size", batch_size, batch_size >= 1),
               ("weight_decay", weight_decay, weight_decay >= 0), ("C", C, C > 0),
@@ -325,15 +329,6 @@ def assign_with_scores(
     return torch.cat(winners), torch.cat(best), (torch.cat(labels) if labelled else None)
 
 
-def assign(
-    model: nn.Module, loader: Iterable, device: torch.device | str = "cpu", head: int = 0
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Argmax prototype of every image and the labels (None when unlabelled); see
-    :func:`assign_with_scores`."""
-    assignments, _, labels = assign_with_scores(model, loader, device, head)
-    return assignments, labels
-
-
 def _check_assignments(assignments: torch.Tensor, labels: torch.Tensor,
                        n_prototypes: int) -> None:
     if not isinstance(n_prototypes, int) or n_prototypes < 1:
@@ -374,8 +369,8 @@ def cluster_quality(
     * ``nmi``: normalised mutual information (arithmetic normalisation), ``ari``: adjusted Rand
       index, both from :mod:`sklearn.metrics` (the DeepCluster / SeLa cluster metrics);
     * ``purity``: ``sum over prototypes of the count of its majority label / N``;
-    * ``used_prototypes``: prototypes with at least one sample (collapse diagnostic);
-    * ``assignment_entropy``: entropy in nats of the empirical assignment distribution
+    * ``prototypes_used``: prototypes with at least one sample (collapse diagnostic);
+    * ``code_entropy``: entropy in nats of the empirical assignment distribution
       (``log(n_prototypes)`` at most, for perfectly equipartitioned assignments).
     """
     from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score
@@ -393,6 +388,6 @@ def cluster_quality(
         "nmi": float(normalized_mutual_info_score(y_np, a_np, average_method="arithmetic")),
         "ari": float(adjusted_rand_score(y_np, a_np)),
         "purity": float(table.max(1).values.sum()) / a.shape[0],
-        "used_prototypes": int((sizes > 0).sum()),
-        "assignment_entropy": float(-(p * p.log()).sum()),
+        "prototypes_used": int((sizes > 0).sum()),
+        "code_entropy": float(-(p * p.log()).sum()),
     }

@@ -3,8 +3,8 @@
 The per-epoch kNN evaluation embeds the same bank and held-out images every epoch through a
 transform without randomness (decode, resize, normalise), so its batches are the same each time.
 :class:`KeptBatches` keeps them in memory after the first pass when they fit, and the later passes
-skip the loader (on the embedded default the transforms were about a sixth of a CPU worker's
-epoch).  Past the bound it keeps nothing and streams, as a plain loader does.
+skip the loader's decoding and transforms.  Past the bound it keeps nothing and streams, as a
+plain loader does.
 """
 
 from __future__ import annotations

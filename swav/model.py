@@ -148,10 +148,6 @@ class SwAVModel(nn.Module):
         self.projection_head = head
         self.prototypes = prototypes
 
-    def encode(self, x: torch.Tensor) -> torch.Tensor:
-        """Backbone features (the representation used for evaluation)."""
-        return self.backbone(x)
-
     def forward(
         self, crops: torch.Tensor | Sequence[torch.Tensor]
     ) -> tuple[torch.Tensor, list[torch.Tensor]]:

@@ -293,7 +293,13 @@ def warmup_cosine(
 
 class WarmupCosine(LRScheduler):
     """Per-iteration :func:`warmup_cosine` schedule with absolute rates: each group goes from
-    ``start_lr`` to its own initial lr (the peak) and decays to ``final_lr``."""
+    ``start_lr`` to its own initial lr (the peak) and decays to ``final_lr``.
+
+    The schedule's length (``total_steps``, ``warmup_steps``) is its plan, set at construction
+    and by :meth:`resize`; the state dict holds where the schedule is (the step), not the plan,
+    so that a resumed run keeps the plan it was built with."""
+
+    PLAN = ("total_steps", "warmup_steps")
 
     def __init__(self, optimizer: torch.optim.Optimizer, total_steps: int, warmup_steps: int,
                  final_lr: float, start_lr: float) -> None:
@@ -304,6 +310,32 @@ class WarmupCosine(LRScheduler):
     def get_lr(self) -> list[float]:
         return [warmup_cosine(self.last_epoch, self.total_steps, self.warmup_steps, base,
                               self.final_lr, self.start_lr) for base in self.base_lrs]
+
+    def resize(self, total_steps: int, warmup_steps: int) -> None:
+        """Plan the schedule over ``total_steps`` from its start, ``warmup_steps`` of warmup
+        (e.g. a run fitted to a time budget); the current step's rate follows at once."""
+        _check_plan(total_steps, warmup_steps)
+        self.total_steps, self.warmup_steps = total_steps, warmup_steps
+        rates = self.get_lr()
+        for group, lr in zip(self.optimizer.param_groups, rates):
+            group["lr"] = lr
+        self._last_lr = rates
+
+    def state_dict(self) -> dict[str, Any]:
+        return {k: v for k, v in super().state_dict().items() if k not in self.PLAN}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        # (checkpoints written before the plan left the state dict still hold it: ignored)
+        super().load_state_dict({k: v for k, v in state_dict.items() if k not in self.PLAN})
+
+
+def _check_plan(total_steps: int, warmup_steps: int) -> None:
+    if not total_steps >= 1:
+        raise ValueError(f"total_steps: must be >= 1, got {total_steps}")
+    if not 0 <= warmup_steps <= total_steps:
+        raise ValueError(
+            f"warmup_steps: must be in [0, total_steps={total_steps}], got {warmup_steps}"
+        )
 
 
 def build_scheduler(
@@ -328,12 +360,7 @@ def build_scheduler(
     Raises:
         ValueError: with a message starting with the offending field name.
     """
-    if not total_steps >= 1:
-        raise ValueError(f"total_steps: must be >= 1, got {total_steps}")
-    if not 0 <= warmup_steps <= total_steps:
-        raise ValueError(
-            f"warmup_steps: must be in [0, total_steps={total_steps}], got {warmup_steps}"
-        )
+    _check_plan(total_steps, warmup_steps)
     for name, value in (("final_lr", final_lr), ("start_lr", start_lr)):
         if not value >= 0:
             raise ValueError(f"{name}: must be >= 0, got {value}")

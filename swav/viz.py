@@ -119,8 +119,7 @@ def _project_2d(features: np.ndarray, method: str, seed: int) -> tuple[np.ndarra
     the axis names (PCA: each component's share of the variance).
 
     t-SNE runs with one OpenMP thread: its OpenMP gradient loop slows down by an order of
-    magnitude when the cores are shared (2,000 points on a loaded 2-core machine: 131 s with the
-    default threads, 18 s with one; 60 points: 13 s against 0.2 s).
+    magnitude when the cores are shared.
     """
     if method == "pca":
         from sklearn.decomposition import PCA

@@ -4,6 +4,7 @@ operations that would make the host wait for a GPU."""
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -30,6 +31,21 @@ def ray_local():
              log_to_driver=False)
     yield ray
     ray.shutdown()
+
+
+CHECKOUT = Path(__file__).resolve().parents[1]
+# What a run writes into its working directory by default: never into the checkout from a test.
+DEFAULT_OUTPUTS = ("mlruns", "mlflow.db", "runs", "mlartifacts")
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _checkout_left_clean():
+    """Fails the session when a test wrote MLflow's or a run's default outputs into the checkout
+    (an experiment created without an artifact location puts ``mlruns/`` in the cwd)."""
+    before = {name for name in DEFAULT_OUTPUTS if (CHECKOUT / name).exists()}
+    yield
+    added = sorted({name for name in DEFAULT_OUTPUTS if (CHECKOUT / name).exists()} - before)
+    assert not added, f"tests wrote {added} into the checkout {CHECKOUT}"
 
 
 @pytest.fixture(autouse=True)

@@ -15,7 +15,8 @@ from orchestration.capacity import (
     problems,
     totals,
 )
-from orchestration.config import ConfigError, build_config
+from orchestration.config import ConfigError
+from orchestration.preflight import experiment_from
 
 G5 = NodeGroup("g5", 8, 1, 8)        # 8 vCPU, 1 GPU, at most 8 nodes
 P4D = NodeGroup("p4d", 96, 8, 8)     # 8 GPUs per node
@@ -23,7 +24,7 @@ HEAD = NodeGroup("head", 0, 0, 1)
 
 
 def cfg(workers: int, cpus: float, gpu: bool = True, storage: str = "./runs"):
-    return build_config({"scaling": {"num_workers": workers, "cpus_per_worker": cpus,
+    return experiment_from({"scaling": {"num_workers": workers, "cpus_per_worker": cpus,
                                      "use_gpu": gpu, "storage_path": storage}})
 
 

@@ -12,7 +12,6 @@ import pytest
 import torch
 
 from orchestration.checkpoints import (
-    check_storage,
     STATE_FILE,
     CheckpointError,
     load_state,
@@ -20,7 +19,7 @@ from orchestration.checkpoints import (
     save_state,
     set_rng_state,
 )
-from orchestration.config import ConfigError, load_config
+from orchestration.preflight import load_experiment
 from orchestration.recipe import build_training
 
 
@@ -80,7 +79,7 @@ def test_rng_states_survive_a_weights_only_round_trip(tmp_path):
 
 
 def test_a_trained_engine_state_loads_with_weights_only(tmp_path):
-    cfg = load_config(None, ["data.limit=128", "optim.batch_size=32", "model.width=8",
+    cfg = load_experiment(None, ["data.limit=128", "optim.batch_size=32", "model.width=8",
                              "model.hidden_dim=32", "model.out_dim=16", "model.n_prototypes=20",
                              "optim.name=lars", "swav.queue_length=128",
                              "swav.epoch_queue_starts=0"])
@@ -95,28 +94,3 @@ def test_a_trained_engine_state_loads_with_weights_only(tmp_path):
     for name, value in training.engine.net.state_dict().items():
         torch.testing.assert_close(again.engine.net.state_dict()[name], value, rtol=0, atol=0)
     assert state["config"] == cfg.to_dict()
-
-
-def test_storage_is_tried_for_real_and_left_as_it_was(tmp_path):
-    """Missing folders are made for the probe and removed again; an existing one keeps only
-    what it had."""
-    check_storage(str(tmp_path / "a" / "b" / "runs"))
-    (tmp_path / "runs").mkdir()
-    (tmp_path / "runs" / "kept").write_text("x")
-    check_storage(str(tmp_path / "runs"))
-    assert sorted(p.name for p in tmp_path.rglob("*")) == ["kept", "runs"]
-    check_storage("s3://bucket/runs")  # the workers' to write
-
-
-@pytest.mark.parametrize("where, says", [
-    ("/proc/swav-ray-runs", "/proc/swav-ray-runs is not writable ("),  # not even for root
-    ("file/runs", "is not writable (Not a directory)"),
-    ("file", "file is a file, not a directory"),
-])
-def test_storage_where_no_run_folder_can_be_made_is_one_line(tmp_path, where, says):
-    (tmp_path / "file").write_text("x")
-    path = where if where.startswith("/") else str(tmp_path / where)
-    with pytest.raises(ConfigError, match=r"^scaling.storage_path: ") as err:
-        check_storage(path)
-    assert says in str(err.value) and "\n" not in str(err.value)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]

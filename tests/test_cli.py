@@ -7,7 +7,7 @@ from types import SimpleNamespace
 import yaml
 
 from orchestration.cli import _print_summary, main
-from orchestration.config import load_config
+from orchestration.preflight import load_experiment
 
 
 def _outcome(metrics: dict) -> SimpleNamespace:
@@ -84,8 +84,8 @@ def test_print_config_prints_every_key_as_a_file_train_takes_and_trains_nothing(
     assert printed["optim"]["lr"] == 1.2 and printed["model"]["backbone"] == "resnet18"
     assert printed["model"]["cudnn_benchmark"] is True  # defaults included, not only the file's
     (tmp_path / "resolved.yaml").write_text(text)
-    again = load_config(str(tmp_path / "resolved.yaml"), [])
-    assert again == load_config("cifar10_wallclock", ["optim.lr=1.2", "data.path=/tmp"])
+    again = load_experiment(str(tmp_path / "resolved.yaml"), [])
+    assert again == load_experiment("cifar10_wallclock", ["optim.lr=1.2", "data.path=/tmp"])
     assert sorted(p.name for p in tmp_path.iterdir()) == ["resolved.yaml"]  # nothing else
 
 
@@ -119,21 +119,3 @@ def test_a_sweep_whose_trials_need_more_cpus_than_the_machine_is_refused_like_tr
         f"swav-ray: error: scaling.num_workers: {cpus + 1} workers x 1 CPU need {cpus + 1} "
         f"CPUs, this machine has {cpus} (set RAY_ADDRESS to train on a cluster)")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["sweep.yaml"]
-
-
-def test_ray_s_paragraph_on_a_lost_worker_is_silenced_at_default_verbosity(capsys, monkeypatch):
-    """The driver prints the raylet's errors through one function; a lost worker's paragraph is
-    dropped (the run's own line says what failed), any other error still shows."""
-    import ray._private.worker as ray_driver
-
-    from orchestration.cli import quiet_ray_notes
-
-    monkeypatch.setattr(ray_driver, "print_to_stdstream", ray_driver.print_to_stdstream)
-    quiet_ray_notes()
-    quiet_ray_notes()  # (once wrapped is enough)
-    death = "A worker died or was killed while executing a task by an unexpected system error."
-    ray_driver.print_to_stdstream({"lines": [death], "pid": "raylet", "is_err": False}, False)
-    ray_driver.print_to_stdstream({"lines": ["The node ran out of memory"], "pid": "raylet",
-                                   "is_err": False}, False)
-    out = capsys.readouterr().out
-    assert "A worker died" not in out and "The node ran out of memory" in out

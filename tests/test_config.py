@@ -11,20 +11,20 @@ from orchestration.config import (
     ConfigError,
     ExperimentConfig,
     from_dict,
-    load_config,
     parse_overrides,
     resolve_path,
 )
+from orchestration.preflight import load_experiment
 
 
 def test_default_experiment_is_the_embedded_digits_run():
-    cfg = load_config()
+    cfg = load_experiment()
     assert cfg.data.source == "digits" and cfg.model.backbone == "convnet"
     assert cfg.scaling.num_workers == 2 and not cfg.scaling.use_gpu
 
 
 def test_overrides_are_parsed_as_yaml_and_typed():
-    cfg = load_config(None, ["optim.lr=0.5", "model.n_prototypes=[30, 10]", "optim.epochs=3",
+    cfg = load_experiment(None, ["optim.lr=0.5", "model.n_prototypes=[30, 10]", "optim.epochs=3",
                              "data.limit=100", "scaling.run_name=abc"])
     assert cfg.optim.lr == 0.5 and cfg.model.n_prototypes == [30, 10]
     assert cfg.optim.epochs == 3 and cfg.data.limit == 100 and cfg.scaling.run_name == "abc"
@@ -32,31 +32,31 @@ def test_overrides_are_parsed_as_yaml_and_typed():
 
 
 def test_ints_are_accepted_for_floats_but_not_the_reverse():
-    assert load_config(None, ["optim.lr=1"]).optim.lr == 1.0
+    assert load_experiment(None, ["optim.lr=1"]).optim.lr == 1.0
     with pytest.raises(ConfigError, match="^optim.epochs: expected int, got 1.5"):
-        load_config(None, ["optim.epochs=1.5"])
+        load_experiment(None, ["optim.epochs=1.5"])
     with pytest.raises(ConfigError, match="^scaling.use_gpu: expected bool"):
-        load_config(None, ["scaling.use_gpu=1"])
+        load_experiment(None, ["scaling.use_gpu=1"])
 
 
 def test_exponent_floats_without_a_dot_are_floats(tmp_path):
     """PyYAML reads ``1e-4`` as a string (YAML 1.1 needs ``1.0e-4``); a float field takes it."""
-    assert load_config(None, ["optim.weight_decay=1e-4"]).optim.weight_decay == 1e-4
+    assert load_experiment(None, ["optim.weight_decay=1e-4"]).optim.weight_decay == 1e-4
     path = tmp_path / "x.yaml"
     path.write_text("optim:\n  weight_decay: 5E-6\n  lr: 2e+1\n")
-    cfg = load_config(str(path))
+    cfg = load_experiment(str(path))
     assert cfg.optim.weight_decay == 5e-6 and cfg.optim.lr == 20.0
     with pytest.raises(ConfigError, match="^optim.lr: expected float, got 'fast'"):
-        load_config(None, ["optim.lr=fast"])
+        load_experiment(None, ["optim.lr=fast"])
     with pytest.raises(ConfigError, match="^optim.epochs: expected int, got '1e3'"):
-        load_config(None, ["optim.epochs=1e3"])
+        load_experiment(None, ["optim.epochs=1e3"])
 
 
 def test_round_trip_through_a_dict_and_flat_params():
-    cfg = load_config(None, ["swav.queue_length=128"])
+    cfg = load_experiment(None, ["swav.queue_length=128"])
     assert from_dict(cfg.to_dict()) == cfg
     flat = cfg.flat()
-    assert flat["swav.queue_length"] == 128 and flat["fail_at_epoch"] is None
+    assert flat["swav.queue_length"] == 128
     assert len(flat) == sum(len(v) if isinstance(v, dict) else 1 for v in cfg.to_dict().values())
 
 
@@ -87,7 +87,7 @@ def test_round_trip_through_a_dict_and_flat_params():
 )
 def test_bad_values_name_their_key(override, message):
     with pytest.raises(ConfigError) as err:
-        load_config(None, [override])
+        load_experiment(None, [override])
     assert str(err.value).startswith(message)
 
 
@@ -95,9 +95,9 @@ def test_shipped_experiment_files_are_valid(tmp_path):
     names = sorted(p.stem for p in EXPERIMENTS_DIR.glob("*.yaml") if not p.stem.startswith("sweep_"))
     assert {"default", "cifar10_resnet18", "stanford_dogs_resnet50", "imagenet_resnet50"} <= set(names)
     for name in names:
-        cfg = load_config(name, [f"data.path={tmp_path}"])
+        cfg = load_experiment(name, [f"data.path={tmp_path}"])
         assert isinstance(cfg, ExperimentConfig)
-    paper = load_config("imagenet_resnet50", [f"data.path={tmp_path}"])
+    paper = load_experiment("imagenet_resnet50", [f"data.path={tmp_path}"])
     assert (paper.crops.nmb_crops, paper.crops.size_crops) == ([2, 6], [224, 96])
     assert paper.model.n_prototypes == 3000 and paper.optim.name == "lars"
     assert paper.optim.batch_size * paper.scaling.num_workers == 4096
@@ -123,27 +123,39 @@ def test_missing_or_broken_files(tmp_path):
     with pytest.raises(ConfigError, match="^config: no such experiment file .*missing.yaml' "
                                           r"\(by name: cifar10_resnet18, cifar10_wallclock, "
                                           "default, .*sweep_default\\)$"):
-        load_config(tmp_path / "missing.yaml")
+        load_experiment(tmp_path / "missing.yaml")
     bad = tmp_path / "bad.yaml"
     bad.write_text("optim: [unclosed")
     with pytest.raises(ConfigError, match="^config: .* is not valid YAML"):
-        load_config(bad)
+        load_experiment(bad)
     with pytest.raises(ConfigError, match="overrides are dotted key=value"):
-        load_config(None, ["optim.lr"])
+        load_experiment(None, ["optim.lr"])
 
 
 def test_a_resume_may_change_only_the_keys_that_do_not_change_the_experiment():
     from orchestration.config import resume_changes
 
-    stored = load_config(None, ["data.source=digits"]).to_dict()
-    same = load_config(None, ["optim.epochs=64", "eval.knn_every=2",
+    stored = load_experiment(None, ["data.source=digits"]).to_dict()
+    same = load_experiment(None, ["optim.epochs=64", "eval.knn_every=2",
                               "scaling.max_failures=0"]).to_dict()
     refused, allowed = resume_changes(stored, same)
     assert refused == []
     assert allowed == ["eval.knn_every: 1 -> 2", "optim.epochs: 32 -> 64",
                        "scaling.max_failures: 2 -> 0"]
-    other = load_config(None, ["model.n_prototypes=30", "optim.lr=0.1"]).to_dict()
+    other = load_experiment(None, ["model.n_prototypes=30", "optim.lr=0.1"]).to_dict()
     refused, _ = resume_changes(stored, other)
     assert refused == ["model.n_prototypes: 100 -> 30", "optim.lr: 0.004 -> 0.1"]
     stored["data"]["gone"] = 1  # a key of an older version: a difference, not a crash
     assert resume_changes(stored, same)[0] == ["data.gone: 1 -> '(absent)'"]
+
+
+def test_a_config_stored_by_an_earlier_version_with_a_retired_key_still_loads_and_resumes():
+    """Runs logged before the test-only ``fail_at_epoch`` left the schema hold it in their
+    config.yaml: evaluate (from_dict) and a resume (resume_changes) ignore it."""
+    from orchestration.config import resume_changes
+
+    stored = {**load_experiment(None).to_dict(), "fail_at_epoch": None}
+    assert from_dict(stored) == load_experiment(None)
+    assert resume_changes(stored, load_experiment(None).to_dict()) == ([], [])
+    with pytest.raises(ConfigError, match="^fail_at_epoch: unknown key"):
+        load_experiment(None, ["fail_at_epoch=3"])  # not a user's key any more

@@ -108,7 +108,7 @@ def test_short_run_on_digits_lowers_the_loss_without_collapse():
     losses = [s.loss for s in stats]
     assert losses[0] > 0.9 * math.log(k)
     assert losses[-1] < losses[0] - 0.5
-    assert stats[-1].used_prototypes >= 0.8 * k
+    assert stats[-1].prototypes_used >= 0.8 * k
     assert stats[-1].code_entropy > 0.8 * math.log(k)
     assert stats[-1].images == 512
 

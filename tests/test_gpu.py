@@ -92,13 +92,13 @@ def test_channels_last_step_matches_the_default_layout():
 def test_model_compile_steps_like_the_eager_model():
     """``model.compile`` (backbone and head compiled in place): the same losses over 3 steps as
     the eager engine from the same weights (fp32, no autocast), and the same state-dict keys."""
-    from orchestration.config import load_config
+    from orchestration.preflight import load_experiment
     from orchestration.recipe import build_engine
 
     crops = [torch.randn(32, 3, 32, 32), torch.randn(32, 3, 16, 16)]
     losses, keys = [], []
     for compiled in (False, True):
-        cfg = load_config(None, ["model.backbone=resnet18", "model.cifar_stem=true",
+        cfg = load_experiment(None, ["model.backbone=resnet18", "model.cifar_stem=true",
                                  "model.n_prototypes=50", "crops.nmb_crops=[2,2]",
                                  "crops.size_crops=[32,16]", "crops.min_scale_crops=[0.14,0.05]",
                                  "crops.max_scale_crops=[1.0,0.14]", "optim.name=sgd",
@@ -131,12 +131,12 @@ def test_a_run_compiles_its_crops_and_model_while_it_is_set_up():
     compiles nothing."""
     from torch._dynamo.utils import counters
 
-    from orchestration.config import load_config
+    from orchestration.preflight import load_experiment
     from orchestration.recipe import build_training
 
     before = counters["stats"]["unique_graphs"]
     torch.backends.cudnn.benchmark = False
-    training = build_training(load_config(None, ["crops.compile=true", "model.compile=true"]),
+    training = build_training(load_experiment(None, ["crops.compile=true", "model.compile=true"]),
                               device="cuda")
     assert training.augment is not None and training.augment.compiled
     compiled = counters["stats"]["unique_graphs"]
@@ -150,10 +150,10 @@ def test_an_epoch_on_the_gpu_never_waits_for_it_between_steps():
     """What ``test_recipe``'s recorder checks on the CPU, on the GPU itself: from the first step's
     end to the last's, no operation synchronises with the device (copies to the host included);
     its figures are read once, after the last step."""
-    from orchestration.config import load_config
+    from orchestration.preflight import load_experiment
     from orchestration.recipe import build_training
 
-    training = build_training(load_config(None, ["optim.name=lars", "swav.queue_length=128",
+    training = build_training(load_experiment(None, ["optim.name=lars", "swav.queue_length=128",
                                                  "swav.epoch_queue_starts=0"]), device="cuda")
     training.run_epoch(0)  # compiles, autotunes and fills the queue
     last = training.engine.iteration + training.steps_per_epoch
@@ -175,7 +175,7 @@ def test_model_compiled_to_replay_cuda_graphs_steps_like_the_eager_model():
     4 steps from the same weights (fp32; the first steps record the graphs, later ones replay)."""
     from torch.profiler import ProfilerActivity, profile
 
-    from orchestration.config import load_config
+    from orchestration.preflight import load_experiment
     from orchestration.recipe import build_engine
 
     # Every module compiled in place shares one cache of 8 compiled entries per process, and the
@@ -185,7 +185,7 @@ def test_model_compiled_to_replay_cuda_graphs_steps_like_the_eager_model():
     losses, launches = [], []
     for mode in ("off", "reduce-overhead"):
         compiled = [] if mode == "off" else ["model.compile=true", f"model.compile_mode={mode}"]
-        cfg = load_config(None, ["model.backbone=convnet", "model.n_prototypes=50",
+        cfg = load_experiment(None, ["model.backbone=convnet", "model.n_prototypes=50",
                                  "model.hidden_dim=64", "crops.nmb_crops=[2,2]",
                                  "crops.size_crops=[32,16]", "crops.min_scale_crops=[0.14,0.05]",
                                  "crops.max_scale_crops=[1.0,0.14]", "optim.name=sgd",

@@ -13,7 +13,7 @@ from orchestration.metrics import (
 from swav.engine import EpochStats
 
 STATS = EpochStats(epoch=4, loss=5.25, lr=0.3, images=1280, seconds=2.0, images_per_s=640.0,
-                   used_prototypes=87, code_entropy=4.1, queue_in_use=False, corrupt_images=2)
+                   prototypes_used=87, code_entropy=4.1, queue_in_use=False, corrupt_images=2)
 
 
 def test_an_epoch_report_names_every_figure_of_the_vocabulary_and_nothing_else():
@@ -42,7 +42,7 @@ def test_loggable_keeps_the_vocabulary_s_figures_as_floats():
 
 
 def test_the_final_evaluation_s_names_are_the_vocabulary_s_with_the_eval_prefix():
-    found = {"knn_top1": 0.9, "used_prototypes": 80, "assignment_entropy": 4.0, "linear_top1": 0.95}
+    found = {"knn_top1": 0.9, "prototypes_used": 80, "code_entropy": 4.0, "linear_top1": 0.95}
     assert evaluation_metrics(found) == {
         "eval_knn_top1": 0.9, "eval_prototypes_used": 80.0, "eval_code_entropy": 4.0,
         "eval_linear_top1": 0.95}

@@ -313,6 +313,26 @@ def test_scheduler_state_dict_round_trip() -> None:
         assert opt2.param_groups[0]["lr"] == pytest.approx(opt.param_groups[0]["lr"])
 
 
+def test_a_resized_schedule_is_the_one_planned_that_long_and_its_plan_is_not_state() -> None:
+    """``resize`` re-plans from the schedule's start, the current step's rate at once; the
+    state dict carries the step, not the plan, so that loading it keeps the loader's plan (a
+    state dict that still holds a plan, as older checkpoints do, is read the same way)."""
+    opt, sched, _ = _make_sched()  # 20 steps, 4 of warmup, 0.4 -> 0.004
+    for _ in range(7):
+        opt.step()
+        sched.step()
+    sched.resize(40, 8)
+    assert opt.param_groups[0]["lr"] == pytest.approx(warmup_cosine(7, 40, 8, 0.4, 0.004, 0.04))
+    assert sched.get_last_lr()[0] == opt.param_groups[0]["lr"]
+    state = sched.state_dict()
+    assert "total_steps" not in state and "warmup_steps" not in state
+    opt2, sched2, _ = _make_sched()
+    sched2.load_state_dict({**state, "total_steps": 999, "warmup_steps": 99})
+    assert (sched2.last_epoch, sched2.total_steps, sched2.warmup_steps) == (7, 20, 4)
+    with pytest.raises(ValueError, match="^warmup_steps: must be in"):
+        sched.resize(10, 11)
+
+
 @pytest.mark.parametrize(
     "kwargs, field",
     [

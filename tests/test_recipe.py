@@ -3,22 +3,17 @@
 from __future__ import annotations
 
 import math
-import socket
 
 import pytest
 import torch
 
-from orchestration.config import RESUMABLE, ConfigError, load_config
+from orchestration.config import RESUMABLE, ConfigError
+from orchestration.preflight import load_experiment
 from orchestration.recipe import (
     batch_crop_transform,
     build_engine,
     build_training,
-    check_components,
-    check_data,
-    check_data_here,
     compile_model,
-    crop_examples,
-    crop_names,
     crops_on_device,
     eval_loaders,
     eval_sets,
@@ -37,7 +32,7 @@ TINY = ["data.limit=256", "optim.epochs=2", "optim.batch_size=32", "model.width=
 
 
 def test_the_global_batch_is_split_over_the_processes_that_train():
-    cfg = load_config(None, ["optim.batch_size=32", "scaling.num_workers=2"])
+    cfg = load_experiment(None, ["optim.batch_size=32", "scaling.num_workers=2"])
     assert per_process_batch(cfg, 1) == 64  # one process: the whole global batch
     assert per_process_batch(cfg, 2) == 32
     assert per_process_batch(cfg, 4) == 16
@@ -46,7 +41,7 @@ def test_the_global_batch_is_split_over_the_processes_that_train():
 
 
 def test_one_process_trains_on_the_global_batch_from_the_seeded_initialisation():
-    cfg = load_config(None, TINY)
+    cfg = load_experiment(None, TINY)
     training = build_training(cfg)
     crops = training._crops(next(iter(training.loader))).crops  # crops.device auto: batched
     assert [c.shape[0] for c in crops] == [2 * 64, 4 * 64]  # 2 + 4 crops of 64 images
@@ -62,7 +57,7 @@ def test_one_process_trains_on_the_global_batch_from_the_seeded_initialisation()
 
 
 def test_each_worker_gets_its_own_shard_and_the_same_shuffle_after_a_resume():
-    cfg = load_config(None, [*TINY, "crops.device=cpu"])  # a DataLoader over the shard's rows
+    cfg = load_experiment(None, [*TINY, "crops.device=cpu"])  # a DataLoader over the shard's rows
     rank0, rank1 = build_training(cfg, 0, 2), build_training(cfg, 1, 2)
     assert rank0.loader.batch_size == rank1.loader.batch_size == 32
     rows0, rows1 = set(rank0.loader.dataset.base.indices), set(rank1.loader.dataset.base.indices)
@@ -76,7 +71,7 @@ def test_each_worker_gets_its_own_shard_and_the_same_shuffle_after_a_resume():
 
 
 def test_the_evaluation_bank_is_an_evenly_spaced_subset_of_the_training_images():
-    cfg = load_config(None, ["eval.max_train_images=100"])
+    cfg = load_experiment(None, ["eval.max_train_images=100"])
     splits = open_splits(cfg)
     sets = eval_sets(cfg, splits)
     assert len(sets.bank) == 100 and len(sets.heldout) == 359 and sets.n_classes == 10
@@ -87,43 +82,27 @@ def test_the_evaluation_bank_is_an_evenly_spaced_subset_of_the_training_images()
     assert len(bank.dataset) == 50 and len(held.dataset) == 179
 
 
-def test_component_checks_name_the_key_and_build_large_models_without_memory():
-    cfg = load_config(None)
-    cfg.swav.epsilon = 0.0
-    with pytest.raises(ValueError, match="^swav.epsilon: must be > 0"):
-        check_components(cfg)
-    cfg = load_config(None)
-    cfg.crops.crops_for_assign = [0, 9]
-    with pytest.raises(ValueError, match="^crops.crops_for_assign"):
-        check_components(cfg)
-    cfg = load_config(None, ["model.backbone=resnet50", "model.n_prototypes=3000"])
-    check_components(cfg)  # on the meta device: no weights allocated
-    cfg.model.backbone = "resnet7"
-    with pytest.raises(ValueError, match="^model.backbone"):
-        check_components(cfg)
-
-
 def test_crops_on_the_device_follow_the_crops_device_switch():
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
     # (a streamed shard on the CPU, a resident one on the CPU, any on a GPU)
     for value, expected in (("auto", (False, True, True)), ("cpu", (False, False, False)),
                             ("gpu", (True, True, True))):
-        cfg = load_config(None, [f"crops.device={value}"])
+        cfg = load_experiment(None, [f"crops.device={value}"])
         assert (crops_on_device(cfg, cpu), crops_on_device(cfg, cpu, resident=True),
                 crops_on_device(cfg, cuda)) == expected, value
     with pytest.raises(ConfigError, match="^crops.device: expected auto, cpu, gpu, got 'tpu'"):
-        load_config(None, ["crops.device=tpu"])
+        load_experiment(None, ["crops.device=tpu"])
 
 
 def test_crops_compile_fuses_the_augmentation_on_a_gpu_only():
-    cfg = load_config(None, ["crops.compile=true"])
+    cfg = load_experiment(None, ["crops.compile=true"])
     assert batch_crop_transform(cfg, torch.device("cuda")).compiled  # (compiled on first use)
     assert not batch_crop_transform(cfg, torch.device("cpu")).compiled  # no faster there
-    assert not batch_crop_transform(load_config(None, []), torch.device("cuda")).compiled
+    assert not batch_crop_transform(load_experiment(None, []), torch.device("cuda")).compiled
 
 
 def test_model_compile_compiles_backbone_and_head_in_place_on_a_gpu_only():
-    cfg = load_config(None, ["model.compile=true"])
+    cfg = load_experiment(None, ["model.compile=true"])
     model = initial_model(cfg)
     keys = list(model.state_dict())
     assert not compile_model(model, cfg, torch.device("cpu"))  # (compiling is lazy: no GPU needed)
@@ -132,7 +111,7 @@ def test_model_compile_compiles_backbone_and_head_in_place_on_a_gpu_only():
     assert model.backbone._compiled_call_impl is not None
     assert model.projection_head._compiled_call_impl is not None
     assert list(model.state_dict()) == keys  # checkpoints load into an uncompiled model
-    assert not compile_model(initial_model(cfg), load_config(None, []), torch.device("cuda"))
+    assert not compile_model(initial_model(cfg), load_experiment(None, []), torch.device("cuda"))
     # Not part of the architecture: evaluate and explain rebuild the same model without it.
     assert "compile" not in model_kwargs(cfg)
 
@@ -142,35 +121,35 @@ def test_model_compile_mode_is_checked_and_its_cuda_graph_modes_mark_every_step(
     graphs = {"default": False, "reduce-overhead": True, "max-autotune": True,
               "max-autotune-no-cudagraphs": False}
     for mode, replays in graphs.items():
-        cfg = load_config(None, ["model.compile=true", f"model.compile_mode={mode}"])
+        cfg = load_experiment(None, ["model.compile=true", f"model.compile_mode={mode}"])
         assert replays_cuda_graphs(cfg, cuda) is replays, mode
         assert not replays_cuda_graphs(cfg, cpu)  # (a CPU run compiles nothing)
-    cfg = load_config(None, [*TINY, "model.compile=true", "model.compile_mode=reduce-overhead"])
+    cfg = load_experiment(None, [*TINY, "model.compile=true", "model.compile_mode=reduce-overhead"])
     assert not build_engine(cfg, 4, cpu, 8).cuda_graphs
     # How it runs, not what it computes; a resume may change it.
     assert "compile_mode" not in model_kwargs(cfg)
     assert "model.compile_mode".startswith(RESUMABLE)
     with pytest.raises(ConfigError, match="^model.compile_mode: expected default, reduce-overhead, "
                                           "max-autotune, max-autotune-no-cudagraphs, got 'fast'$"):
-        load_config(None, ["model.compile=true", "model.compile_mode=fast"])
+        load_experiment(None, ["model.compile=true", "model.compile_mode=fast"])
     gpus = ["scaling.use_gpu=true", "scaling.num_workers=2"]
     with pytest.raises(ConfigError, match=r"^model.compile_mode: max-autotune replays CUDA graphs, "
                                           r"on one GPU worker only; got scaling.num_workers=2 "
                                           r"\(model.compile_mode=default compiles for more\)$"):
-        load_config(None, ["model.compile=true", "model.compile_mode=max-autotune", *gpus])
-    load_config(None, ["model.compile=true", "model.compile_mode=max-autotune-no-cudagraphs", *gpus])
+        load_experiment(None, ["model.compile=true", "model.compile_mode=max-autotune", *gpus])
+    load_experiment(None, ["model.compile=true", "model.compile_mode=max-autotune-no-cudagraphs", *gpus])
     # The mode of model.compile: model.compile=false alone turns an experiment's compiling off
     # (cifar10_wallclock replays CUDA graphs), on any number of workers.
-    eager = load_config("cifar10_wallclock", ["model.compile=false", "data.path=/tmp", *gpus])
+    eager = load_experiment("cifar10_wallclock", ["model.compile=false", "data.path=/tmp", *gpus])
     assert not replays_cuda_graphs(eager, cuda)
-    assert replays_cuda_graphs(load_config("cifar10_wallclock", ["data.path=/tmp"]), cuda)
+    assert replays_cuda_graphs(load_experiment("cifar10_wallclock", ["data.path=/tmp"]), cuda)
 
 
 def test_cudnn_benchmark_is_set_for_a_process_that_trains_on_a_gpu():
     was = torch.backends.cudnn.benchmark
     try:
         torch.backends.cudnn.benchmark = False
-        on, off = load_config(None, []), load_config(None, ["model.cudnn_benchmark=false"])
+        on, off = load_experiment(None, []), load_experiment(None, ["model.cudnn_benchmark=false"])
         assert not use_cudnn_benchmark(on, torch.device("cpu"))  # a CPU run leaves it alone
         assert use_cudnn_benchmark(on, torch.device("cuda"))  # (a flag: no GPU needed to set it)
         assert torch.backends.cudnn.benchmark
@@ -190,7 +169,7 @@ def test_an_epoch_on_the_gpu_path_reads_nothing_back_until_it_ends(host_reads):
     """The GPU path (resident uint8 images, crops made on the device, LARS, a queue in use,
     frozen then free prototypes) never makes the host wait for the device inside the epoch
     (checked on the CPU: the same code); its figures are read once, after the last step."""
-    cfg = load_config(None, [*TINY, "crops.device=gpu", "optim.name=lars", "optim.epochs=3",
+    cfg = load_experiment(None, [*TINY, "crops.device=gpu", "optim.name=lars", "optim.epochs=3",
                              "swav.queue_length=64", "swav.epoch_queue_starts=0"])
     training = build_training(cfg)
     assert isinstance(training.loader, ResidentBatches) and training.augment is not None
@@ -205,7 +184,7 @@ def test_an_epoch_on_the_gpu_path_reads_nothing_back_until_it_ends(host_reads):
 
 
 def test_crops_on_the_device_train_from_resident_uint8_images_reproducibly():
-    cfg = load_config(None, [*TINY, "crops.device=gpu"])
+    cfg = load_experiment(None, [*TINY, "crops.device=gpu"])
     runs = []
     for _ in range(2):
         training = build_training(cfg)
@@ -225,11 +204,11 @@ def test_on_the_cpu_auto_crops_a_resident_shard_batched_and_a_streamed_one_with_
         monkeypatch):
     import orchestration.recipe as recipe
 
-    cfg = load_config(None, TINY)  # crops.device: auto
+    cfg = load_experiment(None, TINY)  # crops.device: auto
     training = build_training(cfg)
     assert isinstance(training.loader, ResidentBatches) and training.augment is not None
     assert training.run_epoch(0).images == 256
-    pil = build_training(load_config(None, [*TINY, "crops.device=cpu"]))
+    pil = build_training(load_experiment(None, [*TINY, "crops.device=cpu"]))
     assert isinstance(pil.loader, torch.utils.data.DataLoader) and pil.augment is None
     monkeypatch.setattr(recipe, "resident_images", lambda *args, **kwargs: None)  # too large
     training = build_training(cfg)
@@ -242,47 +221,10 @@ def test_crops_on_the_device_from_loader_workers_when_the_shard_is_not_kept(monk
     import orchestration.recipe as recipe
 
     monkeypatch.setattr(recipe, "resident_images", lambda *args, **kwargs: None)  # too large
-    cfg = load_config(None, [*TINY, "crops.device=gpu"])
+    cfg = load_experiment(None, [*TINY, "crops.device=gpu"])
     training = build_training(cfg)
     assert isinstance(training.loader, torch.utils.data.DataLoader)
     raw = next(iter(training.loader))
     assert raw.images.dtype == torch.uint8 and tuple(raw.images.shape) == (64, 3, 8, 8)
     stats = training.run_epoch(0)
     assert stats.images == 256 and math.isfinite(stats.loss)
-
-
-def test_on_a_cluster_a_data_path_is_checked_where_the_workers_read_it(tmp_path, monkeypatch):
-    overrides = ["data.source=imagefolder", f"data.path={tmp_path / 'on-the-workers'}"]
-    with pytest.raises(ConfigError, match="^data.path: '.*on-the-workers' does not exist$"):
-        load_config(None, overrides)  # a local run reads it here: refused at once
-    monkeypatch.setenv("RAY_ADDRESS", "auto")  # a cluster's driver (the head) does not read it
-    cfg = load_config(None, overrides)
-    check_data(cfg)  # nothing to open here; not an error
-    with pytest.raises(ValueError, match=r"^data.path: '.*on-the-workers' does not exist on "
-                                         rf"node {socket.gethostname()}$"):
-        check_data_here(cfg)  # what each worker runs first (not retried: a ValueError)
-    (tmp_path / "on-the-workers").mkdir()
-    check_data_here(cfg)
-
-
-@pytest.mark.parametrize("device", ["cpu", "gpu"])
-def test_crop_examples_give_each_image_its_own_crops_as_the_run_makes_them(tmp_path, device):
-    """The figure's crops, one ``[n, 3, s, s]`` tensor per named crop, row i of every crop cut
-    from image i (images of one flat grey each; no colour jitter): by PIL or batched."""
-    from PIL import Image
-
-    for i, level in enumerate((20, 90, 160, 230)):
-        (tmp_path / f"c{i}").mkdir()
-        for j in range(3):
-            Image.new("RGB", (10, 10), (level,) * 3).save(tmp_path / f"c{i}" / f"{j}.png")
-    cfg = load_config(None, ["data.source=imagefolder", f"data.path={tmp_path}",
-                             "crops.color_strength=0", f"crops.device={device}"])
-    originals, crops = crop_examples(cfg, n=4)
-    assert len(crops) == len(crop_names(cfg)) == 6
-    assert [tuple(c.shape) for c in crops] == [(4, 3, 16, 16)] * 2 + [(4, 3, 12, 12)] * 4
-    levels = originals.mean(dim=(1, 2, 3))
-    assert len(set(levels.tolist())) >= 2  # (the split is drawn: at least two levels among 4)
-    mean, std = cfg.crops.mean[0], cfg.crops.std[0]
-    for crop in crops:
-        torch.testing.assert_close(crop.mean(dim=(1, 2, 3)) * std + mean, levels, atol=0.02,
-                                   rtol=0)

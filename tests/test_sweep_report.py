@@ -9,7 +9,7 @@ import io
 
 import pandas as pd
 
-from orchestration.config import load_config
+from orchestration.preflight import load_experiment
 from orchestration.sweep import Dimension, SweepSpec
 from orchestration.sweep_report import (
     TrialRow,
@@ -76,7 +76,7 @@ def test_the_trials_csv_has_a_row_per_trial_with_its_swept_values_and_status():
 
 
 def test_the_best_config_gets_a_new_run_name_and_the_base_s_evaluation_settings():
-    trial_tree = load_config(None, ["scaling.run_name=trial-7", "eval.knn_k=3",
+    trial_tree = load_experiment(None, ["scaling.run_name=trial-7", "eval.knn_k=3",
                                     "eval.final_evaluation=false"]).to_dict()
     best = TrialRow("a", "r", {}, 0.9, 3, 3, "finished", trial_tree)
     tree = best_config_tree(SPEC, best)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from orchestration.config import load_config
+from orchestration.preflight import load_experiment
 from orchestration.system_metrics import node_monitor, wanted
 
 
@@ -14,7 +14,7 @@ from orchestration.system_metrics import node_monitor, wanted
     ("true", False, True), ("false", True, False),
 ])
 def test_system_metrics_follow_the_setting_and_by_default_gpu_runs(setting, use_gpu, expected):
-    cfg = load_config(None, [f"tracking.system_metrics={setting}", f"scaling.use_gpu={use_gpu}"])
+    cfg = load_experiment(None, [f"tracking.system_metrics={setting}", f"scaling.use_gpu={use_gpu}"])
     assert wanted(cfg) is expected
 
 
@@ -27,8 +27,9 @@ def test_only_local_rank_zero_of_a_tracked_run_samples_its_node(tmp_path):
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     client = MlflowClient(uri)
-    run_id = client.create_run(client.create_experiment("system")).info.run_id
-    cfg = load_config(None, ["tracking.system_metrics=true",
+    run_id = client.create_run(client.create_experiment("system", str(tmp_path / "mlruns"))
+                               ).info.run_id
+    cfg = load_experiment(None, ["tracking.system_metrics=true",
                              "tracking.system_metrics_every_s=0.2"])
     tracking = {"run_id": run_id, "uri": uri}
     for args in ((cfg, None, 0), (cfg, tracking, 1)):  # untracked; another process of the node

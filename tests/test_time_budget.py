@@ -62,7 +62,7 @@ def test_the_fitted_schedule_is_the_one_of_a_run_planned_that_long_from_the_star
     for _ in range(37):  # 3.7 epochs of 10 steps under the first plan (50 epochs)
         optimizer.step()
         scheduler.step()
-    fit_schedule(scheduler, optimizer, epochs=8, steps_per_epoch=10, warmup_share=5 / 50)
+    fit_schedule(scheduler, epochs=8, steps_per_epoch=10, warmup_share=5 / 50)
     assert (scheduler.total_steps, scheduler.warmup_steps) == (80, 8)
     rates = []
     for step in range(37, 80):

@@ -19,11 +19,12 @@ import torch
 import yaml
 from mlflow.tracking import MlflowClient
 
-from orchestration.config import ConfigError, from_dict, load_config
 from orchestration.checkpoints import STATE_FILE
+from orchestration.config import ConfigError, from_dict
 from orchestration.failures import TrainingFailed
+from orchestration.preflight import load_experiment
 from orchestration.train import run_training
-from orchestration.worker import FAILURE_MARKER
+from orchestration.worker import FAIL_AT_EPOCH, FAILURE_MARKER
 from swav.model import SwAVModel
 
 pytestmark = pytest.mark.slow  # Ray Train/Tune runs end to end (CI runs them all)
@@ -37,7 +38,7 @@ TINY = [
 
 
 def tiny(tmp: Path, *extra: str):
-    return load_config(None, [*TINY, f"scaling.storage_path={tmp / 'runs'}",
+    return load_experiment(None, [*TINY, f"scaling.storage_path={tmp / 'runs'}",
                               f"tracking.tracking_uri=sqlite:///{tmp / 'mlflow.db'}", *extra])
 
 
@@ -146,7 +147,7 @@ def test_a_time_budget_ends_the_run_with_its_schedule_in_whole_epochs(ray_local,
 
 
 def test_an_interrupted_run_resumes_and_a_killed_worker_is_replaced(straight, tmp_path,
-                                                                   digits_parquet):
+                                                                   digits_parquet, monkeypatch):
     """A run that dies for good (no retries left) is resumed by a new run_training with the same
     scaling.run_name: it continues the same MLflow run and ends with the uninterrupted weights,
     even when its newest checkpoint was torn (a kill or a full disk mid-upload): the resume
@@ -156,7 +157,8 @@ def test_an_interrupted_run_resumes_and_a_killed_worker_is_replaced(straight, tm
     experiment (here the retries; longer optim.epochs too: tests/test_config.py), recorded on
     the run, and nothing else."""
     _, _, uninterrupted = straight
-    dying = tiny(tmp_path, *digits_parquet, "scaling.run_name=interrupted", "fail_at_epoch=3",
+    monkeypatch.setenv(FAIL_AT_EPOCH, "3")  # a worker dies once (per marker) at epoch 3
+    dying = tiny(tmp_path, *digits_parquet, "scaling.run_name=interrupted",
                  "scaling.max_failures=0")
     with pytest.raises(Exception):
         run_training(dying)
@@ -188,7 +190,7 @@ def test_an_interrupted_run_resumes_and_a_killed_worker_is_replaced(straight, tm
     marker = tmp_path / "runs" / "interrupted" / FAILURE_MARKER
     marker.unlink()  # (left by the first death: a worker dies once per marker)
     again = run_training(tiny(tmp_path, *digits_parquet, "scaling.run_name=interrupted",
-                              "fail_at_epoch=3", "scaling.max_failures=1"))
+                              "scaling.max_failures=1"))
     assert marker.exists()  # a worker really died again, at the start of epoch 3
     assert again.run_id == run.info.run_id
     assert not orphan.exists()
@@ -222,7 +224,7 @@ def test_an_interrupted_run_resumes_and_a_killed_worker_is_replaced(straight, tm
                                              r"/state.pt: .*; checkpoint: cannot load .*/state.pt"
                                              ) as refused:
         run_training(tiny(tmp_path, *digits_parquet, "scaling.run_name=interrupted",
-                          "fail_at_epoch=3", "scaling.max_failures=1", "optim.epochs=6"))
+                          "scaling.max_failures=1", "optim.epochs=6"))
     assert "\n" not in refused.value.cause and refused.value.bad_input
     assert len(list(run_dir.glob("checkpoint_epoch*"))) == 2
     assert len(client.get_metric_history(again.run_id, "loss")) == len(steps)
@@ -266,7 +268,8 @@ def test_a_disk_that_fills_mid_run_leaves_no_partial_checkpoint_and_a_full_one_i
     Ray is needed, and leaves no lock file."""
     import threading
 
-    from orchestration.checkpoints import check_storage, load_state
+    from orchestration.checkpoints import load_state
+    from orchestration.preflight import check_storage
     from orchestration.run_lock import RunLock
 
     disk, fill = small_disk
@@ -443,7 +446,8 @@ def test_a_resume_under_another_config_is_refused_before_ray_starts(cli_train, t
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     cfg = tiny(tmp_path, "scaling.run_name=kept")
     client = MlflowClient(uri)
-    run_id = client.create_run(client.create_experiment("swav-ray")).info.run_id
+    experiment = client.create_experiment("swav-ray", str(tmp_path / "mlruns"))
+    run_id = client.create_run(experiment).info.run_id
     client.log_text(run_id, yaml.safe_dump(cfg.to_dict()), "config.yaml")
     client.set_terminated(run_id, "KILLED")
     (tmp_path / "runs" / "kept").mkdir(parents=True)
@@ -495,7 +499,7 @@ def test_ctrl_c_says_how_to_resume_and_marks_the_run_killed(tmp_path):
         listening = _listening(proc.pid)
         assert len(listening) >= 3  # GCS, raylet, agents at least
         # torch.distributed's store (rank 0's, the process group's rendezvous) too: torch binds
-        # it to every interface unless given a socket (orchestration/process_group.py).
+        # it to every interface unless given a socket (orchestration/ray_compat.py).
         assert any(name.startswith("ray::RayTrainWorker") for name, _ in listening), listening
         wide = [(name, ip) for name, ip in listening
                 if ip not in ("127.0.0.1", "::ffff:127.0.0.1", "::1")]
@@ -551,10 +555,10 @@ def test_past_the_allowed_share_of_corrupt_images_a_run_fails_once_naming_the_ca
 
 def test_evaluate_and_explain_log_into_the_run_and_reject_bad_input(straight, tmp_path,
                                                                    monkeypatch, capsys):
-    from orchestration.evaluate import evaluate_run, explain_run, open_tracked_model
-    from orchestration.recipe import eval_loaders, eval_sets, open_splits
     import orchestration.evaluate as evaluate_module
     import swav.counterfactual as counterfactual_module
+    from orchestration.evaluate import evaluate_run, explain_run, open_tracked_model
+    from orchestration.recipe import eval_loaders, eval_sets, open_splits
     from swav.counterfactual import (
         nearest_other_prototype,
         other_label_candidates,
@@ -704,19 +708,29 @@ def test_evaluate_and_explain_log_into_the_run_and_reject_bad_input(straight, tm
     assert list(elsewhere.iterdir()) == []
 
 
-def test_a_run_without_ray_datasets_starts_no_ray_data_actor():
-    """Ray Train starts a DatasetManager actor (a process) per run even with no datasets; ours
-    read their data in the workers, so the trainer leaves that callback out, and only that."""
-    import ray.train
-    import ray.train.torch
+def test_after_training_loads_the_model_and_assigns_the_held_out_images_once(straight,
+                                                                            monkeypatch):
+    """``eval.final_evaluation`` and ``eval.explain_images`` together: one model load from
+    MLflow and one pass of prototype assignments serve both."""
+    import dataclasses
 
-    from orchestration.train import _TorchTrainer
+    import orchestration.evaluate as evaluate_module
 
-    def names(trainer) -> list[str]:
-        return [type(c).__name__ for c in trainer._create_default_callbacks()]
+    _, cfg, outcome = straight
+    calls = {"open": 0, "assign": 0}
 
-    scaling = ray.train.ScalingConfig(num_workers=1)
-    stock = names(ray.train.torch.TorchTrainer(lambda config: None, scaling_config=scaling))
-    ours = names(_TorchTrainer(lambda config: None, scaling_config=scaling))
-    assert "DatasetsCallback" in stock
-    assert ours == [name for name in stock if name != "DatasetsCallback"]
+    def counted(name, real):
+        def wrapper(*args, **kwargs):
+            calls[name] += 1
+            return real(*args, **kwargs)
+        return wrapper
+
+    monkeypatch.setattr(evaluate_module, "open_tracked_model",
+                        counted("open", evaluate_module.open_tracked_model))
+    monkeypatch.setattr(evaluate_module, "assign_with_scores",
+                        counted("assign", evaluate_module.assign_with_scores))
+    both = dataclasses.replace(cfg, eval=dataclasses.replace(
+        cfg.eval, final_evaluation=True, explain_images=2))
+    metrics = evaluate_module.after_training(outcome.run_id, outcome.tracking_uri, both)
+    assert calls == {"open": 1, "assign": 1}
+    assert "eval_knn_top1" in metrics and "ce_cf_validity" in metrics

@@ -15,7 +15,7 @@ from orchestration.train_callbacks import EpochMetricsLogger, ReportEpochsToTune
 def test_an_epoch_report_is_logged_at_its_epoch_with_the_vocabulary_s_figures(tmp_path):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     client = MlflowClient(uri)
-    run_id = client.create_run(client.create_experiment("e")).info.run_id
+    run_id = client.create_run(client.create_experiment("e", str(tmp_path / "mlruns"))).info.run_id
     logger = EpochMetricsLogger(uri, run_id)
     logger.after_report(None, [], None)  # a report without rank 0's metrics: nothing
     logger.after_report(None, [{"epoch": 2, "loss": 3.5, "knn_top1": None, "epochs_done": 3,

@@ -11,8 +11,9 @@ import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
-from orchestration.config import ConfigError, load_config
+from orchestration.config import ConfigError
 from orchestration.mlflow_server import serving
+from orchestration.preflight import load_experiment
 from orchestration.sweep import load_sweep
 from orchestration.tuning import (
     SweepProgress,
@@ -21,6 +22,7 @@ from orchestration.tuning import (
     load_saved_spec,
     run_sweep,
 )
+from orchestration.worker import FAIL_AT_EPOCH
 
 pytestmark = pytest.mark.slow  # Ray Train/Tune runs end to end (CI runs them all)
 
@@ -118,7 +120,7 @@ def test_a_grid_of_concurrent_trials_is_one_parent_run_with_a_child_per_trial(
     assert len(csv.read_text().strip().splitlines()) == 1 + 2
     best_file = client.download_artifacts(outcome.parent_run_id, "sweep/best_config.yaml",
                                           str(tmp_path))
-    best = load_config(best_file)  # swav-ray train takes it as is
+    best = load_experiment(best_file)  # swav-ray train takes it as is
     assert best.model.n_prototypes == int(kids[best_id].data.params["model.n_prototypes"])
     assert best.swav.epsilon == float(kids[best_id].data.params["swav.epsilon"])
     assert best.scaling.run_name is None and best.eval.final_evaluation  # the base's evaluation
@@ -136,7 +138,7 @@ def _cpus_come_back(ray, free_before: float, within_s: float = 60.0) -> None:
 
 
 def test_asha_stops_a_bad_trial_and_a_resumed_sweep_reruns_only_the_unfinished(
-        ray_local, mlflow_url, tmp_path):
+        ray_local, mlflow_url, tmp_path, monkeypatch):
     """Two trials, one at a time; each would die for good at its third epoch (the first time).
     The loss starts near ln K, so after one epoch K=200 is far worse than K=10: ASHA stops it
     (KILLED), and its trial gives back every CPU (workers, placement group, driver). The resumed
@@ -146,7 +148,8 @@ def test_asha_stops_a_bad_trial_and_a_resumed_sweep_reruns_only_the_unfinished(
     spec = load_sweep(sweep(tmp_path, mlflow_url, {"model.n_prototypes": {"grid": [10, 200]}},
                             metric="loss", max_concurrent_trials=1,
                             scheduler={"name": "asha", "grace_period": 1, "reduction_factor": 3},
-                            overrides={"fail_at_epoch": 2, "scaling.max_failures": 0}))
+                            overrides={"scaling.max_failures": 0}))
+    monkeypatch.setenv(FAIL_AT_EPOCH, "2")
     first = run_sweep(spec, name="asha")
     rows = first.rows  # in trial order
     assert [r.values["model.n_prototypes"] for r in rows] == [10, 200]

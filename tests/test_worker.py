@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch._dynamo.utils import counters
 
-from orchestration.config import load_config
+from orchestration.preflight import load_experiment
 from orchestration.recipe import build_training
 from orchestration.worker import distributed_knn
 
@@ -16,7 +16,7 @@ TINY = ["data.limit=256", "optim.epochs=2", "optim.batch_size=32", "model.width=
 def test_the_per_epoch_knn_runs_a_compiled_backbone_eagerly():
     """``model.compile`` compiles the backbone for training's shapes; the kNN pass (eval mode,
     other batch sizes) must not compile it again: the same figure, no graph compiled."""
-    cfg = load_config(None, TINY)
+    cfg = load_experiment(None, TINY)
     training = build_training(cfg)
     device = torch.device("cpu")
     eager = distributed_knn(training.engine.net, training.evaluation, cfg, device)
