@@ -236,13 +236,13 @@ def check_local_capacity(cfg: ExperimentConfig) -> None:
 
 
 def check_data(cfg: ExperimentConfig) -> SourceSplits | None:
-    """Open the data source where that is cheap, so that a missing column, non-integer or
-    missing labels, or a shard smaller than one step fail once, as one line (in the workers they
-    would fail on every retry). Large downloads, remote stores and a cluster's worker-side paths
-    are left to the workers: None."""
+    """Open the data source where that is cheap, so that a missing bucket or file, a missing
+    column, non-integer or missing labels, or a shard smaller than one step fail once, as one
+    line (in the workers they would fail on every retry). Parquet, local or in object storage,
+    is read as metadata and the label column, not images. Large downloads and a cluster's
+    worker-side local paths are left to the workers: None."""
     d = cfg.data
-    if (d.source not in CHEAP_TO_OPEN or (d.path and "://" in d.path)
-            or missing_locally(d.source, d.path, d.download)):
+    if d.source not in CHEAP_TO_OPEN or missing_locally(d.source, d.path, d.download):
         return None
     try:
         splits = recipe.open_splits(cfg)

@@ -15,6 +15,7 @@ import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -126,8 +127,54 @@ class ArrayImageDataset(Dataset):
         return x.contiguous(), labels
 
 
+def open_location(path: str | Path) -> tuple[Any, str]:
+    """A local path, or a URI that pyarrow's file systems take (``s3://bucket/prefix``,
+    ``gs://``, ``hdfs://``, ...), as (pyarrow file system, path within it). Object stores find
+    their credentials and endpoint the standard way (for S3: the AWS chain, ``AWS_ENDPOINT_URL``
+    for an S3-compatible store)."""
+    import pyarrow.fs as pafs
+
+    text = str(path)
+    if "://" not in text:
+        return pafs.LocalFileSystem(), str(Path(text).expanduser().absolute())
+    try:
+        return pafs.FileSystem.from_uri(text)
+    except (OSError, ValueError) as err:  # pyarrow's ArrowInvalid is a ValueError
+        raise ValueError(f"path: cannot open {text!r} ({_first_line(err)})") from None
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
+def _parquet_files(fs: Any, base: str, shown: str) -> list[str]:
+    """The ``*.parquet`` files at ``base`` (a file, or a folder searched recursively), sorted;
+    a ValueError naming what is missing: the bucket, or any Parquet file there."""
+    import pyarrow.fs as pafs
+
+    try:
+        info = fs.get_file_info(base)
+        if info.type == pafs.FileType.File:
+            return [base]
+        if info.type == pafs.FileType.Directory:
+            found = fs.get_file_info(pafs.FileSelector(base, recursive=True))
+            files = sorted(i.path for i in found
+                           if i.type == pafs.FileType.File and i.path.endswith(".parquet"))
+            if files:
+                return files
+        elif "://" in shown:  # an object store: is the bucket there at all?
+            bucket = base.split("/", 1)[0]
+            if fs.get_file_info(bucket).type == pafs.FileType.NotFound:
+                raise ValueError(f"path: bucket {bucket!r} does not exist ({shown!r})")
+    except OSError as err:  # refused credentials, an unreachable endpoint
+        raise ValueError(f"path: cannot read {shown!r} ({_first_line(err)})") from None
+    raise ValueError(f"path: no .parquet files under {shown!r}")
+
+
 class ParquetImageDataset(Dataset):
-    """Images stored as encoded bytes in Parquet (a file or a directory of ``*.parquet``).
+    """Images stored as encoded bytes in Parquet (a file or a folder of ``*.parquet``, local or
+    in object storage: :func:`open_location`).
 
     ``image_column`` holds bytes (or a struct with a ``bytes`` field, as Hugging Face writes);
     ``label_column`` (optional) integer labels.  Construction reads only the metadata; a dataset
@@ -143,25 +190,25 @@ class ParquetImageDataset(Dataset):
     ) -> None:
         import pyarrow.parquet as pq
 
-        root = Path(path).expanduser()
-        self.files = sorted(root.glob("**/*.parquet")) if root.is_dir() else [root]
-        if not root.exists() or not self.files:
-            raise ValueError(f"path: no .parquet files under {str(root)!r}")
+        shown = str(path) if "://" in str(path) else str(Path(path).expanduser())
+        self.filesystem, base = open_location(path)
+        self.files = _parquet_files(self.filesystem, base, shown)
         self.image_column, self.label_column = image_column, label_column
         self._groups: list[tuple[int, int, int]] = []  # (file index, row group, first global row)
         total = 0
         for f, file in enumerate(self.files):
+            name = file.rpartition("/")[2]
             try:
-                meta = pq.ParquetFile(file)
+                meta = pq.ParquetFile(file, filesystem=self.filesystem)
             except (OSError, ValueError) as err:  # pyarrow's ArrowInvalid is a ValueError
-                reason = str(err).strip().splitlines()[0] if str(err).strip() else "unreadable"
-                raise ValueError(f"path: {str(file)!r} is not a readable Parquet file "
-                                 f"({reason})") from None
+                where = file if "://" not in shown else f"{shown.split('://')[0]}://{file}"
+                raise ValueError(f"path: {where!r} is not a readable Parquet file "
+                                 f"({_first_line(err)})") from None
             names = meta.schema_arrow.names
             if image_column not in names:
-                raise ValueError(f"image_column: {image_column!r} not in {file.name} ({names})")
+                raise ValueError(f"image_column: {image_column!r} not in {name} ({names})")
             if label_column is not None and label_column not in names:
-                raise ValueError(f"label_column: {label_column!r} not in {file.name} ({names})")
+                raise ValueError(f"label_column: {label_column!r} not in {name} ({names})")
             for g in range(meta.num_row_groups):
                 self._groups.append((f, g, total))
                 total += meta.metadata.row_group(g).num_rows
@@ -190,7 +237,8 @@ class ParquetImageDataset(Dataset):
             mine = [r for r in range(first, starts[i + 1]) if r in wanted]
             if not mine:
                 continue
-            handle = handles.setdefault(f, pq.ParquetFile(self.files[f]))
+            handle = handles.setdefault(f, pq.ParquetFile(self.files[f],
+                                                          filesystem=self.filesystem))
             table = handle.read_row_group(g, columns=columns)  # type: ignore[attr-defined]
             images = table.column(self.image_column).to_pylist()
             labels = table.column(self.label_column).to_pylist() if self.label_column else None
@@ -220,13 +268,15 @@ class ParquetImageDataset(Dataset):
 
         values = []
         for f in self.files:
-            column = pq.read_table(f, columns=[self.label_column]).column(0)
+            name = f.rpartition("/")[2]
+            column = pq.read_table(f, columns=[self.label_column],
+                                   filesystem=self.filesystem).column(0)
             if not pa.types.is_integer(column.type):
-                raise ValueError(f"label_column: {self.label_column!r} in {f.name} holds "
+                raise ValueError(f"label_column: {self.label_column!r} in {name} holds "
                                  f"{column.type}, expected integer class ids (set "
                                  f"data.label_column=null for images without labels)")
             if column.null_count:
-                raise ValueError(f"label_column: {self.label_column!r} in {f.name} has "
+                raise ValueError(f"label_column: {self.label_column!r} in {name} has "
                                  f"{column.null_count} missing labels")
             values.append(column.to_numpy())
         return np.concatenate(values)[self.rows]
@@ -325,7 +375,13 @@ def open_source(
     """Open a source by name and split it into training and held-out sets (no transforms yet)."""
     import torchvision.datasets as tvd
 
-    root = None if path is None else str(Path(path).expanduser())
+    if path is None or "://" in path:  # (a URI: only Parquet reads object storage)
+        root = path
+    else:
+        root = str(Path(path).expanduser())
+    if root is not None and "://" in root and source != "parquet":
+        raise ValueError(f"path: source {source!r} reads a local folder; keep images in object "
+                         f"storage as Parquet (data.source=parquet)")
     if source in ("cifar10", "cifar100", "stl10") and root is None:
         raise ValueError(f"path: required for source {source!r} (its download/cache folder)")
     if source == "cifar10" or source == "cifar100":
@@ -366,13 +422,24 @@ def open_source(
     return splits
 
 
-def _parquet_split_layout(root: str | None) -> tuple[Path, Path] | None:
-    """``root/train.parquet`` and ``root/test.parquet`` (or ``train/`` and ``test/`` folders)."""
-    if root is None or not Path(root).is_dir():
+def _parquet_split_layout(root: str | None) -> tuple[str, str] | None:
+    """``root/train.parquet`` and ``root/test.parquet`` (or ``train/`` and ``test/`` folders),
+    local or in object storage."""
+    import pyarrow.fs as pafs
+
+    if root is None:
         return None
-    for train, test in (("train.parquet", "test.parquet"), ("train", "test")):
-        if (Path(root) / train).exists() and (Path(root) / test).exists():
-            return Path(root) / train, Path(root) / test
+    fs, base = open_location(root)
+    try:
+        if fs.get_file_info(base).type != pafs.FileType.Directory:
+            return None
+        for train, test in (("train.parquet", "test.parquet"), ("train", "test")):
+            kinds = {fs.get_file_info(f"{base}/{part}").type for part in (train, test)}
+            if pafs.FileType.NotFound not in kinds:
+                joined = str(root).rstrip("/")
+                return f"{joined}/{train}", f"{joined}/{test}"
+    except OSError:  # (reported by the dataset that reads it)
+        return None
     return None
 
 
