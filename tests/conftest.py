@@ -3,6 +3,7 @@ operations that would make the host wait for a GPU."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import subprocess
@@ -95,29 +96,39 @@ def host_reads() -> type[HostReads]:
     return HostReads
 
 
-@pytest.fixture(scope="session")
-def s3_server(tmp_path_factory):
-    """An S3-compatible server on 127.0.0.1 (moto's, the S3 HTTP API over a real socket), started
-    for the session and stopped by its PID; its endpoint URL."""
+@contextlib.contextmanager
+def moto_server(log_dir: Path, **env: str):
+    """moto's S3-compatible server on a free port of 127.0.0.1 (``env``: its settings), stopped by
+    its PID; yields its endpoint URL."""
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    log = open(tmp_path_factory.mktemp("s3") / "moto.log", "w")
-    server = subprocess.Popen([str(Path(sys.executable).parent / "moto_server"), "-H",
-                               "127.0.0.1", "-p", str(port)], stdout=log, stderr=log)
-    deadline = time.monotonic() + 30
-    while True:
+    with open(log_dir / f"moto-{port}.log", "w") as log:
+        server = subprocess.Popen([str(Path(sys.executable).parent / "moto_server"), "-H",
+                                   "127.0.0.1", "-p", str(port)], stdout=log, stderr=log,
+                                  env={**os.environ, **env})
         try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            break
-        except OSError:
-            if server.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"moto_server did not start (see {log.name})") from None
-            time.sleep(0.2)
-    yield f"http://127.0.0.1:{port}"
-    server.terminate()
-    server.wait(timeout=10)
-    log.close()
+            deadline = time.monotonic() + 30
+            while True:
+                try:
+                    socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                    break
+                except OSError:
+                    if server.poll() is not None or time.monotonic() > deadline:
+                        raise RuntimeError(f"moto_server did not start ({log.name})") from None
+                    time.sleep(0.2)
+            yield f"http://127.0.0.1:{port}"
+        finally:
+            server.terminate()
+            server.wait(timeout=10)
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory):
+    """An S3-compatible server on 127.0.0.1 (moto's: the S3 HTTP API over a real socket) for the
+    session; its endpoint URL."""
+    with moto_server(tmp_path_factory.mktemp("s3")) as url:
+        yield url
 
 
 @pytest.fixture

@@ -93,3 +93,18 @@ def test_images_in_object_storage_are_parquet_only(s3_env, capsys, tmp_path, mon
     assert capsys.readouterr().err.strip() == (
         "swav-ray: error: data.path: source 'imagefolder' reads a local folder; keep images in "
         "object storage as Parquet (data.source=parquet)")
+
+
+def test_refused_credentials_are_one_line_naming_the_path(tmp_path, capsys, monkeypatch):
+    """A server that checks credentials (moto with authentication on) refuses unknown keys."""
+    from conftest import moto_server
+
+    with moto_server(tmp_path, INITIAL_NO_AUTH_ACTION_COUNT="0") as url:
+        for key, value in (("AWS_ENDPOINT_URL", url), ("AWS_ACCESS_KEY_ID", "nobody"),
+                           ("AWS_SECRET_ACCESS_KEY", "wrong"), ("AWS_DEFAULT_REGION", "us-east-1")):
+            monkeypatch.setenv(key, value)
+        monkeypatch.chdir(tmp_path)
+        assert cli.main(["train", "data.source=parquet", "data.path=s3://swav/digits/"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("swav-ray: error: data.path: cannot read 's3://swav/digits/' (") \
+        and "ACCESS_DENIED" in err and "\n" not in err
