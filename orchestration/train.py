@@ -104,7 +104,7 @@ def run_training(
         task = ray.remote(_after_training).options(
             num_cpus=sc.cpus_per_worker, num_gpus=1 if sc.use_gpu else 0)
         metrics.update(ray.get(task.remote(tracked.run_id, tracked.uri, cfg.to_dict())))
-    return TrainOutcome(tracked.run_id, tracked.uri, metrics, result.checkpoint.path, name)
+    return TrainOutcome(tracked.run_id, tracked.uri, metrics, checkpoint_uri(result, root), name)
 
 
 def default_run_name(experiment: str) -> str:
@@ -133,7 +133,7 @@ def _fit_and_log(cfg: ExperimentConfig, make_trainer, run_dir: str, tracked: Tra
                 model.load_state_dict(state["engine"]["model"])
                 tracked.log_model(model.eval())
                 tracked.log_artifact(state_path, "checkpoints")
-        tracked.client.set_tag(tracked.run_id, "ray_checkpoint", result.checkpoint.path)
+        tracked.client.set_tag(tracked.run_id, "ray_checkpoint", checkpoint_uri(result, run_dir))
     except BaseException as err:
         if isinstance(err, TrainingFailed):
             tracked.client.set_tag(tracked.run_id, "failure_cause", err.cause[:5000])
@@ -195,8 +195,26 @@ def _fit(make_trainer, max_failures: int, run_dir: str) -> ray.train.Result:
                              f"last checkpoint ({attempt} of {max_failures} retries)\n")
 
 
+def checkpoint_uri(result: ray.train.Result, storage: str) -> str:
+    """The result's checkpoint as the user named its storage: Ray gives a path within the file
+    system (``bucket/runs/...`` for ``s3://bucket/runs``), here with the URI's scheme again."""
+    path = result.checkpoint.path
+    scheme, sep, _ = storage.partition("://")
+    return f"{scheme}://{path.lstrip('/')}" if sep and "://" not in path else path
+
+
 def _has_checkpoints(run_dir: str) -> bool:
-    return "://" in run_dir or any(Path(run_dir).glob("checkpoint_*"))
+    """Whether any checkpoint folder was written under ``run_dir`` (local or a URI)."""
+    import pyarrow.fs as pafs
+
+    from swav.data import open_location
+
+    try:
+        fs, base = open_location(run_dir)
+        found = fs.get_file_info(pafs.FileSelector(base, allow_not_found=True))
+    except (OSError, ValueError):
+        return "://" in run_dir  # (cannot look: say where they would be)
+    return any(i.base_name.startswith("checkpoint_") for i in found)
 
 
 def _after_training(run_id: str, uri: str, cfg: dict[str, Any]) -> dict[str, float]:

@@ -24,13 +24,21 @@ os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25")
 os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
 
 
+S3_CLIENT = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+             "AWS_DEFAULT_REGION": "us-east-1"}
+
+
 @pytest.fixture(scope="session")
-def ray_local():
+def ray_local(s3_server):
     """A private local Ray instance (never attaches to another cluster on the machine).
 
-    3 logical CPUs: the Train controller plus 2 workers fit on a 2-core machine.
+    3 logical CPUs: the Train controller plus 2 workers fit on a 2-core machine. Its processes
+    are S3 clients of the session's S3 server (the standard AWS variables, set before it starts:
+    a Ray instance's workers do not see the driver's later environment).
     """
     import ray
+
+    os.environ.update({"AWS_ENDPOINT_URL": s3_server, **S3_CLIENT})
 
     ray.init(address="local", num_cpus=3, num_gpus=0, include_dashboard=True,
              log_to_driver=False)
@@ -134,7 +142,6 @@ def s3_server(tmp_path_factory):
 @pytest.fixture
 def s3_env(s3_server, monkeypatch):
     """This process set up as any S3 client is (the standard AWS variables) for the server."""
-    for key, value in (("AWS_ENDPOINT_URL", s3_server), ("AWS_ACCESS_KEY_ID", "testing"),
-                       ("AWS_SECRET_ACCESS_KEY", "testing"), ("AWS_DEFAULT_REGION", "us-east-1")):
+    for key, value in {"AWS_ENDPOINT_URL": s3_server, **S3_CLIENT}.items():
         monkeypatch.setenv(key, value)
     return s3_server

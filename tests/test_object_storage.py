@@ -108,3 +108,47 @@ def test_refused_credentials_are_one_line_naming_the_path(tmp_path, capsys, monk
     err = capsys.readouterr().err.strip()
     assert err.startswith("swav-ray: error: data.path: cannot read 's3://swav/digits/' (") \
         and "ACCESS_DENIED" in err and "\n" not in err
+
+
+TINY = ["optim.batch_size=32", "model.width=8", "model.hidden_dim=32", "model.out_dim=16",
+        "model.n_prototypes=20", "swav.freeze_prototypes_iters=2", "eval.knn_k=10",
+        "optim.warmup_epochs=1", "eval.final_evaluation=false", "eval.explain_images=0"]
+
+
+@pytest.mark.slow
+def test_a_run_with_its_data_and_checkpoints_in_a_bucket_resumes_and_evaluates_elsewhere(
+        ray_local, bucket, s3_env, tmp_path, monkeypatch):
+    """Data and checkpoints in S3: the checkpoints are objects in the bucket and the run names
+    its last one as ``s3://``; the same run name resumes from the bucket (a longer schedule,
+    every epoch logged once); and the run evaluates from a folder that never saw it."""
+    from mlflow.tracking import MlflowClient
+
+    from orchestration.evaluate import evaluate_run
+    from orchestration.preflight import load_experiment
+    from orchestration.train import run_training
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    overrides = [*TINY, "data.source=parquet", f"data.path=s3://{bucket}/split/",
+                 f"scaling.storage_path=s3://{bucket}/runs", "scaling.run_name=remote",
+                 f"tracking.tracking_uri={uri}"]
+    first = run_training(load_experiment(None, [*overrides, "optim.epochs=2"]))
+    assert first.checkpoint_path == f"s3://{bucket}/runs/remote/checkpoint_epoch000001"
+    fs = pafs.S3FileSystem(endpoint_override=s3_env)
+    stored = {i.path.split("/remote/")[1] for i in fs.get_file_info(
+        pafs.FileSelector(f"{bucket}/runs/remote", recursive=True)) if i.type == pafs.FileType.File}
+    assert {"mlflow_run_id", "checkpoint_epoch000000/state.pt",
+            "checkpoint_epoch000001/state.pt"} <= stored, stored
+
+    again = run_training(load_experiment(None, [*overrides, "optim.epochs=3"]))
+    assert again.run_id == first.run_id
+    assert again.checkpoint_path == f"s3://{bucket}/runs/remote/checkpoint_epoch000002"
+    client = MlflowClient(uri)
+    assert client.get_run(again.run_id).info.status == "FINISHED"
+    assert [m.step for m in client.get_metric_history(again.run_id, "loss")] == [0, 1, 2]
+    assert client.get_run(again.run_id).data.tags["ray_checkpoint"] == again.checkpoint_path
+
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    metrics = evaluate_run(again.run_id, uri, "cpu")
+    assert 0 < metrics["eval_knn_top1"] <= 1 and list(elsewhere.iterdir()) == []
