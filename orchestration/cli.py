@@ -18,6 +18,7 @@ import argparse
 import logging
 import math
 import os
+import socket
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -41,6 +42,7 @@ def connect_ray(cfg: ExperimentConfig, extra_cpus: float = 0.0, log_to_driver: b
         return False
     if os.environ.get("RAY_ADDRESS"):
         address = os.environ["RAY_ADDRESS"]
+        check_ray_address(address)
         if refused_for_want_of_token(address):
             raise _missing_token(address)
         try:
@@ -347,12 +349,63 @@ def _split_config_and_overrides(args: argparse.Namespace) -> None:
             setattr(args, name, None)
 
 
+LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
+
+
 def loopback_only() -> None:
-    """A Ray instance this process starts listens on 127.0.0.1 only (GCS, raylet, agents,
-    dashboard, metrics): by default Ray binds them to the machine's address so that other nodes
-    may join, which a local run never needs. Read when Ray is imported, so set before that."""
-    if not os.environ.get("RAY_ADDRESS"):
+    """Keep Ray on 127.0.0.1 where that is where the cluster is. Without ``RAY_ADDRESS``, the
+    instance this process starts listens on 127.0.0.1 only (GCS, raylet, agents, dashboard,
+    metrics): by default Ray binds them to the machine's address so that other nodes may join,
+    which a local run never needs. With a loopback ``RAY_ADDRESS`` (a cluster of several nodes
+    on this machine), Ray would rewrite the address to the machine's own and never reach a head
+    that listens on 127.0.0.1 only: kept as given when the head answers there and not on the
+    machine's address. Ray reads the switch when it is imported, so it is set before that."""
+    address = os.environ.get("RAY_ADDRESS")
+    if not address:
         os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+        return
+    where = _host_port(address)
+    if where is None or where[0] not in LOOPBACK_HOSTS or not _answers(*where):
+        return
+    if not _answers(_own_address(), where[1]):
+        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+
+
+def _host_port(address: str) -> tuple[str, int] | None:
+    """``host:port`` of a GCS address; None for ``auto``, ``ray://...`` and other forms."""
+    host, sep, port = address.rpartition(":")
+    if not sep or not port.isdigit() or "://" in address or not host:
+        return None
+    return host.strip("[]"), int(port)
+
+
+def _answers(host: str, port: int, timeout: float = 2.0) -> bool:
+    try:
+        socket.create_connection((host, port), timeout=timeout).close()
+    except OSError:
+        return False
+    return True
+
+
+def _own_address() -> str:
+    """The address Ray gives this machine: the one its default route leaves from (no packet is
+    sent), as Ray finds it."""
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+            probe.connect(("8.8.8.8", 53))
+            return probe.getsockname()[0]
+    except OSError:
+        return "127.0.0.1"
+
+
+def check_ray_address(address: str) -> None:
+    """A ``host:port`` that nothing answers at: one line at once (``ray.init`` retries it for
+    minutes)."""
+    where = _host_port(address)
+    if where is not None and not _answers(*where):
+        raise ConfigError(f"RAY_ADDRESS: no Ray cluster answers at {address} (start its head "
+                          f"with `ray start --head`, or unset RAY_ADDRESS to train on this "
+                          f"machine alone)")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

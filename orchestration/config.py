@@ -171,7 +171,8 @@ class EvalConfig:
     max_train_images: Union[int, None] = 20000  # training images used by evaluate (kNN bank, linear)
     final_evaluation: bool = False  # run `swav-ray evaluate` on the finished run
     explain_images: int = 0  # run `swav-ray explain` on this many held-out images (0: no)
-    explain_methods: list[str] = field(default_factory=lambda: ["ce"])  # swav.counterfactual.METHODS
+    # swav.counterfactual.METHODS
+    explain_methods: list[str] = field(default_factory=lambda: ["ce"])
     # swav.counterfactual.TARGET_MODES: other_label (the nearest prototype of another majority
     # label), nearest; or a prototype index
     explain_target: Union[int, str] = "other_label"

@@ -39,7 +39,7 @@ def start_crops_figure(cfg: ExperimentConfig, tracked, splits: SourceSplits | No
 
 
 def log_crops(cfg: ExperimentConfig, tracked, splits: SourceSplits | None = None) -> None:
-    """Draw the figure and log it into ``tracked`` (a :class:`orchestration.tracking.TrackedRun`)."""
+    """Draw the figure and log it into ``tracked`` (a ``TrackedRun``)."""
     d = cfg.data
     if splits is None and missing_locally(d.source, d.path, d.download):
         return

@@ -76,5 +76,5 @@ EVAL_PREFIX = "eval_"
 
 
 def evaluation_metrics(found: dict[str, Any]) -> dict[str, float]:
-    """``{"knn_top1": .., "prototypes_used": ..}`` -> ``{"eval_knn_top1": .., "eval_prototypes_used": ..}``."""
+    """``{"knn_top1": ..}`` -> ``{"eval_knn_top1": ..}``: the vocabulary's names, prefixed."""
     return {EVAL_PREFIX + k: float(v) for k, v in found.items()}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from types import SimpleNamespace
 
 import yaml
@@ -119,3 +120,48 @@ def test_a_sweep_whose_trials_need_more_cpus_than_the_machine_is_refused_like_tr
         f"swav-ray: error: scaling.num_workers: {cpus + 1} workers x 1 CPU need {cpus + 1} "
         f"CPUs, this machine has {cpus} (set RAY_ADDRESS to train on a cluster)")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["sweep.yaml"]
+
+
+def test_a_ray_address_nothing_answers_at_is_one_line_at_once(tmp_path, monkeypatch, capsys):
+    """``ray.init`` would retry it for minutes; the run says so before Ray starts."""
+    import socket
+    import time
+
+    import ray
+
+    with socket.socket() as free:
+        free.bind(("127.0.0.1", 0))
+        address = f"127.0.0.1:{free.getsockname()[1]}"  # closed again: nothing listens
+    monkeypatch.setenv("RAY_ADDRESS", address)
+    monkeypatch.chdir(tmp_path)
+    started = time.monotonic()
+    assert main(["train", "optim.epochs=1"]) == 2
+    assert time.monotonic() - started < 60 and not ray.is_initialized()
+    assert capsys.readouterr().err.strip() == (
+        f"swav-ray: error: RAY_ADDRESS: no Ray cluster answers at {address} (start its head with "
+        "`ray start --head`, or unset RAY_ADDRESS to train on this machine alone)")
+
+
+def test_a_cluster_on_loopback_only_is_joined_on_loopback(monkeypatch):
+    """Ray rewrites a loopback RAY_ADDRESS to the machine's own address; a head that listens on
+    127.0.0.1 alone is then never reached. Where it answers on 127.0.0.1 and not on the
+    machine's address, Ray is told to keep loopback (before it is imported)."""
+    import socket
+
+    from orchestration.cli import _own_address, loopback_only
+
+    with socket.socket() as head:
+        head.bind(("127.0.0.1", 0))
+        head.listen()
+        monkeypatch.setenv("RAY_ADDRESS", f"127.0.0.1:{head.getsockname()[1]}")
+        monkeypatch.delenv("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", raising=False)
+        loopback_only()
+        expected = "0" if _own_address() != "127.0.0.1" else None
+        assert os.environ.get("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER") == expected
+    with socket.socket() as head:  # a head on every interface: Ray's own rewrite reaches it
+        head.bind(("0.0.0.0", 0))
+        head.listen()
+        monkeypatch.setenv("RAY_ADDRESS", f"127.0.0.1:{head.getsockname()[1]}")
+        monkeypatch.delenv("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", raising=False)
+        loopback_only()
+        assert "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER" not in os.environ
