@@ -15,16 +15,18 @@ from ray.tune.integration.ray_train import TuneReportCallback
 
 from orchestration.metrics import loggable
 
-__all__ = ["RETRAINED_TAG", "EpochMetricsLogger", "ReportEpochsToTune", "is_last_epoch"]
+__all__ = ["NODES_TAG", "RETRAINED_TAG", "EpochMetricsLogger", "ReportEpochsToTune", "is_last_epoch"]
 
 RETRAINED_TAG = "retrained_epochs"  # epochs logged twice: their first checkpoint did not load
+NODES_TAG = "ray_nodes"  # the Ray nodes the workers ran on, each attempt's added
 
 
 class EpochMetricsLogger(UserCallback):
     """Logs rank 0's report of each epoch into the run (in the Train controller, after the
     epoch's checkpoint is persisted: an epoch re-run after a failure was never reported, so every
     epoch is logged once). The exception: an epoch whose checkpoint was unreadable on a resume
-    is trained and logged again, and tag ``retrained_epochs`` lists it."""
+    is trained and logged again, and tag ``retrained_epochs`` lists it. Tag ``ray_nodes`` lists
+    the Ray nodes each attempt's workers ran on (a node lost mid-run shows as one more)."""
 
     def __init__(self, uri: str, run_id: str) -> None:
         self.uri, self.run_id = uri, run_id
@@ -42,6 +44,9 @@ class EpochMetricsLogger(UserCallback):
             self._run = TrackedRun(self.uri, self.run_id)
         report, run = metrics[0], self._run
         run.log_metrics(loggable(report), step=int(report["epoch"]))
+        for node in str(report.get("nodes") or "").split(","):
+            if node:
+                run.add_to_tag(NODES_TAG, node)
         if report.get("retrained"):
             run.add_to_tag(RETRAINED_TAG, str(int(report["epoch"])))
 

@@ -95,6 +95,17 @@ def distributed_knn(model: SwAVModel, evaluation, cfg: ExperimentConfig,
     return float(counts[0] / counts[1])
 
 
+def _worker_nodes() -> str:
+    """The Ray nodes the run's workers are on (their IDs, sorted, comma-separated), as every
+    worker knows them."""
+    own = ray.get_runtime_context().get_node_id()
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        everyone: list[Any] = [None] * dist.get_world_size()
+        dist.all_gather_object(everyone, own)
+        return ",".join(sorted(set(everyone)))
+    return own
+
+
 def _all_rng_states() -> list[dict[str, Any]]:
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         states: list[Any] = [None] * dist.get_world_size()
@@ -154,6 +165,7 @@ def _train_epochs(cfg: ExperimentConfig, config: dict[str, Any]) -> None:
     init_knn = None
     if epoch == 0 and training.evaluation is not None:
         init_knn = distributed_knn(engine.net, training.evaluation, cfg, device)
+    nodes = _worker_nodes()
     setup_s: float | None = time.perf_counter() - begun  # (reported with the first epoch)
     images_seen = corrupt_seen = 0
     while epoch < planned:
@@ -175,6 +187,8 @@ def _train_epochs(cfg: ExperimentConfig, config: dict[str, Any]) -> None:
         report = epoch_report(stats, _epoch_knn(training, epoch, planned, device),
                               init_knn if epoch == 0 else None, epochs_planned=planned,
                               training_s=clock.trained_s, setup_s=setup_s)
+        if setup_s is not None:  # this attempt's first report: where its workers run
+            report["nodes"] = nodes
         setup_s = None
         if epoch in names.retrained:  # (its first report came from the unreadable checkpoint)
             report["retrained"] = True

@@ -29,16 +29,13 @@ S3_CLIENT = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
 
 
 @pytest.fixture(scope="session")
-def ray_local(s3_server):
+def ray_local():
     """A private local Ray instance (never attaches to another cluster on the machine).
 
-    3 logical CPUs: the Train controller plus 2 workers fit on a 2-core machine. Its processes
-    are S3 clients of the session's S3 server (the standard AWS variables, set before it starts:
-    a Ray instance's workers do not see the driver's later environment).
+    3 logical CPUs: the Train controller plus 2 workers fit on a 2-core machine.
     """
     import ray
 
-    os.environ.update({"AWS_ENDPOINT_URL": s3_server, **S3_CLIENT})
 
     ray.init(address="local", num_cpus=3, num_gpus=0, include_dashboard=True,
              log_to_driver=False)

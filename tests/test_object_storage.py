@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import io
 import secrets
-import socket
 
 import numpy as np
 import pyarrow as pa
@@ -109,98 +108,3 @@ def test_refused_credentials_are_one_line_naming_the_path(tmp_path, capsys, monk
     err = capsys.readouterr().err.strip()
     assert err.startswith("swav-ray: error: data.path: cannot read 's3://swav/digits/' (") \
         and "ACCESS_DENIED" in err and "\n" not in err
-
-
-TINY = ["optim.batch_size=32", "model.width=8", "model.hidden_dim=32", "model.out_dim=16",
-        "model.n_prototypes=20", "swav.freeze_prototypes_iters=2", "eval.knn_k=10",
-        "optim.warmup_epochs=1", "eval.final_evaluation=false", "eval.explain_images=0"]
-
-
-@pytest.fixture
-def mlflow_s3(bucket, tmp_path):
-    """``mlflow server`` as cluster.yaml starts it: a SQLite store, artifacts proxied to the
-    bucket's ``mlflow/`` prefix; its URL. Stopped by its PID."""
-    import os
-    import signal
-    import subprocess
-    import sys
-    import time
-    import urllib.request
-
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    url = f"http://127.0.0.1:{port}"
-    log = open(tmp_path / "mlflow-server.log", "w")
-    server = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
-         "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}",
-         "--artifacts-destination", f"s3://{bucket}/mlflow", "--workers", "1"],
-        stdout=log, stderr=log, start_new_session=True,
-        env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"})
-    try:
-        deadline = time.monotonic() + 90
-        while True:
-            try:
-                urllib.request.urlopen(f"{url}/health", timeout=2).close()
-                break
-            except OSError:
-                assert server.poll() is None and time.monotonic() < deadline, \
-                    (tmp_path / "mlflow-server.log").read_text()[-2000:]
-                time.sleep(0.3)
-        yield url
-    finally:
-        os.killpg(server.pid, signal.SIGTERM)
-        server.wait(timeout=30)
-        log.close()
-
-
-@pytest.mark.slow
-def test_data_checkpoints_and_artifacts_in_a_bucket_resume_and_evaluate_elsewhere(
-        ray_local, bucket, s3_env, mlflow_s3, tmp_path, monkeypatch):
-    """Data and checkpoints in S3, MLflow's artifacts in S3 through a server as cluster.yaml
-    starts it: the checkpoints are objects in the bucket and the run names its last one as
-    ``s3://``; the same run name resumes from the bucket (a longer schedule, every epoch logged
-    once); the model, the figures and the weights are objects in the bucket; and the run
-    evaluates from a folder that never saw it."""
-    from mlflow.tracking import MlflowClient
-
-    from orchestration.evaluate import evaluate_run
-    from orchestration.preflight import load_experiment
-    from orchestration.train import run_training
-
-    uri = mlflow_s3
-    overrides = [*TINY, "data.source=parquet", f"data.path=s3://{bucket}/split/",
-                 f"scaling.storage_path=s3://{bucket}/runs", "scaling.run_name=remote",
-                 f"tracking.tracking_uri={uri}"]
-    first = run_training(load_experiment(None, [*overrides, "optim.epochs=2"]))
-    assert first.checkpoint_path == f"s3://{bucket}/runs/remote/checkpoint_epoch000001"
-    fs = pafs.S3FileSystem(endpoint_override=s3_env)
-    stored = {i.path.split("/remote/")[1] for i in fs.get_file_info(
-        pafs.FileSelector(f"{bucket}/runs/remote", recursive=True)) if i.type == pafs.FileType.File}
-    assert {"mlflow_run_id", "checkpoint_epoch000000/state.pt",
-            "checkpoint_epoch000001/state.pt"} <= stored, stored
-
-    again = run_training(load_experiment(None, [*overrides, "optim.epochs=3"]))
-    assert again.run_id == first.run_id
-    assert again.checkpoint_path == f"s3://{bucket}/runs/remote/checkpoint_epoch000002"
-    client = MlflowClient(uri)
-    assert client.get_run(again.run_id).info.status == "FINISHED"
-    assert [m.step for m in client.get_metric_history(again.run_id, "loss")] == [0, 1, 2]
-    assert client.get_run(again.run_id).data.tags["ray_checkpoint"] == again.checkpoint_path
-
-    objects = [i.path for i in fs.get_file_info(
-        pafs.FileSelector(f"{bucket}/mlflow", recursive=True)) if i.type == pafs.FileType.File]
-    of_run = {p.split(f"/{again.run_id}/artifacts/", 1)[1] for p in objects
-              if f"/{again.run_id}/artifacts/" in p}
-    assert {"config.yaml", "checkpoints/state.pt", "augmentations/multicrop.png"} <= of_run, objects
-    assert any("/models/" in p and p.endswith("/artifacts/MLmodel") for p in objects), objects
-
-    elsewhere = tmp_path / "elsewhere"
-    elsewhere.mkdir()
-    monkeypatch.chdir(elsewhere)
-    metrics = evaluate_run(again.run_id, uri, "cpu")
-    assert 0 < metrics["eval_knn_top1"] <= 1 and list(elsewhere.iterdir()) == []
-    assert fs.get_file_info(f"{bucket}/mlflow").type == pafs.FileType.Directory
-    assert any(i.path.endswith(f"/{again.run_id}/artifacts/evaluation/embedding.png") for i in
-               fs.get_file_info(pafs.FileSelector(f"{bucket}/mlflow", recursive=True)))
