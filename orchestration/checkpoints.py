@@ -14,6 +14,8 @@ from __future__ import annotations
 import os
 import pickle
 import random
+import secrets
+import time
 from pathlib import Path
 from typing import Any
 
@@ -22,14 +24,19 @@ import torch
 
 from orchestration.config import ExperimentConfig
 
-__all__ = ["STATE_FILE", "CheckpointError", "load_state", "rng_state", "save_state",
-           "set_rng_state", "storage_root"]
+__all__ = ["STATE_FILE", "CheckpointError", "default_run_name", "load_state", "rng_state",
+           "save_state", "set_rng_state", "storage_root"]
 
 STATE_FILE = "state.pt"
 
 
 class CheckpointError(RuntimeError):
     """A checkpoint that cannot be loaded (unreadable, truncated, or not plain tensors/values)."""
+
+
+def default_run_name(experiment: str) -> str:
+    """``<experiment>-<YYYYmmdd-HHMMSS>-<6 hex>``: sorted by time, unique within a second."""
+    return f"{experiment}-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(3)}"
 
 
 def storage_root(cfg: ExperimentConfig) -> str:

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import yaml
 
-from orchestration.config import ConfigError, ExperimentConfig
+from orchestration.config import ConfigError, ExperimentConfig, load_config
 
 __all__ = ["connect_ray", "main"]
 
@@ -108,13 +108,14 @@ def _print_evaluation(m: dict, prefix: str = "") -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    cfg = load_config(args.config, args.overrides)  # keys and types, before torch is imported
     from orchestration import preflight
 
-    cfg = preflight.load_experiment(args.config, args.overrides)
+    preflight.validate(cfg)
     if args.print_config:  # the whole config as the run would log it (config.yaml), and no run
         print(yaml.safe_dump(cfg.to_dict(), sort_keys=False), end="")
         return 0
-    from orchestration.train import default_run_name
+    from orchestration.checkpoints import default_run_name
 
     experiment = Path(args.config).stem if args.config else "default"
     name = cfg.scaling.run_name or default_run_name(experiment)

@@ -14,10 +14,8 @@ from __future__ import annotations
 
 import logging
 import os
-import secrets
 import sys
 import threading
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,7 +26,7 @@ import ray.train.torch
 from ray.train import CheckpointConfig, FailureConfig, RunConfig
 
 from orchestration.capacity import check_fits, connected_cluster
-from orchestration.checkpoints import STATE_FILE, load_state, storage_root
+from orchestration.checkpoints import STATE_FILE, default_run_name, load_state, storage_root
 from orchestration.config import ExperimentConfig, from_dict
 from orchestration.crops_figure import start_crops_figure
 from orchestration.failures import TrainingFailed, cause_of
@@ -41,7 +39,7 @@ from orchestration.train_callbacks import EpochMetricsLogger
 from orchestration.worker import FAIL_AT_EPOCH, train_loop_per_worker
 from swav.data import SourceSplits
 
-__all__ = ["TrainOutcome", "check_cluster_resources", "default_run_name", "run_training"]
+__all__ = ["TrainOutcome", "check_cluster_resources", "run_training"]
 
 log = logging.getLogger(__name__)
 
@@ -105,11 +103,6 @@ def run_training(
             num_cpus=sc.cpus_per_worker, num_gpus=1 if sc.use_gpu else 0)
         metrics.update(ray.get(task.remote(tracked.run_id, tracked.uri, cfg.to_dict())))
     return TrainOutcome(tracked.run_id, tracked.uri, metrics, checkpoint_uri(result, root), name)
-
-
-def default_run_name(experiment: str) -> str:
-    """``<experiment>-<YYYYmmdd-HHMMSS>-<6 hex>``: sorted by time, unique within a second."""
-    return f"{experiment}-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(3)}"
 
 
 def _fit_and_log(cfg: ExperimentConfig, make_trainer, run_dir: str, tracked: TrackedRun,
