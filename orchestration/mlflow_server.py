@@ -21,7 +21,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-__all__ = ["serving"]
+__all__ = ["serving", "stop_session"]
 
 
 def _free_port() -> int:
@@ -66,11 +66,21 @@ def serving(uri: str, timeout: float = 90.0) -> Iterator[str]:
         _wait_healthy(url, process, timeout)
         yield url
     finally:
-        if process.poll() is None:
-            os.killpg(process.pid, signal.SIGTERM)
-            try:
-                process.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                os.killpg(process.pid, signal.SIGKILL)
-                process.wait()
+        stop_session(process)
         log.close()
+
+
+def stop_session(process: subprocess.Popen, grace: float = 15.0) -> None:
+    """Stop a server started with ``start_new_session=True`` and everything it started (its
+    process group, by its PID): SIGTERM, then SIGKILL after ``grace`` seconds."""
+    if process.poll() is not None:
+        return
+    try:
+        os.killpg(process.pid, signal.SIGTERM)
+    except ProcessLookupError:
+        return
+    try:
+        process.wait(timeout=grace)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()

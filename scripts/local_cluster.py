@@ -27,6 +27,9 @@ import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from orchestration.mlflow_server import stop_session  # noqa: E402
+
 BIN = Path(sys.executable).parent
 S3_CLIENT = {"AWS_ACCESS_KEY_ID": "local", "AWS_SECRET_ACCESS_KEY": "local",
              "AWS_DEFAULT_REGION": "us-east-1"}
@@ -63,13 +66,7 @@ def _process(command: list[str], log: Path, env: dict[str, str]) -> Iterator[sub
         try:
             yield process
         finally:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(process.pid, signal.SIGTERM)
-            try:
-                process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                os.killpg(process.pid, signal.SIGKILL)
-                process.wait()
+            stop_session(process, grace=30)
 
 
 @contextlib.contextmanager
