@@ -13,7 +13,7 @@ import errno
 from orchestration.checkpoints import CheckpointError
 from orchestration.config import ConfigError
 
-__all__ = ["NotRetryable", "TrainingFailed", "as_not_retryable", "cause_of"]
+__all__ = ["NotRetryable", "TrainingFailed", "as_not_retryable", "cause_of", "storage_unreachable"]
 
 # Errors of the input (config, data, checkpoints): exit 2, like bad input found before Ray.
 BAD_INPUT = (ConfigError, CheckpointError, ValueError, TypeError)
@@ -80,6 +80,17 @@ def cause_of(failure: BaseException) -> tuple[str, NotRetryable | None]:
     where = f"rank {rank}: " if rank is not None else ""
     inner = list(_chain(errors[0]))[-1]
     return f"{where}{type(inner).__name__}: {first_line(inner)}", None
+
+
+def storage_unreachable(failure: BaseException) -> str | None:
+    """The line naming why, when Ray Train's controller failed because the run's storage did not
+    take a write (pyarrow's ``OSError``: a refused connection, a timeout); a full or read-only
+    disk is not that (it fails the same way on a retry). None otherwise."""
+    controller = getattr(failure, "controller_failure", None)
+    for inner in _chain(controller):
+        if isinstance(inner, OSError) and inner.errno not in STORAGE_ERRNOS:
+            return first_line(inner)
+    return None
 
 
 class TrainingFailed(RuntimeError):

@@ -25,11 +25,12 @@ import ray.train
 import ray.train.torch
 from ray.train import CheckpointConfig, FailureConfig, RunConfig
 
+from orchestration import run_storage
 from orchestration.capacity import check_fits, connected_cluster
 from orchestration.checkpoints import STATE_FILE, default_run_name, load_state, storage_root
 from orchestration.config import ExperimentConfig, from_dict
 from orchestration.crops_figure import start_crops_figure
-from orchestration.failures import TrainingFailed, cause_of
+from orchestration.failures import TrainingFailed, cause_of, storage_unreachable
 from orchestration.progress import ConsoleProgress, ProgressBoard
 from orchestration.ray_compat import NodeAddressTorchConfig, TorchTrainer
 from orchestration.recipe import initial_model
@@ -167,9 +168,10 @@ def _trainer_factory(cfg: ExperimentConfig, name: str, root: str, run_dir: str,
 
 
 def _fit(make_trainer, max_failures: int, run_dir: str) -> ray.train.Result:
-    """Fit, and after a worker failure that a retry may cure fit again from the last checkpoint
-    (at most ``max_failures`` times). Ray's own retries would also repeat errors that fail the
-    same way every time (a config, a data schema, a full disk), at the cost of minutes."""
+    """Fit, and after a worker failure that a retry may cure, or storage that stopped answering,
+    fit again from the last checkpoint (at most ``max_failures`` times; first waiting for the
+    storage to answer). Ray's own retries would also repeat errors that fail the same way every
+    time (a config, a data schema, a full disk), at the cost of minutes."""
     attempt = 0
     while True:
         attempt += 1
@@ -179,10 +181,14 @@ def _fit(make_trainer, max_failures: int, run_dir: str) -> ray.train.Result:
             raise KeyboardInterrupt from exc
         except ray.train.TrainingFailedError as err:
             cause, fatal = cause_of(err)
-            retry = (fatal is None and isinstance(err, ray.train.WorkerGroupError)
-                     and attempt <= max_failures)
+            unreachable = storage_unreachable(err)
+            if unreachable is not None:
+                cause = f"the run's storage {run_dir} did not answer: {unreachable}"
+            retry = (fatal is None and attempt <= max_failures
+                     and (isinstance(err, ray.train.WorkerGroupError) or unreachable is not None)
+                     and run_storage.wait_until_it_answers(run_dir, unreachable or cause))
             if not retry:
-                resumable = run_dir if _has_checkpoints(run_dir) else None
+                resumable = run_dir if run_storage.has_checkpoints(run_dir) else None
                 raise TrainingFailed(cause, fatal, attempt, resumable) from err
             sys.stderr.write(f"swav-ray: attempt {attempt} failed ({cause}); resuming from the "
                              f"last checkpoint ({attempt} of {max_failures} retries)\n")
@@ -194,20 +200,6 @@ def checkpoint_uri(result: ray.train.Result, storage: str) -> str:
     path = result.checkpoint.path
     scheme, sep, _ = storage.partition("://")
     return f"{scheme}://{path.lstrip('/')}" if sep and "://" not in path else path
-
-
-def _has_checkpoints(run_dir: str) -> bool:
-    """Whether any checkpoint folder was written under ``run_dir`` (local or a URI)."""
-    import pyarrow.fs as pafs
-
-    from swav.data import open_location
-
-    try:
-        fs, base = open_location(run_dir)
-        found = fs.get_file_info(pafs.FileSelector(base, allow_not_found=True))
-    except (OSError, ValueError):
-        return "://" in run_dir  # (cannot look: say where they would be)
-    return any(i.base_name.startswith("checkpoint_") for i in found)
 
 
 def _after_training(run_id: str, uri: str, cfg: dict[str, Any]) -> dict[str, float]:

@@ -15,8 +15,9 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import os
+import secrets
+import shutil
 import signal
 import socket
 import subprocess
@@ -28,17 +29,67 @@ from collections.abc import Iterator
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from orchestration.mlflow_server import stop_session  # noqa: E402
+from orchestration.mlflow_server import stop_session
 
 BIN = Path(sys.executable).parent
 S3_CLIENT = {"AWS_ACCESS_KEY_ID": "local", "AWS_SECRET_ACCESS_KEY": "local",
              "AWS_DEFAULT_REGION": "us-east-1"}
 
 
+def free_ports(n: int) -> list[int]:
+    """``n`` distinct free ports on 127.0.0.1: every socket stays bound until all are chosen
+    (one at a time, the system may hand a closed one out again)."""
+    sockets = [socket.socket() for _ in range(n)]
+    try:
+        for s in sockets:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in sockets]
+    finally:
+        for s in sockets:
+            s.close()
+
+
 def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
+    return free_ports(1)[0]
+
+
+def pids_holding(text: str) -> list[int]:
+    """The processes whose command line holds ``text`` (a node's own temp folder)."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if text in (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode():
+                    pids.append(int(entry.name))
+            except OSError:
+                continue
+    return pids
+
+
+def children(pid: int) -> list[int]:
+    out = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+                if int(fields[1]) == pid:
+                    out.append(int(entry.name))
+            except (OSError, IndexError, ValueError):
+                continue
+    return out
+
+
+def kill_tree(pids: list[int]) -> None:
+    """SIGKILL ``pids`` and every process they started, as a machine that loses power would."""
+    seen, stack = set(), list(pids)
+    while stack:
+        pid = stack.pop()
+        if pid not in seen:
+            seen.add(pid)
+            stack.extend(children(pid))
+    for pid in seen:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
 
 
 def _wait(ready, process: subprocess.Popen, what: str, timeout: float = 90.0) -> None:
@@ -69,20 +120,67 @@ def _process(command: list[str], log: Path, env: dict[str, str]) -> Iterator[sub
             stop_session(process, grace=30)
 
 
+AGENT_PORTS = ("dashboard-agent-listen-port", "dashboard-agent-grpc-port",
+               "runtime-env-agent-port", "metrics-export-port")
+
+
+def start_ray_node(folder: Path, env: dict[str, str], cpus: int,
+                   head: str | None = None) -> dict[str, str]:
+    """One Ray node started as ``cluster.yaml``'s commands start one (``ray start``), on
+    127.0.0.1 with its own temp folder and free ports (the defaults would collide between
+    nodes on one machine): a head when ``head`` is None, else a node joining that GCS address.
+    Returns the head's addresses (GCS and dashboard), or {} for a worker node."""
+    ports = free_ports(len(AGENT_PORTS) + 3)
+    flags = [f"--{flag}={port}" for flag, port in zip(AGENT_PORTS, ports)]
+    if head is None:
+        gcs, dashboard, client = ports[len(AGENT_PORTS):]
+        flags += ["--head", f"--port={gcs}", "--include-dashboard=true",
+                  "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}",
+                  f"--ray-client-server-port={client}"]
+    else:
+        flags.append(f"--address={head}")
+    subprocess.run([str(BIN / "ray"), "start", f"--temp-dir={folder}", "--node-ip-address=127.0.0.1",
+                    f"--num-cpus={cpus}", "--num-gpus=0", "--disable-usage-stats", *flags],
+                   check=True, env=env, capture_output=True, text=True, timeout=180)
+    if head is not None:
+        return {}
+    return {"RAY_ADDRESS": f"127.0.0.1:{gcs}",
+            "RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{dashboard}"}
+
+
+def stop_ray_node(folder: Path) -> None:
+    """End one node by PID: every process whose command line holds its temp folder, and their
+    children (its raylet, agents and workers), at once, as when a machine is lost."""
+    kill_tree(pids_holding(str(folder)))
+
+
+@contextlib.contextmanager
+def s3_server(folder: Path, port: int | None = None, **env: str) -> Iterator[str]:
+    """moto's S3-compatible server on ``port`` (default: a free one) of 127.0.0.1 (``env``: its
+    settings; its state in memory: gone when the server stops); yields its endpoint URL."""
+    port = port or free_port()
+    with _process([str(BIN / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
+                  folder / f"s3-{port}.log", {**os.environ, **env}) as server:
+        endpoint = f"http://127.0.0.1:{port}"
+        _wait(lambda: _answers(endpoint), server, "the S3 server")
+        yield endpoint
+
+
 @contextlib.contextmanager
 def local_cluster(folder: Path, worker_nodes: int = 2, cpus_per_node: int = 1,
-                  bucket: str = "swav") -> Iterator[dict[str, str]]:
-    """Everything above, started in ``folder``; yields the environment a client needs."""
+                  bucket: str = "swav", s3: str | None = None) -> Iterator[dict[str, str]]:
+    """Everything above, its logs in ``folder`` (``s3``: the endpoint of an S3 server already
+    running, instead of starting one); yields the environment a client needs, and
+    ``SWAV_RAY_NODES``: the worker nodes' temp folders (``stop_ray_node`` ends one)."""
     import pyarrow.fs as pafs
 
     with contextlib.ExitStack() as stack:
-        s3_port = free_port()
-        s3 = stack.enter_context(_process(
-            [str(BIN / "moto_server"), "-H", "127.0.0.1", "-p", str(s3_port)],
-            folder / "s3.log", dict(os.environ)))
-        endpoint = f"http://127.0.0.1:{s3_port}"
-        _wait(lambda: _answers(endpoint), s3, "the S3 server")
-        env = {**os.environ, "AWS_ENDPOINT_URL": endpoint, **S3_CLIENT}
+        endpoint = s3 or stack.enter_context(s3_server(folder))
+        # Token authentication, as Ray turns it on for new clusters; the token is this
+        # cluster's own (~/.ray/auth_token is left alone).
+        env = {**{k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"},
+               "AWS_ENDPOINT_URL": endpoint, **S3_CLIENT, "RAY_AUTH_MODE": "token",
+               "RAY_AUTH_TOKEN": secrets.token_hex(32), "PATH": f"{BIN}:{os.environ['PATH']}"}
         pafs.S3FileSystem(endpoint_override=endpoint, access_key="local", secret_key="local",
                           allow_bucket_creation=True).create_dir(bucket)
 
@@ -95,34 +193,17 @@ def local_cluster(folder: Path, worker_nodes: int = 2, cpus_per_node: int = 1,
             folder / "mlflow.log", {**env, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}))
         _wait(lambda: _answers(f"{tracking}/health"), mlflow, "the MLflow server")
 
-        ready = folder / "ray.json"
-        ray = stack.enter_context(_process(
-            [sys.executable, __file__, "--ray-nodes", str(worker_nodes), "--cpus",
-             str(cpus_per_node), "--ready-file", str(ready)], folder / "ray.log", env))
-        _wait(ready.exists, ray, "the Ray cluster", timeout=180)
-        address = json.loads(ready.read_text())["address"]
-        yield {"RAY_ADDRESS": address, "AWS_ENDPOINT_URL": endpoint, **S3_CLIENT,
-               "MLFLOW_TRACKING_URI": tracking, "SWAV_RAY_BUCKET": bucket}
-
-
-def _serve_ray_nodes(worker_nodes: int, cpus: int, ready: Path) -> None:
-    """The Ray cluster itself (run as a child: its nodes end with it). Every node on
-    127.0.0.1; the head holds no CPU, so that workers run on the worker nodes alone."""
-    from ray.cluster_utils import Cluster
-
-    cluster = Cluster(initialize_head=True,
-                      head_node_args={"num_cpus": 0, "node_ip_address": "127.0.0.1"})
-    for _ in range(worker_nodes):
-        cluster.add_node(num_cpus=cpus, node_ip_address="127.0.0.1")
-    cluster.wait_for_nodes()
-    ready.write_text(json.dumps({"address": cluster.address}))
-    stop = []
-    signal.signal(signal.SIGTERM, lambda *_: stop.append(True))
-    try:
-        while not stop:
-            time.sleep(0.5)
-    finally:
-        cluster.shutdown()
+        # Ray's socket paths are limited to ~107 characters: the nodes' folders are short.
+        ray_root = Path(tempfile.mkdtemp(prefix="swr-", dir="/tmp"))
+        stack.callback(shutil.rmtree, ray_root, ignore_errors=True)
+        stack.callback(stop_ray_node, ray_root)
+        head = start_ray_node(ray_root / "head", env, cpus=0)  # workers on worker nodes alone
+        nodes = [ray_root / f"node-{chr(ord('a') + i)}" for i in range(worker_nodes)]
+        for node in nodes:
+            start_ray_node(node, env, cpus_per_node, head=head["RAY_ADDRESS"])
+        yield {**head, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": env["RAY_AUTH_TOKEN"],
+               "AWS_ENDPOINT_URL": endpoint, **S3_CLIENT, "MLFLOW_TRACKING_URI": tracking, "SWAV_RAY_BUCKET": bucket,
+               "SWAV_RAY_NODES": ",".join(map(str, nodes))}
 
 
 def main() -> None:
@@ -130,12 +211,7 @@ def main() -> None:
     parser.add_argument("--worker-nodes", type=int, default=2)
     parser.add_argument("--cpus", type=int, default=1, help="CPUs of each worker node")
     parser.add_argument("--until-stdin-closes", action="store_true")
-    parser.add_argument("--ray-nodes", type=int, help=argparse.SUPPRESS)
-    parser.add_argument("--ready-file", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.ray_nodes is not None:
-        _serve_ray_nodes(args.ray_nodes, args.cpus, args.ready_file)
-        return
     folder = Path(tempfile.mkdtemp(prefix="swav-ray-local-cluster-"))
     with local_cluster(folder, args.worker_nodes, args.cpus) as env:
         for key, value in env.items():

@@ -3,12 +3,8 @@ operations that would make the host wait for a GPU."""
 
 from __future__ import annotations
 
-import contextlib
+import importlib.util
 import os
-import socket
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -23,6 +19,18 @@ os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25")
 # nodes for spot-instance preemption): one machine has nothing to watch (as the CLI does locally).
 os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
 
+
+def _script(name: str):
+    """A script of ``scripts/`` as a module (they are run as files, not installed)."""
+    spec = importlib.util.spec_from_file_location(
+        name, Path(__file__).resolve().parents[1] / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)  # type: ignore[union-attr]
+    return module
+
+
+local_cluster = _script("local_cluster")
+moto_server = local_cluster.s3_server  # moto's S3 server on 127.0.0.1, stopped by its PID
 
 S3_CLIENT = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
              "AWS_DEFAULT_REGION": "us-east-1"}
@@ -99,33 +107,6 @@ class HostReads(TorchDispatchMode):
 @pytest.fixture
 def host_reads() -> type[HostReads]:
     return HostReads
-
-
-@contextlib.contextmanager
-def moto_server(log_dir: Path, **env: str):
-    """moto's S3-compatible server on a free port of 127.0.0.1 (``env``: its settings), stopped by
-    its PID; yields its endpoint URL."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    with open(log_dir / f"moto-{port}.log", "w") as log:
-        server = subprocess.Popen([str(Path(sys.executable).parent / "moto_server"), "-H",
-                                   "127.0.0.1", "-p", str(port)], stdout=log, stderr=log,
-                                  env={**os.environ, **env})
-        try:
-            deadline = time.monotonic() + 30
-            while True:
-                try:
-                    socket.create_connection(("127.0.0.1", port), timeout=1).close()
-                    break
-                except OSError:
-                    if server.poll() is not None or time.monotonic() > deadline:
-                        raise RuntimeError(f"moto_server did not start ({log.name})") from None
-                    time.sleep(0.2)
-            yield f"http://127.0.0.1:{port}"
-        finally:
-            server.terminate()
-            server.wait(timeout=10)
 
 
 @pytest.fixture(scope="session")

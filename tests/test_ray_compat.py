@@ -49,7 +49,7 @@ def test_a_run_without_ray_datasets_starts_no_ray_data_actor():
 
 def test_the_token_probe_leaves_anything_but_a_refusal_to_ray_init():
     """No ``host:port``, a URI, nothing listening: False at once (ray.init reports those). The
-    refusal itself is tested against a real token cluster in test_job_submit.py."""
+    refusal itself is tested against a real token cluster in test_local_cluster.py."""
     with socket.socket() as free:
         free.bind(("127.0.0.1", 0))
         port = free.getsockname()[1]  # closed again: nothing listens there
