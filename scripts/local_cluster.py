@@ -24,6 +24,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -101,11 +102,15 @@ def _wait(ready, process: subprocess.Popen, what: str, timeout: float = 90.0) ->
 
 
 def _answers(url: str) -> bool:
+    """Whether a server answers at ``url``: any HTTP response counts (an S3 server that wants
+    credentials answers 403)."""
     try:
         urllib.request.urlopen(url, timeout=2).close()
+    except urllib.error.HTTPError:
         return True
     except OSError:
         return False
+    return True
 
 
 @contextlib.contextmanager

@@ -108,3 +108,28 @@ def test_refused_credentials_are_one_line_naming_the_path(tmp_path, capsys, monk
     err = capsys.readouterr().err.strip()
     assert err.startswith("swav-ray: error: data.path: cannot read 's3://swav/digits/' (") \
         and "ACCESS_DENIED" in err and "\n" not in err
+
+
+def test_a_run_in_a_bucket_names_its_mlflow_run_there_and_the_same_name_resumes_it(
+        bucket, tmp_path):
+    """The run's MLflow id is an object beside its checkpoints, so a resume from any machine
+    continues the same MLflow run; a resume under another config is refused by reading it."""
+    from orchestration.config import ConfigError
+    from orchestration.preflight import check_resumable, load_experiment
+    from orchestration.tracking import TrackedRun
+
+    def config(*extra: str):
+        return load_experiment(None, [f"scaling.storage_path=s3://{bucket}/runs",
+                                      f"tracking.tracking_uri=sqlite:///{tmp_path}/mlflow.db",
+                                      *extra])
+
+    run_dir = f"s3://{bucket}/runs/again"
+    first = TrackedRun.start(config(), run_dir, "again")
+    first.end("FAILED")
+    again = TrackedRun.start(config(), run_dir, "again")
+    assert (again.resumed, again.run_id) == (True, first.run_id)
+    assert again.client.get_run(again.run_id).info.status == "RUNNING"
+    again.end("FINISHED")
+    with pytest.raises(ConfigError, match="model.n_prototypes: 100 -> 30"):
+        check_resumable(config("model.n_prototypes=30"), run_dir, "again")
+    assert not list(tmp_path.glob("runs"))
