@@ -119,6 +119,9 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     experiment = Path(args.config).stem if args.config else "default"
     name = cfg.scaling.run_name or default_run_name(experiment)
+    if not args.verbose:  # MLflow's store set-up notes and its pickle warning (see README)
+        logging.getLogger("mlflow").setLevel(logging.WARNING)
+        logging.getLogger("mlflow.pytorch").setLevel(logging.ERROR)
     splits = preflight.check_train(cfg, name)  # every check before Ray starts
     import ray
 
@@ -128,9 +131,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     tags = {"swav_ray.experiment_file": args.config or "(embedded default)",
             "swav_ray.overrides": " ".join(args.overrides) or "(none)"}
-    if not args.verbose:  # MLflow's store set-up notes and its pickle warning (see README)
-        logging.getLogger("mlflow").setLevel(logging.WARNING)
-        logging.getLogger("mlflow.pytorch").setLevel(logging.ERROR)
+    if not args.verbose:
         quiet_ray_notes()
     connected = connect_ray(cfg, log_to_driver=args.verbose)
     try:
@@ -265,6 +266,13 @@ def cmd_explain(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from orchestration.pretrained import export_backbone
+
+    print(export_backbone(args.run_id, Path(args.out), args.tracking_uri))
+    return 0
+
+
 def _indices(text: str) -> list[int]:
     """``--prototypes 3,17,42``."""
     try:
@@ -339,6 +347,15 @@ def build_parser() -> argparse.ArgumentParser:
                               "held-out images are mostly of another label; nearest: its nearest "
                               "other prototype that holds a held-out image; or a prototype index")
     explain.set_defaults(func=cmd_explain)
+    export = sub.add_parser("export", help="write a run's trained backbone alone, keys as its "
+                                           "library names them (torchvision, or swav.model's "
+                                           "ConvNet)")
+    export.add_argument("--run-id", required=True, help="MLflow run of a finished training run")
+    export.add_argument("--tracking-uri", default=None,
+                        help="default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db")
+    export.add_argument("out", help="the file to write: NAME.pt (torch.save of a state dict) or "
+                                    "NAME.safetensors (needs the safetensors package)")
+    export.set_defaults(func=cmd_export)
     return parser
 
 

@@ -61,6 +61,10 @@ class ModelConfig:
     hidden_dim: int = 2048  # projector hidden layer (0: a single linear layer)
     out_dim: int = 128  # embedding dimension
     n_prototypes: Union[int, list[int]] = 3000  # K, or one K per prototype head
+    # The weights the backbone starts from (orchestration/pretrained.py): a file (torchvision or
+    # timm state dict, `swav-ray export` output, a checkpoint state.pt), runs:/RUN_ID (another
+    # run's backbone) or torchvision:WEIGHTS (downloaded); null: seeded random weights.
+    init: Union[str, None] = None
     channels_last: bool = True  # GPU only: the memory format cuDNN's convolutions run fastest in
     # GPU only: torch.compile the backbone and the projection head in place (the same weights and
     # state-dict keys; compiled for each crop size while the run is set up). Off by default: it

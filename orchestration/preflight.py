@@ -3,8 +3,8 @@
 A bad input must cost one line naming its key and exit code 2, not a Ray start and a worker
 failure per retry.  :func:`validate` checks a config's values (building the pure SwAV components
 once, through the same recipe a run uses); :func:`check_train` and :func:`check_sweep` then ask
-the machine and the services: room for the workers, the data, the tracking server, the storage,
-a resumed run's stored config.  Everything here runs on the driver; a cluster's workers check
+the machine and the services: room for the workers, the data, the tracking server, the
+backbone's starting weights (``model.init``), the storage, a resumed run's stored config.  Everything here runs on the driver; a cluster's workers check
 what only they can see (their node's ``data.path``) themselves.
 """
 
@@ -27,6 +27,7 @@ from orchestration.config import (
     build_config,
     load_config,
 )
+from orchestration.pretrained import starting_weights
 from swav.counterfactual import METHODS, TARGET_MODES
 from swav.data import SOURCES, SourceSplits, missing_locally
 from swav.evaluation import LINEAR_METHODS
@@ -189,6 +190,7 @@ def check_train(cfg: ExperimentConfig, run_name: str) -> SourceSplits | None:
     check_local_capacity(cfg)
     splits = check_data(cfg)
     check_tracking(cfg)
+    starting_weights(cfg)  # model.init: read and matched to the backbone (kept for the run)
     check_storage(cfg.scaling.storage_path)
     if cfg.scaling.run_name:
         check_resumable(cfg, f"{storage_root(cfg)}/{run_name}", run_name)
@@ -203,6 +205,7 @@ def check_sweep(spec) -> None:
     check_local_capacity(largest_trial(spec))
     check_data(base)
     check_tracking(base)
+    starting_weights(base)
     check_storage(base.scaling.storage_path)
 
 

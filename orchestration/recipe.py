@@ -207,19 +207,26 @@ def eval_loaders(cfg: ExperimentConfig, sets: EvalSets, rank: int = 0,
 
 # ``model`` keys that change how the model runs, not what it computes.
 HOW_IT_RUNS = ("channels_last", "compile", "compile_mode", "cudnn_benchmark")
+STARTING_POINT = ("init",)  # the weights it starts from (orchestration/pretrained.py)
 
 
 def model_kwargs(cfg: ExperimentConfig) -> dict[str, Any]:
     """The ``model`` section as :func:`swav.model.build_model` arguments (the architecture, not
-    :data:`HOW_IT_RUNS`)."""
-    return {k: v for k, v in dataclasses.asdict(cfg.model).items() if k not in HOW_IT_RUNS}
+    :data:`HOW_IT_RUNS`, nor the :data:`STARTING_POINT`)."""
+    return {k: v for k, v in dataclasses.asdict(cfg.model).items()
+            if k not in HOW_IT_RUNS + STARTING_POINT}
 
 
-def initial_model(cfg: ExperimentConfig) -> SwAVModel:
-    """The model at its seeded initialisation: what training starts from, and the random-init
-    baseline every figure is compared with."""
+def initial_model(cfg: ExperimentConfig,
+                  start: dict[str, torch.Tensor] | None = None) -> SwAVModel:
+    """The model at its seeded initialisation, the backbone loaded with ``start`` (the tensors
+    ``model.init`` names, matched by orchestration.pretrained) if given: what training starts
+    from. Without ``start``: the random-init baseline every figure is compared with."""
     torch.manual_seed(cfg.scaling.seed)
-    return build_model(**model_kwargs(cfg))
+    model = build_model(**model_kwargs(cfg))
+    if start:
+        model.backbone.load_state_dict(start, strict=False)
+    return model
 
 
 def build_loss(cfg: ExperimentConfig) -> SwAVLoss:
@@ -279,12 +286,13 @@ def use_cudnn_benchmark(cfg: ExperimentConfig, device: torch.device) -> bool:
 
 def build_engine(cfg: ExperimentConfig, steps_per_epoch: int, device: torch.device,
                  batch_size: int, wrap: Callable[[nn.Module], nn.Module] | None = None,
-                 amp: bool = True) -> SwAVEngine:
+                 amp: bool = True, start: dict[str, torch.Tensor] | None = None) -> SwAVEngine:
     """Model (seeded, channels-last and SyncBatchNorm on GPU, then ``wrap``: e.g. Ray's DDP
     ``prepare_model``; default: moved to ``device``), loss, optimiser, schedule and engine
     (``amp``: bf16 autocast on GPU). A compiled model (``model.compile``) is compiled here, for
-    steps of ``batch_size`` images, not in the first training step."""
-    model = initial_model(cfg)
+    steps of ``batch_size`` images, not in the first training step. ``start``: the backbone's
+    starting weights (``model.init``)."""
+    model = initial_model(cfg, start)
     channels_last = cfg.model.channels_last and device.type == "cuda"
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
@@ -343,9 +351,10 @@ class Training:
 
 def build_training(cfg: ExperimentConfig, rank: int = 0, world: int = 1,
                    device: torch.device | str = "cpu",
-                   wrap: Callable[[nn.Module], nn.Module] | None = None) -> Training:
+                   wrap: Callable[[nn.Module], nn.Module] | None = None,
+                   start: dict[str, torch.Tensor] | None = None) -> Training:
     """Everything process ``rank`` of ``world`` needs to train ``cfg`` (``world=1``: the whole
-    global batch in one process)."""
+    global batch in one process; ``start``: the backbone's starting weights)."""
     device = torch.device(device)
     seed = cfg.scaling.seed
     random.seed(seed + rank)
@@ -353,7 +362,7 @@ def build_training(cfg: ExperimentConfig, rank: int = 0, world: int = 1,
     splits = open_splits(cfg)
     loader = train_loader(cfg, splits, rank, world, device)
     batch = per_process_batch(cfg, world)
-    engine = build_engine(cfg, len(loader), device, batch, wrap)
+    engine = build_engine(cfg, len(loader), device, batch, wrap, start=start)
     sets = eval_sets(cfg, splits)
     evaluation = None
     if sets is not None:

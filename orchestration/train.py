@@ -31,6 +31,7 @@ from orchestration.checkpoints import STATE_FILE, default_run_name, load_state, 
 from orchestration.config import ExperimentConfig, from_dict
 from orchestration.crops_figure import start_crops_figure
 from orchestration.failures import TrainingFailed, cause_of, storage_unreachable
+from orchestration.pretrained import REPORT_TAG, starting_weights
 from orchestration.progress import ConsoleProgress, ProgressBoard
 from orchestration.ray_compat import NodeAddressTorchConfig, TorchTrainer
 from orchestration.recipe import initial_model
@@ -80,6 +81,7 @@ def run_training(
     driver's checks opened it (the crops figure is drawn from it).
     """
     check_cluster_resources(cfg)
+    start = starting_weights(cfg)  # (read once: the driver's checks read it already)
     name = run_name or cfg.scaling.run_name or default_run_name("swav")
     root = storage_root(cfg)
     run_dir = f"{root}/{name}"
@@ -87,10 +89,14 @@ def run_training(
         tracked = TrackedRun.start(cfg, run_dir, name, parent_run_id, tags, tracking_uri)
         print(f"swav-ray: run {name} ({'resumed' if tracked.resumed else 'new'}), MLflow run "
               f"{tracked.run_id}, checkpoints under {run_dir}", flush=True)
+        if start is not None:
+            print(f"swav-ray: {start.report}", flush=True)
+            tracked.client.set_tag(tracked.run_id, REPORT_TAG, start.report[:5000])
         figure = None if tracked.resumed else start_crops_figure(cfg, tracked, splits)
         board = ProgressBoard.remote() if console else None
         make_trainer = _trainer_factory(cfg, name, root, run_dir, tracked,
-                                        [Heartbeat(lock), *(callbacks or [])], board)
+                                        [Heartbeat(lock), *(callbacks or [])], board,
+                                        start.tensors if start is not None else None)
         if board is None:
             result = _fit_and_log(cfg, make_trainer, run_dir, tracked, figure)
         else:
@@ -138,8 +144,9 @@ def _fit_and_log(cfg: ExperimentConfig, make_trainer, run_dir: str, tracked: Tra
 
 
 def _trainer_factory(cfg: ExperimentConfig, name: str, root: str, run_dir: str,
-                     tracked: TrackedRun, callbacks: list, board=None):
-    """A new TorchTrainer per attempt; the same name and storage make each resume the last."""
+                     tracked: TrackedRun, callbacks: list, board=None, start=None):
+    """A new TorchTrainer per attempt; the same name and storage make each resume the last.
+    ``start``: the backbone's starting tensors (``model.init``), sent to every worker."""
     sc = cfg.scaling
     resources = {"CPU": sc.cpus_per_worker, **({"GPU": 1} if sc.use_gpu else {})}
 
@@ -152,7 +159,8 @@ def _trainer_factory(cfg: ExperimentConfig, name: str, root: str, run_dir: str,
             train_loop_per_worker,
             train_loop_config={"cfg": cfg.to_dict(), "run_dir": run_dir, "board": board,
                                "tracking": {"uri": tracked.uri, "run_id": tracked.run_id},
-                               "fail_at_epoch": int(fail_at) if fail_at else None},
+                               "fail_at_epoch": int(fail_at) if fail_at else None,
+                               "init": start},
             scaling_config=ray.train.ScalingConfig(
                 num_workers=sc.num_workers, use_gpu=sc.use_gpu, resources_per_worker=resources),
             torch_config=NodeAddressTorchConfig(),

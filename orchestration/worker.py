@@ -156,7 +156,8 @@ def _train_epochs(cfg: ExperimentConfig, config: dict[str, Any]) -> None:
     d = cfg.data
     if missing_locally(d.source, d.path, d.download):  # (on a cluster the driver cannot tell)
         raise ValueError(f"data.path: {d.path!r} does not exist on node {socket.gethostname()}")
-    training = build_training(cfg, rank, world, device, wrap=ray.train.torch.prepare_model)
+    training = build_training(cfg, rank, world, device, wrap=ray.train.torch.prepare_model,
+                              start=config.get("init"))  # model.init, read by the driver
     engine = training.engine
     epoch, clock, names = _restore(engine, rank)
     planned = _plan(training, epoch, clock)

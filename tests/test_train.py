@@ -118,6 +118,30 @@ def test_two_worker_run_is_tracked_as_one_mlflow_run_with_a_loadable_model(strai
     assert from_dict(yaml.safe_load(Path(config_file).read_text())) == cfg
 
 
+def test_a_run_continued_from_another_runs_backbone_starts_where_that_one_ended(straight,
+                                                                               digits_parquet):
+    """model.init=runs:/ID: the backbone starts from the finished run's (the head and the
+    prototypes afresh), said on the run; its kNN before training is the other run's final one,
+    above the random-init run's after its first epoch."""
+    tmp, _, finished = straight
+    client = MlflowClient(finished.tracking_uri)
+    outcome = run_training(tiny(tmp, *digits_parquet, f"model.init=runs:/{finished.run_id}",
+                                "scaling.run_name=continued", "optim.epochs=1"))
+    run = client.get_run(outcome.run_id)
+    assert run.data.tags["init_report"] == (
+        f"model.init: 18 of 18 backbone tensors from runs:/{finished.run_id}")
+    assert run.data.params["model.init"] == f"runs:/{finished.run_id}"
+
+    def knn(run_id, key):
+        return [m.value for m in client.get_metric_history(run_id, key)]
+
+    at_start = knn(outcome.run_id, "knn_top1_random_init")[0]  # (the backbone before training)
+    # The same weights, bank and held-out images: equal up to a vote that float rounding in
+    # another process order may flip (one held-out image in 358 seen).
+    assert at_start == pytest.approx(knn(finished.run_id, "knn_top1")[-1], abs=0.01)
+    assert knn(outcome.run_id, "knn_top1")[0] > knn(finished.run_id, "knn_top1")[0]
+
+
 def test_a_time_budget_ends_the_run_with_its_schedule_in_whole_epochs(ray_local, tmp_path):
     """optim.time_budget_s: the epochs planned from the last one's time (the slower worker's),
     the cosine fitted to end with the budget, the last epoch evaluated, the run FINISHED."""
