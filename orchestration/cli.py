@@ -18,6 +18,7 @@ import argparse
 import logging
 import math
 import os
+import shlex
 import socket
 import sys
 from collections.abc import Sequence
@@ -127,10 +128,12 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     from orchestration.failures import TrainingFailed
     from orchestration.ray_compat import quiet_ray_notes
+    from orchestration.tracking import source_tags
     from orchestration.train import run_training
 
     tags = {"swav_ray.experiment_file": args.config or "(embedded default)",
-            "swav_ray.overrides": " ".join(args.overrides) or "(none)"}
+            "swav_ray.overrides": " ".join(args.overrides) or "(none)",
+            **source_tags(args.command_line)}
     if not args.verbose:
         quiet_ray_notes()
     connected = connect_ray(cfg, log_to_driver=args.verbose)
@@ -200,6 +203,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
     connected = connect_ray(spec.base_config(), extra_cpus=DRIVER_CPU, log_to_driver=False)
     try:
         outcome = run_sweep(spec, name=args.resume or args.name, resume=bool(args.resume),
+                            command=args.command_line,
                             progress=True)
     except ConfigError:
         raise
@@ -433,6 +437,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     loopback_only()
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     args = build_parser().parse_args(argv)
+    args.command_line = shlex.join(["swav-ray", *(sys.argv[1:] if argv is None else argv)])
     _split_config_and_overrides(args)
     try:
         return args.func(args)

@@ -76,12 +76,20 @@ def _git_commit() -> str:
         return "unknown"
 
 
+def source_tags(command: str | None) -> dict[str, str]:
+    """MLflow's own tags for what made a run (the UI's Source column): the command line."""
+    return {} if not command else {"mlflow.source.name": command[:500],
+                                   "mlflow.source.type": "LOCAL"}
+
+
 def environment_tags(cfg: ExperimentConfig) -> dict[str, str]:
     import ray
     import torch
 
+    commit = _git_commit()
     return {
-        "git_commit": _git_commit(),
+        "git_commit": commit,
+        **({"mlflow.source.git.commit": commit} if commit != "unknown" else {}),
         "ray_version": ray.__version__,
         "torch_version": torch.__version__,
         "python_version": platform.python_version(),

@@ -30,6 +30,7 @@ from orchestration.capacity import check_fits, connected_cluster
 from orchestration.checkpoints import STATE_FILE, default_run_name, load_state, storage_root
 from orchestration.config import ExperimentConfig, from_dict
 from orchestration.crops_figure import start_crops_figure
+from orchestration.datasets import dataset_inputs
 from orchestration.failures import TrainingFailed, cause_of, storage_unreachable
 from orchestration.pretrained import REPORT_TAG, starting_weights
 from orchestration.progress import ConsoleProgress, ProgressBoard
@@ -89,6 +90,8 @@ def run_training(
         tracked = TrackedRun.start(cfg, run_dir, name, parent_run_id, tags, tracking_uri)
         print(f"swav-ray: run {name} ({'resumed' if tracked.resumed else 'new'}), MLflow run "
               f"{tracked.run_id}, checkpoints under {run_dir}", flush=True)
+        if not tracked.resumed:  # the data it trains and evaluates on (MLflow's Dataset column)
+            tracked.client.log_inputs(tracked.run_id, datasets=dataset_inputs(cfg, splits))
         if start is not None:
             print(f"swav-ray: {start.report}", flush=True)
             tracked.client.set_tag(tracked.run_id, REPORT_TAG, start.report[:5000])

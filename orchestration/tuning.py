@@ -40,13 +40,14 @@ from orchestration.tracking import (
     TrackedRun,
     read_text,
     resolve_tracking_uri,
+    source_tags,
     write_text,
 )
 from orchestration.train import run_training
 from orchestration.train_callbacks import ReportEpochsToTune
 from orchestration.worker import FAIL_AT_EPOCH
 
-__all__ = ["SweepOutcome", "run_sweep", "trial_resources"]
+__all__ = ["SweepOutcome", "default_sweep_name", "run_sweep", "trial_resources"]
 
 DRIVER_CPU = 0.5  # the trial's driver function; Ray Train's controller takes none
 SPEC_FILE = "swav_sweep.yaml"
@@ -164,7 +165,8 @@ def _trial(config: dict[str, Any], context: dict[str, Any]) -> None:
     outcome = run_training(cfg, parent_run_id=context["parent"],
                            callbacks=[ReportEpochsToTune(cfg.optim.epochs)],
                            run_name=f"{context['sweep']}-{trial_id}", tracking_uri=context["uri"],
-                           tags={"trial_id": trial_id, "sweep": context["sweep"]})
+                           tags={"trial_id": trial_id, "sweep": context["sweep"],
+                                 **source_tags(context.get("command"))})
     tune.report({k: v for k, v in outcome.metrics.items() if isinstance(v, (int, float))})
 
 
@@ -270,10 +272,11 @@ class SweepProgress(tune.Callback):
             self.bar.close()
 
 
-def _start_parent(spec: SweepSpec, name: str, sweep_dir: str, uri: str) -> TrackedRun:
+def _start_parent(spec: SweepSpec, name: str, sweep_dir: str, uri: str,
+                  command: str | None) -> TrackedRun:
     base = spec.base_config()
     parent = TrackedRun.start(base, sweep_dir, name, extra_tags={
-        "swav_ray.kind": "sweep", "sweep_file": spec.source}, uri=uri)
+        "swav_ray.kind": "sweep", "sweep_file": spec.source, **source_tags(command)}, uri=uri)
     if not parent.resumed:
         from mlflow.entities import Param
 
@@ -299,12 +302,19 @@ def load_saved_spec(root: str, name: str) -> SweepSpec:
     return SweepSpec.from_dict(yaml.safe_load(text))
 
 
+def default_sweep_name(source: str) -> str:
+    """``sweep-<file>-<time>``, the file's own ``sweep_`` prefix not doubled:
+    ``sweep_default.yaml`` -> ``sweep-default-20261207-221500``."""
+    stem = Path(source).stem.removeprefix("sweep_").removeprefix("sweep-")
+    return time.strftime(f"sweep-{stem}-%Y%m%d-%H%M%S")
+
+
 def run_sweep(spec: SweepSpec, name: str | None = None, resume: bool = False,
-              progress: bool = False) -> SweepOutcome:
+              progress: bool = False, command: str | None = None) -> SweepOutcome:
     """Run (or resume) the sweep on the connected Ray cluster (``progress``: the console's bar
-    and trial lines)."""
+    and trial lines; ``command``: the command line, MLflow's source of its runs)."""
     base = spec.base_config()
-    name = name or spec.name or time.strftime(f"sweep-{Path(spec.source).stem}-%Y%m%d-%H%M%S")
+    name = name or spec.name or default_sweep_name(spec.source)
     root = storage_root(base)
     sweep_dir = sweep_dir_of(root, name)
     saved = read_text(f"{sweep_dir}/{SPEC_FILE}")
@@ -314,11 +324,12 @@ def run_sweep(spec: SweepSpec, name: str | None = None, resume: bool = False,
     max_concurrent = concurrent_trials(spec)
     uri = resolve_tracking_uri(base.tracking.tracking_uri)  # (reachable: checked by preflight)
     with serving(uri) as live_uri:
-        parent = _start_parent(spec, name, sweep_dir, live_uri)
+        parent = _start_parent(spec, name, sweep_dir, live_uri, command)
         _LIVE_URIS[parent.run_id] = live_uri
         write_text(f"{sweep_dir}/{SPEC_FILE}", yaml.safe_dump(spec.to_dict(), sort_keys=False))
         try:
-            grid = _fit(spec, name, root, parent, live_uri, max_concurrent, resume, progress)
+            grid = _fit(spec, name, root, parent, live_uri, max_concurrent, resume, progress,
+                        command)
             # Trials Tune never ended (an interrupted sweep): their runs are not left RUNNING.
             end_trial_runs(live_uri, parent.run_id, "KILLED")
             rows = trial_rows(grid, spec, parent.client, parent.run_id, ledger_of(parent.run_id))
@@ -363,9 +374,9 @@ def _inject_faults(fail_at_epoch: str | None) -> None:
 
 
 def _fit(spec: SweepSpec, name: str, root: str, parent: TrackedRun, uri: str,
-         max_concurrent: int, resume: bool, progress: bool):
+         max_concurrent: int, resume: bool, progress: bool, command: str | None = None):
     context = {"base": spec.base, "dimensions": [vars(d) for d in spec.dimensions],
-               "parent": parent.run_id, "uri": uri, "sweep": name,
+               "parent": parent.run_id, "uri": uri, "sweep": name, "command": command,
                "fail_at_epoch": os.environ.get(FAIL_AT_EPOCH)}
     # Tune reserves the driver's share only; the trial's Ray Train run reserves its workers.
     trainable = tune.with_resources(tune.with_parameters(_trial, context=context),

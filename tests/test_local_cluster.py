@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import re
 import secrets
+import shlex
 import signal
 import subprocess
 import sys
@@ -150,6 +151,7 @@ def test_ray_job_submit_trains_the_default_across_two_nodes_into_s3_and_it_learn
     assert run.info.status == "FINISHED"
     assert re.fullmatch(r"default-\d{8}-\d{6}-[0-9a-f]{6}", run.info.run_name), run.info.run_name
     assert run.data.tags["swav_ray.experiment_file"] == "(embedded default)"
+    assert run.data.tags["mlflow.source.name"] == shlex.join(command[command.index("swav-ray"):])
     assert len(run.data.tags["ray_nodes"].split(",")) == 2  # a worker on each of two nodes
     assert run.data.tags["ray_checkpoint"].startswith(f"s3://{bucket}/jobs/default-")
     history = {key: client.get_metric_history(run_id, key) for key in

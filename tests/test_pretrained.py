@@ -13,7 +13,6 @@ from torch import nn
 
 from orchestration import cli
 from orchestration.checkpoints import save_state
-from orchestration.config import ConfigError
 from orchestration.preflight import load_experiment
 from orchestration.pretrained import export_backbone, starting_weights
 from orchestration.recipe import initial_model

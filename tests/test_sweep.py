@@ -3,6 +3,7 @@ one line naming the problem before Ray starts."""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -139,3 +140,11 @@ def test_the_cli_rejects_a_bad_sweep_with_exit_code_2_before_ray_starts(tmp_path
                           "writable") and len(err.splitlines()) == 1
     assert cli.main(["train", "sweep_default"]) == 2
     assert "is a sweep file; run it with swav-ray tune" in capsys.readouterr().err
+
+
+def test_a_sweep_is_named_after_its_file_without_doubling_sweep():
+    from orchestration.tuning import default_sweep_name
+
+    assert re.fullmatch(r"sweep-default-\d{8}-\d{6}",
+                        default_sweep_name("experiments/sweep_default.yaml"))
+    assert re.fullmatch(r"sweep-mine-\d{8}-\d{6}", default_sweep_name("/tmp/mine.yaml"))

@@ -21,6 +21,7 @@ from mlflow.tracking import MlflowClient
 
 from orchestration.checkpoints import STATE_FILE
 from orchestration.config import ConfigError, from_dict
+from orchestration.datasets import data_digest
 from orchestration.failures import TrainingFailed
 from orchestration.preflight import load_experiment
 from orchestration.train import run_training
@@ -116,6 +117,13 @@ def test_two_worker_run_is_tracked_as_one_mlflow_run_with_a_loadable_model(strai
     assert artifacts == ["checkpoints/state.pt"]
     config_file = client.download_artifacts(outcome.run_id, "config.yaml", str(tmp))
     assert from_dict(yaml.safe_load(Path(config_file).read_text())) == cfg
+    # The data it trained and evaluated on (MLflow's Dataset column): the run's 256 images of
+    # the Parquet copy, its held-out images, one digest.
+    inputs = {i.tags[0].value: i.dataset for i in run.inputs.dataset_inputs}
+    assert sorted(inputs) == ["evaluation", "training"]
+    assert json.loads(inputs["training"].profile)["num_rows"] == 256
+    assert json.loads(inputs["evaluation"].profile)["num_rows"] == 359  # 20% of 1,797
+    assert inputs["training"].digest == inputs["evaluation"].digest == data_digest(cfg)
 
 
 def test_a_run_continued_from_another_runs_backbone_starts_where_that_one_ended(straight,

@@ -229,6 +229,9 @@ def test_an_interrupted_sweep_exits_non_zero_and_resumes_into_the_same_child_run
     kids = children(client, parent.info.run_id)
     assert [r.info.status for r in kids.values()] == ["KILLED"]
     (cut_id, cut), = kids.items()
+    # MLflow's Source column: the command that made the sweep, on its run and each trial's.
+    assert parent.data.tags["mlflow.source.name"] == f"swav-ray tune {path} --name cut"
+    assert cut.data.tags["mlflow.source.name"] == parent.data.tags["mlflow.source.name"]
 
     again = run_sweep(load_saved_spec(str(tmp_path / "runs"), "cut"), name="cut", resume=True)
     assert again.unfinished == 0 and [r.status for r in again.rows] == ["finished"]
