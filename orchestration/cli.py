@@ -253,9 +253,20 @@ def _print_sweep(outcome, spec) -> None:
           else f"view it: {uri}")
 
 
+def _run_id(args: argparse.Namespace) -> str:
+    """``--run-id``, or the run behind ``--model models:/NAME@ALIAS`` (or ``/VERSION``)."""
+    if args.run_id:
+        return args.run_id
+    from orchestration.tracking import resolve_tracking_uri, run_of_model
+
+    args.run_id = run_of_model(args.model, resolve_tracking_uri(args.tracking_uri))
+    return args.run_id
+
+
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from orchestration.evaluate import evaluate_run
 
+    _run_id(args)
     metrics = evaluate_run(args.run_id, args.tracking_uri, args.device, args.prototypes)
     _print_metrics(args.run_id, metrics)
     return 0
@@ -264,6 +275,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 def cmd_explain(args: argparse.Namespace) -> int:
     from orchestration.evaluate import explain_run
 
+    _run_id(args)
     metrics = explain_run(args.run_id, args.n, [args.method], args.target, args.tracking_uri,
                           args.device)
     _print_metrics(args.run_id, metrics)
@@ -273,7 +285,7 @@ def cmd_explain(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     from orchestration.pretrained import export_backbone
 
-    print(export_backbone(args.run_id, Path(args.out), args.tracking_uri))
+    print(export_backbone(_run_id(args), Path(args.out), args.tracking_uri))
     return 0
 
 
@@ -328,11 +340,17 @@ def build_parser() -> argparse.ArgumentParser:
                         help="with --resume: the sweep's scaling.storage_path, if not the default")
     tune_p.set_defaults(func=cmd_tune)
 
-    def tracked(name: str, text: str) -> argparse.ArgumentParser:
-        p = sub.add_parser(name, help=text)
-        p.add_argument("--run-id", required=True, help="MLflow run of a finished training run")
+    def which_run(p: argparse.ArgumentParser) -> None:
+        run = p.add_mutually_exclusive_group(required=True)
+        run.add_argument("--run-id", help="MLflow run of a finished training run")
+        run.add_argument("--model", metavar="models:/NAME@ALIAS",
+                         help="a registered model (models:/NAME@best, models:/NAME/3): its run")
         p.add_argument("--tracking-uri", default=None,
                        help="default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db")
+
+    def tracked(name: str, text: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=text)
+        which_run(p)
         p.add_argument("--device", default=None, help="default: cuda when available, else cpu")
         return p
 
@@ -354,9 +372,7 @@ def build_parser() -> argparse.ArgumentParser:
     export = sub.add_parser("export", help="write a run's trained backbone alone, keys as its "
                                            "library names them (torchvision, or swav.model's "
                                            "ConvNet)")
-    export.add_argument("--run-id", required=True, help="MLflow run of a finished training run")
-    export.add_argument("--tracking-uri", default=None,
-                        help="default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db")
+    which_run(export)
     export.add_argument("out", help="the file to write: NAME.pt (torch.save of a state dict) or "
                                     "NAME.safetensors (needs the safetensors package)")
     export.set_defaults(func=cmd_export)

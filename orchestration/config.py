@@ -62,8 +62,9 @@ class ModelConfig:
     out_dim: int = 128  # embedding dimension
     n_prototypes: Union[int, list[int]] = 3000  # K, or one K per prototype head
     # The weights the backbone starts from (orchestration/pretrained.py): a file (torchvision or
-    # timm state dict, `swav-ray export` output, a checkpoint state.pt), runs:/RUN_ID (another
-    # run's backbone) or torchvision:WEIGHTS (downloaded); null: seeded random weights.
+    # timm state dict, `swav-ray export` output, a checkpoint state.pt), runs:/RUN_ID or
+    # models:/NAME@ALIAS (another run's backbone) or torchvision:WEIGHTS (downloaded); null:
+    # seeded random weights.
     init: Union[str, None] = None
     channels_last: bool = True  # GPU only: the memory format cuDNN's convolutions run fastest in
     # GPU only: torch.compile the backbone and the projection head in place (the same weights and
@@ -162,6 +163,9 @@ class TrackingConfig:
     tracking_uri: Union[str, None] = None  # default: $MLFLOW_TRACKING_URI or sqlite:///<cwd>/mlflow.db
     experiment_name: str = "swav-ray"
     log_model: bool = True
+    # Register the logged model in MLflow's registry as a new version of this name (a sweep:
+    # its best trial's, with the alias "best"; default there: the sweep file's name).
+    register_model: Union[str, None] = None
     system_metrics: Union[bool, None] = None  # CPU/GPU/memory per node into the run; null: GPU runs
     system_metrics_every_s: float = 10.0
 

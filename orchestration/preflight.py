@@ -81,6 +81,8 @@ def validate(cfg: ExperimentConfig) -> ExperimentConfig:
     _check_data_section(cfg)
     _check(sc.cpus_per_worker > 0, "scaling.cpus_per_worker", "must be > 0")
     _check(sc.max_failures >= 0, "scaling.max_failures", f"must be >= 0, got {sc.max_failures}")
+    _check(not cfg.tracking.register_model or cfg.tracking.log_model,
+           "tracking.register_model", "needs tracking.log_model=true (the model it registers)")
     _check(cfg.tracking.system_metrics_every_s > 0, "tracking.system_metrics_every_s",
            "must be > 0")
     _check_eval_section(cfg)

@@ -4,7 +4,8 @@
 - a file: a torchvision or timm state dict, a backbone written by ``swav-ray export``, a
   swav-ray checkpoint ``state.pt``, or an official SwAV checkpoint (``{"state_dict": ...}`` with
   DDP's ``module.`` prefixes); read with ``torch.load(weights_only=True)``, never unpickled;
-- ``runs:/RUN_ID``: another run's final backbone (pretrain on one data set, adapt on another);
+- ``runs:/RUN_ID`` or ``models:/NAME@ALIAS``: another run's final backbone, or a registered
+  model's (pretrain on one data set, adapt on another);
 - ``torchvision:WEIGHTS``: published weights torchvision downloads itself (needs the internet at
   run time, like torchvision), e.g. ``torchvision:ResNet18_Weights.IMAGENET1K_V1``.
 Tensors are matched to the backbone by name (after ``module.`` and ``backbone.`` prefixes) and
@@ -68,7 +69,7 @@ def _backbone_shapes(cfg: ExperimentConfig) -> dict[str, tuple[int, ...]]:
 
 
 def _read(spec: str, tracking_uri: str | None) -> Any:
-    if spec.startswith("runs:/"):
+    if spec.startswith(("runs:/", "models:/")):
         return _from_run(spec, tracking_uri)
     if spec.startswith("torchvision:"):
         return _from_torchvision(spec)
@@ -93,9 +94,11 @@ def _read(spec: str, tracking_uri: str | None) -> Any:
 
 def _from_run(spec: str, tracking_uri: str | None) -> dict[str, torch.Tensor]:
     from orchestration.evaluate import open_tracked_model
+    from orchestration.tracking import resolve_tracking_uri, run_of_model
 
-    run_id = spec[len("runs:/"):].strip("/")
     try:
+        run_id = (spec[len("runs:/"):].strip("/") if spec.startswith("runs:/")
+                  else run_of_model(spec, resolve_tracking_uri(tracking_uri)))
         tracked = open_tracked_model(run_id, tracking_uri)
     except ConfigError as err:
         raise ConfigError(f"model.init: {spec}: {str(err).split(': ', 1)[-1]}") from None

@@ -76,6 +76,22 @@ def _git_commit() -> str:
         return "unknown"
 
 
+def run_of_model(uri: str, tracking_uri: str) -> str:
+    """The run behind a registered model, ``models:/NAME@ALIAS`` or ``models:/NAME/VERSION``
+    (its config and weights are then read from that run: nothing is unpickled)."""
+    from mlflow.exceptions import MlflowException
+
+    name, at, alias = uri[len("models:/"):].partition("@")
+    client = MlflowClient(tracking_uri)
+    try:
+        if at:
+            return client.get_model_version_by_alias(name, alias).run_id
+        name, _, version = name.rpartition("/")
+        return client.get_model_version(name, version).run_id
+    except MlflowException:
+        raise ConfigError(f"model: no registered model {uri} in {tracking_uri}") from None
+
+
 def source_tags(command: str | None) -> dict[str, str]:
     """MLflow's own tags for what made a run (the UI's Source column): the command line."""
     return {} if not command else {"mlflow.source.name": command[:500],
@@ -200,6 +216,22 @@ class TrackedRun:
         with mlflow.start_run(run_id=self.run_id):
             mlflow.pytorch.log_model(model, name="model", serialization_format="pickle",
                                      pip_requirements=[])
+
+    def register_model(self, name: str, alias: str | None = None) -> str:
+        """This run's logged model as a new version of registered model ``name`` (created if
+        new), with ``alias`` if given; returns ``models:/NAME/VERSION``."""
+        from mlflow.exceptions import MlflowException
+
+        try:
+            self.client.create_registered_model(name)
+        except MlflowException as err:
+            if err.error_code != "RESOURCE_ALREADY_EXISTS":
+                raise
+        version = self.client.create_model_version(name, f"runs:/{self.run_id}/model",
+                                                   run_id=self.run_id).version
+        if alias:
+            self.client.set_registered_model_alias(name, alias, version)
+        return f"models:/{name}/{version}"
 
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
         self.client.log_artifact(self.run_id, str(path), artifact_path)

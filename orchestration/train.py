@@ -136,6 +136,9 @@ def _fit_and_log(cfg: ExperimentConfig, make_trainer, run_dir: str, tracked: Tra
                 model.load_state_dict(state["engine"]["model"])
                 tracked.log_model(model.eval())
                 tracked.log_artifact(state_path, "checkpoints")
+                if cfg.tracking.register_model:
+                    registered = tracked.register_model(cfg.tracking.register_model)
+                    tracked.client.set_tag(tracked.run_id, "registered_model", registered)
         tracked.client.set_tag(tracked.run_id, "ray_checkpoint", checkpoint_uri(result, run_dir))
     except BaseException as err:
         if isinstance(err, TrainingFailed):

@@ -162,6 +162,7 @@ def _trial(config: dict[str, Any], context: dict[str, Any]) -> None:
     _inject_faults(context.get("fail_at_epoch"))
     dims = [Dimension(**d) for d in context["dimensions"]]
     cfg = trial_config(context["base"], dims, config)
+    cfg.tracking.register_model = None  # (the sweep registers its best trial's model)
     outcome = run_training(cfg, parent_run_id=context["parent"],
                            callbacks=[ReportEpochsToTune(cfg.optim.epochs)],
                            run_name=f"{context['sweep']}-{trial_id}", tracking_uri=context["uri"],
@@ -337,6 +338,8 @@ def run_sweep(spec: SweepSpec, name: str | None = None, resume: bool = False,
             ended = sum(r.status in ("finished", "stopped", "error") for r in rows)
             unfinished = trial_count(spec) - ended if ledger_of(parent.run_id).interrupted else 0
             best, best_config = log_sweep_results(parent, spec, rows)
+            if best is not None and not unfinished:
+                _register_best(spec, best, parent, live_uri)
             best_metrics = {} if unfinished else _evaluate_best(spec, best, best_config,
                                                                  live_uri)
         except BaseException:
@@ -399,6 +402,17 @@ def _fit(spec: SweepSpec, name: str, root: str, parent: TrackedRun, uri: str,
                 callbacks=callbacks),
         )
     return tuner.fit()
+
+
+def _register_best(spec: SweepSpec, best, parent: TrackedRun, uri: str) -> None:
+    """The best trial's model as a new version of ``tracking.register_model`` (default: the
+    sweep file's name), alias ``best``: ``models:/NAME@best`` finds it later by name."""
+    base = spec.base_config()
+    if not base.tracking.log_model:
+        return
+    name = base.tracking.register_model or Path(spec.source).stem
+    TrackedRun(uri, best.run_id).register_model(name, alias="best")
+    parent.client.set_tag(parent.run_id, "best_model", f"models:/{name}@best")
 
 
 def _evaluate_best(spec: SweepSpec, best, best_config: dict[str, Any] | None,

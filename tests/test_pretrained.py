@@ -140,3 +140,22 @@ def test_an_exported_convnet_loads_into_swav_s_convnet(tmp_path, capsys):
     with torch.no_grad():
         assert torch.equal(net.eval()(images), model.backbone.eval()(images))
     assert not list(tmp_path.glob(".convnet.pt.*"))  # written whole, nothing staged left
+
+
+def test_a_registered_model_is_evaluated_exported_and_started_from_by_name(tmp_path, capsys):
+    run_id, model = _finished_run(tmp_path, "model.backbone=convnet", "model.width=8")
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    tracked = TrackedRun(uri, run_id)
+    assert tracked.register_model("digits", alias="best") == "models:/digits/1"
+    out = tmp_path / "best.pt"
+    assert cli.main(["export", "--model", "models:/digits@best", "--tracking-uri", uri,
+                     str(out)]) == 0
+    assert torch.equal(torch.load(out, weights_only=True)["net.0.weight"],
+                       model.backbone.state_dict()["net.0.weight"])
+    start = starting_weights(_config(tmp_path, "model.backbone=convnet", "model.width=8",
+                                     "model.init=models:/digits/1"))
+    assert start.report == "model.init: 18 of 18 backbone tensors from models:/digits/1"
+    capsys.readouterr()
+    assert cli.main(["evaluate", "--model", "models:/digits@worst", "--tracking-uri", uri]) == 2
+    assert capsys.readouterr().err.strip() == (
+        f"swav-ray: error: model: no registered model models:/digits@worst in {uri}")

@@ -15,6 +15,7 @@ from orchestration.config import ConfigError
 from orchestration.mlflow_server import serving
 from orchestration.preflight import load_experiment
 from orchestration.sweep import load_sweep
+from orchestration.tracking import run_of_model
 from orchestration.tuning import (
     SweepProgress,
     _tune_config,
@@ -85,7 +86,9 @@ def test_a_grid_of_concurrent_trials_is_one_parent_run_with_a_child_per_trial(
     # the laptop sweep of BENCHMARKS.md ran 2 x 2 x 2 = 8 trials).
     spec = load_sweep(sweep(tmp_path, mlflow_url, {"model.n_prototypes": {"grid": [10, 20]},
                                                    "swav.epsilon": {"grid": [0.05]}},
-                            epochs=2, scheduler="fifo"))
+                            epochs=2, scheduler="fifo", overrides={
+                                "tracking.log_model": True,
+                                "tracking.register_model": "digits-grid"}))
     assert concurrent_trials(spec) == 2  # 3 CPUs, 1 worker + a 0.5-CPU driver per trial
     outcome = run_sweep(spec, name="grid")
     client = MlflowClient(mlflow_url)
@@ -110,6 +113,10 @@ def test_a_grid_of_concurrent_trials_is_one_parent_run_with_a_child_per_trial(
     assert outcome.best.metric == pytest.approx(last[best_id])
     assert outcome.best.run_id == kids[best_id].info.run_id
     assert parent.data.tags["best_run_id"] == kids[best_id].info.run_id
+    # Its model registered under the name asked for, alias best (the trials register none).
+    assert parent.data.tags["best_model"] == "models:/digits-grid@best"
+    assert run_of_model("models:/digits-grid@best", mlflow_url) == outcome.best.run_id
+    assert len(client.search_model_versions("name = 'digits-grid'")) == 1
     assert parent.data.metrics["best_knn_top1"] == pytest.approx(last[best_id])
     assert parent.data.params["best.model.n_prototypes"] == kids[best_id].data.params[
         "model.n_prototypes"]
