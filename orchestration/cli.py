@@ -453,6 +453,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     loopback_only()
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     args = build_parser().parse_args(argv)
+    if not getattr(args, "verbose", False):
+        # MLflow sets its loggers to INFO when it is imported (a new store's "Creating initial
+        # MLflow database tables..."): this is the level it reads then.
+        os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
     args.command_line = shlex.join(["swav-ray", *(sys.argv[1:] if argv is None else argv)])
     _split_config_and_overrides(args)
     try:
