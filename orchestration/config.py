@@ -54,7 +54,7 @@ class ConfigError(ValueError):
 
 @dataclass
 class ModelConfig:
-    backbone: str = "resnet50"  # convnet | resnet18/34/50/101/152 | wide_resnet50_2
+    backbone: str = "resnet50"  # convnet | resnet18/34/50/101/152 | wide_resnet50_2 | timm/<name>
     cifar_stem: bool = False  # 3x3/1 first conv, no max-pool: for 32px images
     width: int = 32  # convnet only
     depth: int = 3  # convnet only

@@ -198,6 +198,8 @@ def _how_to_load(cfg: ExperimentConfig, out: Path, n: int) -> str:
     m = cfg.model
     if m.backbone == "convnet":
         build = f"swav.model.ConvNet(width={m.width}, depth={m.depth})"
+    elif m.backbone.startswith("timm/"):
+        build = f"timm.create_model({m.backbone[len('timm/'):]!r}, num_classes=0)"
     else:
         build = f"torchvision.models.{m.backbone}(); net.fc = torch.nn.Identity()"
         if m.cifar_stem:

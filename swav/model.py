@@ -27,6 +27,7 @@ __all__ = [
 
 RESNETS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "wide_resnet50_2")
 BACKBONES = ("convnet", *RESNETS)
+TIMM = "timm/"  # backbone: timm/<name>, e.g. timm/resnet50, timm/convnext_tiny, timm/vit_small_patch16_224
 
 
 class ConvNet(nn.Module):
@@ -69,12 +70,16 @@ def build_backbone(
 
     ``cifar_stem`` replaces a ResNet's 7x7/2 convolution and max-pool by a 3x3/1 convolution, the
     usual adaptation for 32px images.  ``width``/``depth`` configure ``convnet`` only.
+    ``timm/<name>``: any timm model (``pip install timm``) without its classifier.
     """
     if name == "convnet":
         net = ConvNet(width=width, depth=depth)
         return net, net.out_dim
+    if name.startswith(TIMM):
+        return _timm_backbone(name[len(TIMM):], cifar_stem)
     if name not in RESNETS:
-        raise ValueError(f"backbone: unknown backbone {name!r}, expected one of {BACKBONES}")
+        raise ValueError(f"backbone: unknown backbone {name!r}, expected one of {BACKBONES} "
+                         f"or {TIMM}<a timm model>")
     net = getattr(torchvision.models, name)(weights=None)
     if cifar_stem:
         net.conv1 = nn.Conv2d(3, 64, kernel_size=3, stride=1, padding=1, bias=False)
@@ -82,6 +87,25 @@ def build_backbone(
     dim = net.fc.in_features
     net.fc = nn.Identity()
     return net, dim
+
+
+def _timm_backbone(name: str, cifar_stem: bool) -> tuple[nn.Module, int]:
+    """A timm model without its classifier (``num_classes=0``: pooled features), and its
+    feature dimension as timm reports it. Vision transformers take any crop size
+    (``dynamic_img_size``), as multi-crop needs."""
+    try:
+        import timm
+    except ImportError:
+        raise ValueError(f"backbone: {TIMM}{name} needs timm (pip install -e '.[timm]')") from None
+    if cifar_stem:
+        raise ValueError("cifar_stem: adapts torchvision's ResNets only, not timm models")
+    if not timm.is_model(name):
+        raise ValueError(f"backbone: timm has no model {name!r} (timm.list_models() lists them)")
+    try:
+        net = timm.create_model(name, pretrained=False, num_classes=0, dynamic_img_size=True)
+    except TypeError:  # (a model without that option: CNNs take any size anyway)
+        net = timm.create_model(name, pretrained=False, num_classes=0)
+    return net, int(net.num_features)
 
 
 class ProjectionHead(nn.Module):

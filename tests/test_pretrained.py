@@ -159,3 +159,47 @@ def test_a_registered_model_is_evaluated_exported_and_started_from_by_name(tmp_p
     assert cli.main(["evaluate", "--model", "models:/digits@worst", "--tracking-uri", uri]) == 2
     assert capsys.readouterr().err.strip() == (
         f"swav-ray: error: model: no registered model models:/digits@worst in {uri}")
+
+
+def test_a_timm_backbone_trains_from_a_timm_state_dict_and_exports_back_to_timm(tmp_path):
+    """backbone: timm/<name>: the timm model without its classifier, feature dimension from
+    timm; a timm state dict starts it with every key matched (the classifier left out), and
+    the exported backbone loads into timm.create_model(name, num_classes=0) strictly."""
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(5)
+    path = tmp_path / "timm_resnet18.pth"
+    torch.save(timm.create_model("resnet18").state_dict(), path)
+    cfg = _config(tmp_path, "model.backbone=timm/resnet18", f"model.init={path}")
+    start = starting_weights(cfg)
+    assert start.report.endswith("backbone tensors from " + f"{path}; not used: fc.weight, fc.bias")
+    assert start.report.startswith("model.init: 120 of 120 ")
+    run_id, model = _finished_run(tmp_path, "model.backbone=timm/resnet18")
+    assert model.projection_head.net[0].in_features == 512  # timm's num_features
+    out = tmp_path / "timm.pt"
+    assert "timm.create_model('resnet18', num_classes=0)" in export_backbone(
+        run_id, out, f"sqlite:///{tmp_path}/mlflow.db")
+    net = timm.create_model("resnet18", num_classes=0)
+    net.load_state_dict(torch.load(out, weights_only=True))
+    images = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(net.eval()(images), model.backbone.eval()(images))
+
+
+def test_a_vision_transformer_from_timm_takes_every_crop_size():
+    pytest.importorskip("timm")
+    from swav.model import build_model
+
+    model = build_model("timm/vit_small_patch16_224", hidden_dim=0, out_dim=16, n_prototypes=10)
+    with torch.no_grad():
+        z, scores = model([torch.randn(2, 3, 32, 32), torch.randn(3, 3, 16, 16)])
+    assert z.shape == (5, 16) and scores[0].shape == (5, 10)
+
+
+def test_an_unknown_timm_model_is_one_line_before_ray_starts(tmp_path, capsys):
+    pytest.importorskip("timm")
+    code = cli.main(["train", "model.backbone=timm/resnet_nineteen",
+                     f"tracking.tracking_uri=sqlite:///{tmp_path}/mlflow.db"])
+    assert code == 2
+    assert capsys.readouterr().err.strip() == (
+        "swav-ray: error: model.backbone: timm has no model 'resnet_nineteen' "
+        "(timm.list_models() lists them)")
