@@ -1,8 +1,9 @@
 """What a run does when its S3 storage goes away for a while, on one machine.
 
-A Ray head and two worker nodes (``ray start``, scripts/local_cluster.py), moto's S3 server, and
-``swav-ray train`` with its checkpoints in the bucket. Once the third checkpoint has landed the
-storage goes away for ``--outage`` seconds, then comes back, its objects intact:
+The local cluster of scripts/local_cluster.py (a Ray head and two worker nodes, ``ray start``;
+an MLflow server) in front of moto's S3 server, and ``swav-ray train`` with its checkpoints in
+the bucket. Once the third checkpoint has landed the storage goes away for ``--outage``
+seconds, then comes back, its objects intact:
 - ``--mode refused``: a TCP gate in front of the server stops listening and drops its
   connections (a server restarting: clients get "connection refused");
 - ``--mode hang``: the server process is stopped (SIGSTOP, then SIGCONT; requests hang).
@@ -18,7 +19,6 @@ import argparse
 import asyncio
 import contextlib
 import os
-import secrets
 import signal
 import subprocess
 import sys
@@ -88,24 +88,19 @@ def main() -> None:
         endpoint = stack.enter_context(lc.s3_server(folder))
         moto_port = int(endpoint.rsplit(":", 1)[1])
         gate = Gate(lc.free_port(), moto_port)
+        # The cluster's clients reach S3 through the gate; the bench watches it directly.
+        cluster = stack.enter_context(lc.local_cluster(
+            folder, worker_nodes=2, s3=f"http://127.0.0.1:{gate.port}"))
         fs = pafs.S3FileSystem(endpoint_override=endpoint, access_key="local",
-                               secret_key="local", allow_bucket_creation=True)
-        fs.create_dir("swav")
-        env = {**{k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"},
-               "AWS_ENDPOINT_URL": f"http://127.0.0.1:{gate.port}", **lc.S3_CLIENT,
-               "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32),
-               "PATH": f"{lc.BIN}:{os.environ['PATH']}"}
-        ray_root = Path(tempfile.mkdtemp(prefix="swr-", dir="/tmp"))
-        stack.callback(lc.stop_ray_node, ray_root)
-        env.update(lc.start_ray_node(ray_root / "head", env, cpus=0))
-        for name in ("node-a", "node-b"):
-            lc.start_ray_node(ray_root / name, env, 1, head=env["RAY_ADDRESS"])
-        db = f"sqlite:///{folder}/mlflow.db"
+                               secret_key="local")
+        env = {**{k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"},
+               **cluster}
+        tracking = cluster["MLFLOW_TRACKING_URI"]
         started = time.monotonic()
         run = subprocess.Popen(
             [str(lc.BIN / "swav-ray"), "train", *TINY, "scaling.storage_path=s3://swav/runs",
-             "scaling.run_name=outage", f"tracking.tracking_uri={db}"], cwd=folder, env=env,
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             "scaling.run_name=outage", f"tracking.tracking_uri={tracking}"], cwd=folder,
+            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         stderr = []
         threading.Thread(target=lambda: stderr.extend(run.stderr), daemon=True).start()
         key = "swav/runs/outage/checkpoint_epoch000002/state.pt"
@@ -122,7 +117,7 @@ def main() -> None:
         print(f"exit code {code} after {time.monotonic() - started:.1f} s")
         print("".join(line for line in stderr if not line.startswith("epoch")), end="")
         print(out.strip().splitlines()[-4] if out.strip() else "")
-        _report(db)
+        _report(tracking)
 
 
 def _report(db: str) -> None:

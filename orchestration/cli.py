@@ -120,8 +120,8 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     experiment = Path(args.config).stem if args.config else "default"
     name = cfg.scaling.run_name or default_run_name(experiment)
-    if not args.verbose:  # MLflow's store set-up notes and its pickle warning (see README)
-        logging.getLogger("mlflow").setLevel(logging.WARNING)
+    if not args.verbose:  # MLflow's notes (where it was imported before main()) and its
+        logging.getLogger("mlflow").setLevel(logging.WARNING)  # pickle warning (see README)
         logging.getLogger("mlflow.pytorch").setLevel(logging.ERROR)
     splits = preflight.check_train(cfg, name)  # every check before Ray starts
     import ray

@@ -4,8 +4,9 @@ A bad input must cost one line naming its key and exit code 2, not a Ray start a
 failure per retry.  :func:`validate` checks a config's values (building the pure SwAV components
 once, through the same recipe a run uses); :func:`check_train` and :func:`check_sweep` then ask
 the machine and the services: room for the workers, the data, the tracking server, the
-backbone's starting weights (``model.init``), the storage, a resumed run's stored config.  Everything here runs on the driver; a cluster's workers check
-what only they can see (their node's ``data.path``) themselves.
+backbone's starting weights (``model.init``), the storage, a resumed run's stored config.
+Everything here runs on the driver; a cluster's workers check what only they can see (their
+node's ``data.path``) themselves.
 """
 
 from __future__ import annotations
