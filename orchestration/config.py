@@ -145,6 +145,9 @@ class DataConfig:
     max_corrupt_fraction: float = 0.01  # undecodable images are skipped up to this share
     loader_workers: int = 2  # DataLoader processes per Ray worker
     eval_size: Union[int, None] = None  # evaluation image size (default: first crop size)
+    # Names of labels 0, 1, ... for figures: a list, or the Parquet schema metadata key that
+    # holds them; None: the data's own (torchvision, ImageFolder folders, Parquet "classes").
+    class_names: Union[str, list[str], None] = None
 
 
 @dataclass
@@ -369,10 +372,10 @@ def from_dict(data: dict[str, Any]) -> ExperimentConfig:
 # -- resuming ---------------------------------------------------------------------------------
 
 # What a resume (the same scaling.run_name again) may change: how long it trains, where results
-# go and how they are evaluated, failures tolerated, loader processes and where crops are made.
+# go and how they are evaluated (and labels named), failures tolerated, loader processes and where crops are made.
 # Anything else would silently continue a different experiment under the old run's params.
 RESUMABLE = ("optim.epochs", "optim.time_budget_s", "tracking.", "eval.", "scaling.run_name",
-             "scaling.max_failures", "scaling.cpus_per_worker", "data.loader_workers",
+             "data.class_names", "scaling.max_failures", "scaling.cpus_per_worker", "data.loader_workers",
              "crops.device", "crops.compile", "model.compile", "model.cudnn_benchmark")
 
 
@@ -388,9 +391,11 @@ def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 def resume_changes(stored: dict[str, Any], new: dict[str, Any]) -> tuple[list[str], list[str]]:
     """Differences between a run's stored config and the one resuming it, as ``key: old -> new``:
-    (those a resume may not make, those it may; see ``RESUMABLE``)."""
+    (those a resume may not make, those it may; see ``RESUMABLE``).  A key newer than the
+    stored config counts as its default there (the run was made with that behaviour)."""
     old = {k: v for k, v in _flatten(stored).items() if k not in RETIRED}
     now = _flatten(new)
+    old = {**{k: v for k, v in _flatten(ExperimentConfig().to_dict()).items() if k in now}, **old}
     refused, allowed = [], []
     for key in sorted(set(old) | set(now)):
         before, after = old.get(key, "(absent)"), now.get(key, "(absent)")

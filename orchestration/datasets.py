@@ -1,7 +1,7 @@
 """The data a run trained and evaluated on, recorded on its MLflow run (``mlflow.log_input``).
 
 Each run gets two dataset inputs, contexts ``training`` and ``evaluation``: the source's URI or
-path, the rows the run used, and a digest of the data as it was on disk (every file's path and
+path, the rows the run used (and the class names, where the data has them), and a digest of the data as it was on disk (every file's path and
 size under ``data.path``, or the embedded digits' pixels) and of how the run cut it (limit,
 held-out share, seed, columns), so the MLflow UI tells runs on different data apart. Listing the
 files is cheap next to a run; nothing is read image by image.
@@ -20,23 +20,25 @@ from mlflow.data.meta_dataset import MetaDataset
 from mlflow.entities import DatasetInput, InputTag
 
 from orchestration.config import ExperimentConfig
+from orchestration.tracking import CONTEXT_TAG
 from swav.data import SourceSplits
 
 __all__ = ["data_digest", "dataset_inputs"]
 
-CONTEXT_TAG = "mlflow.data.context"  # MLflow's tag for what a run used an input for
 
 
 class _Data(MetaDataset):
     """A data set known by its source, digest and row count (MLflow's profile)."""
 
-    def __init__(self, source, name: str, digest: str, rows: int | None) -> None:
+    def __init__(self, source, name: str, digest: str, rows: int | None,
+                 classes: list[str] | None = None) -> None:
         super().__init__(source=source, name=name, digest=digest)
-        self._rows = rows
+        self._rows, self._classes = rows, classes
 
     @property
     def profile(self) -> dict[str, Any] | None:
-        return None if self._rows is None else {"num_rows": self._rows}
+        found = {"num_rows": self._rows, "classes": self._classes}
+        return {k: v for k, v in found.items() if v is not None} or None
 
     def to_dict(self) -> dict[str, str]:
         config = super().to_dict()
@@ -59,7 +61,8 @@ def dataset_inputs(cfg: ExperimentConfig, splits: SourceSplits | None) -> list[D
         rows = len(part) if part is not None else None
         if context == "training" and d.limit is not None and rows is not None:
             rows = min(rows, d.limit)
-        dataset = _Data(_source(cfg), f"{name} ({context})", digest, rows)
+        dataset = _Data(_source(cfg), f"{name} ({context})", digest, rows,
+                        getattr(splits, "class_names", None))
         inputs.append(DatasetInput(dataset._to_mlflow_entity(),
                                    [InputTag(key=CONTEXT_TAG, value=context)]))
     return inputs

@@ -161,7 +161,7 @@ def evaluate_model(tracked: TrackedModel, held: HeldOut,
                    prototypes: Sequence[int] | None = None) -> dict[str, float]:
     """:func:`evaluate_run` on a model already loaded, its data already opened."""
     cfg, device = tracked.cfg, held.device
-    held_set, n_classes = held.sets.heldout, held.sets.n_classes
+    held_set, n_classes, names = held.sets.heldout, held.sets.n_classes, held.sets.class_names
     train_loader, held_loader = held.bank_loader, held.loader
     e = cfg.eval
     random_model = initial_model(cfg).to(device).eval()
@@ -180,7 +180,7 @@ def evaluate_model(tracked: TrackedModel, held: HeldOut,
     metrics.update(quality)
     metrics = evaluation_metrics(metrics)
     run = tracked.run
-    run.log_metrics(metrics)
+    run.log_metrics(metrics, **_linked(run))
     # Member grid over (at most) the first 4096 held-out images; rows line up with the
     # assignments only when none of them is corrupt (the collate refills corrupt rows).
     shown = [held_set[i] for i in range(min(len(held_set), 4096))]
@@ -188,18 +188,17 @@ def evaluate_model(tracked: TrackedModel, held: HeldOut,
         k = len(shown)
         images = torch.stack([sample[0] for sample in shown])
         args = (images, assignments[:k], scores[:k], None if labels is None else labels[:k])
-        run.log_figure(prototype_grid(*args, mean=cfg.crops.mean, std=cfg.crops.std),
-                       "clusters/prototype_members.png")
-        run.log_figure(prototype_index(*args, mean=cfg.crops.mean, std=cfg.crops.std),
-                       "clusters/prototype_index.png")
+        look = {"mean": cfg.crops.mean, "std": cfg.crops.std, "class_names": names}
+        run.log_figure(prototype_grid(*args, **look), "clusters/prototype_members.png")
+        run.log_figure(prototype_index(*args, **look), "clusters/prototype_index.png")
         if prototypes:
             try:
-                chosen = prototype_grid(*args, prototypes=list(prototypes), mean=cfg.crops.mean,
-                                        std=cfg.crops.std)
+                chosen = prototype_grid(*args, prototypes=list(prototypes), **look)
             except ValueError as err:
                 raise ConfigError(str(err)) from None
             run.log_figure(chosen, "clusters/prototype_members_chosen.png")
-    run.log_figure(embedding_plot(held_features, assignments, labels), "evaluation/embedding.png")
+    run.log_figure(embedding_plot(held_features, assignments, labels, class_names=names),
+                   "evaluation/embedding.png")
     run.log_text(json.dumps(metrics, indent=2), "evaluation/metrics.json")
     return metrics
 
@@ -233,7 +232,8 @@ def explain_model(tracked: TrackedModel, held: HeldOut, n: int, methods: Sequenc
     images = torch.stack([sample[0] for sample in _good_samples(heldout, n)]).to(held.device)
     assignments, scores, labels = held.assignments()
     aims = _aims(tracked.model, images, target, assignments, labels)
-    members = _HeldOutClusters(heldout, clusters(assignments, scores, labels))
+    members = _HeldOutClusters(heldout, clusters(assignments, scores, labels,
+                                                 held.sets.class_names))
     tracked.run.client.set_tag(tracked.run.run_id, "explain_target", str(target))
     metrics: dict[str, float] = {}
     for method in methods:
@@ -299,14 +299,20 @@ def _explain_and_log(tracked: TrackedModel, images: torch.Tensor, method: str,
     except ValueError as err:
         raise ConfigError(str(err)) from None
     metrics = {f"{method}_cf_{key}": float(value) for key, value in result.summary().items()}
-    tracked.run.log_metrics(metrics)
+    tracked.run.log_metrics(metrics, **_linked(tracked.run))
     pages = counterfactual_pages(_panel_data(result, held), method, result.margin,
                                  mean=cfg.crops.mean, std=cfg.crops.std)
     for page, figure in enumerate(pages, start=1):
         tracked.run.log_figure(figure, f"counterfactuals/{method}/panel_{page}.png")
-    tracked.run.log_text(json.dumps(_per_image(result), indent=1),
+    tracked.run.log_text(json.dumps(_per_image(result, held.found), indent=1),
                             f"counterfactuals/{method}/results.json")
     return metrics
+
+
+def _linked(run: TrackedRun) -> dict[str, Any]:
+    """Evaluation metrics belong to the run's logged model and its evaluation data (MLflow
+    shows them on the model's page, and a registered version carries them)."""
+    return {"model_id": run.logged_model_id(), "dataset": run.dataset_input("evaluation")}
 
 
 def _good_samples(dataset: Dataset, limit: int) -> list:
@@ -339,8 +345,16 @@ def after_training(run_id: str, tracking_uri: str, cfg: ExperimentConfig) -> dic
     return metrics
 
 
-def _per_image(result) -> list[dict[str, Any]]:
+def _per_image(result, found: dict[int, Cluster]) -> list[dict[str, Any]]:
+    """One row per explained image; with labels, the majority label (by name) of its source
+    and target clusters too."""
     fields = ("source", "target", "assigned", "prob_source_before", "prob_target_after",
               "prob_runner_up_after", "steps", "valid", "l1", "l2")
     columns = {f: getattr(result, f).detach().cpu().tolist() for f in fields}
-    return [{f: columns[f][i] for f in fields} for i in range(len(columns["source"]))]
+    rows = [{f: columns[f][i] for f in fields} for i in range(len(columns["source"]))]
+    if any(cluster.name is not None for cluster in found.values()):
+        for row in rows:
+            for end in ("source", "target"):
+                cluster = found.get(row[end])
+                row[f"{end}_majority"] = None if cluster is None else cluster.name
+    return rows

@@ -83,7 +83,7 @@ def open_splits(cfg: ExperimentConfig) -> SourceSplits:
     """The source's raw training and held-out sets (``data`` section; split seeded by the run)."""
     d = cfg.data
     return open_source(d.source, d.path, d.download, d.image_column, d.label_column,
-                       d.holdout_fraction, cfg.scaling.seed, d.limit)
+                       d.holdout_fraction, cfg.scaling.seed, d.limit, d.class_names)
 
 
 def crop_transform(cfg: ExperimentConfig) -> MultiCropTransform:
@@ -171,6 +171,7 @@ class EvalSets:
     bank: Dataset
     heldout: Dataset
     n_classes: int
+    class_names: list[str] | None = None  # label i's name, where the data names them
 
 
 def eval_sets(cfg: ExperimentConfig, splits: SourceSplits) -> EvalSets | None:
@@ -188,7 +189,7 @@ def eval_sets(cfg: ExperimentConfig, splits: SourceSplits) -> EvalSets | None:
         bank = subset(bank, np.array([int(i * step) for i in range(limit)]))
     plain = plain_transform(cfg)
     return EvalSets(Transformed(bank, plain), Transformed(splits.heldout, plain),
-                    splits.n_classes)
+                    splits.n_classes, splits.class_names)
 
 
 def eval_loaders(cfg: ExperimentConfig, sets: EvalSets, rank: int = 0,

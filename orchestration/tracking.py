@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 import platform
 import subprocess
+import sys
 import tempfile
 import time
 import urllib.error
@@ -33,6 +34,7 @@ __all__ = ["TrackedRun", "resolve_tracking_uri"]
 
 RUN_ID_FILE = "mlflow_run_id"
 CONFIG_ARTIFACT = "config.yaml"
+CONTEXT_TAG = "mlflow.data.context"  # MLflow's tag for what a run used a dataset input for
 
 def resolve_tracking_uri(configured: str | None) -> str:
     """Config value, else ``$MLFLOW_TRACKING_URI``, else ``sqlite:///<cwd>/mlflow.db`` (absolute:
@@ -183,10 +185,15 @@ class TrackedRun:
         write_text(f"{run_dir}/{RUN_ID_FILE}", run_id)
         return cls(uri, run_id, resumed=False)
 
-    def log_metrics(self, metrics: dict[str, float], step: int = 0) -> None:
-        """One batch of metrics at ``step`` (an epoch; 0 for figures logged once)."""
+    def log_metrics(self, metrics: dict[str, float], step: int = 0, model_id: str | None = None,
+                    dataset: tuple[str, str] | None = None) -> None:
+        """One batch of metrics at ``step`` (an epoch; 0 for figures logged once); linked to
+        a logged model and to a dataset input ``(name, digest)`` where given (MLflow shows
+        them on the model's page and beside the dataset)."""
         now = int(time.time() * 1000)
-        batch = [Metric(k, float(v), now, step) for k, v in metrics.items()]
+        name, digest = dataset or (None, None)
+        batch = [Metric(k, float(v), now, step, model_id=model_id, dataset_name=name,
+                        dataset_digest=digest) for k, v in metrics.items()]
         if batch:
             self.client.log_batch(self.run_id, metrics=batch)
 
@@ -209,17 +216,58 @@ class TrackedRun:
         if item not in items:
             self.client.set_tag(self.run_id, key, ",".join([*items, item]))
 
-    def log_model(self, model: Any) -> None:
-        """The trained model with MLflow's PyTorch flavour: ``mlflow.pytorch.load_model(
-        "runs:/<id>/model")`` gives back the :class:`swav.model.SwAVModel`."""
+    def log_model(self, model: Any, image_size: int) -> None:
+        """The trained backbone as MLflow's model of this run: images ``[N, 3, H, W]``
+        (normalised as the run's crops) to features ``[N, D]``, with that signature and an input
+        example of 2 images at ``image_size`` (at most 64 px).  Saved as a ``torch.export``
+        program (no pickle: ``mlflow.pytorch.load_model`` gives a module that runs it, and
+        MLflow's pyfunc serves it); a backbone torch cannot export is pickled instead (tag
+        ``model_format``)."""
+        import numpy as np
+        import torch
+        from mlflow.models import ModelSignature
+        from mlflow.types import Schema, TensorSpec
+
+        backbone = model.backbone.eval()
+        side = min(image_size, 64)  # (64: no layer of a 32x-downsampling net traced at 1 px)
+        example = torch.randn(2, 3, side, side, generator=torch.Generator().manual_seed(0))
+        with torch.no_grad():
+            dim = backbone(example).shape[1]
+        signature = ModelSignature(
+            inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, 3, -1, -1))]),  # (unnamed:
+            outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, dim))]))  # pyfunc takes arrays)
         mlflow.set_tracking_uri(self.uri)
+        args = {"name": "model", "signature": signature, "input_example": example.numpy(),
+                "pip_requirements": []}
         with mlflow.start_run(run_id=self.run_id):
-            mlflow.pytorch.log_model(model, name="model", serialization_format="pickle",
-                                     pip_requirements=[])
+            try:
+                mlflow.pytorch.log_model(backbone, serialization_format="pt2", **args)
+                kept = "pt2"
+            except Exception as err:  # noqa: BLE001  (torch.export's refusals have many types)
+                print(f"swav-ray: the backbone does not export ({type(err).__name__}); MLflow's "
+                      f"model is pickled (load only runs you trust)", file=sys.stderr)
+                mlflow.pytorch.log_model(backbone, serialization_format="pickle", **args)
+                kept = "pickle"
+        self.client.set_tag(self.run_id, "model_format", kept)
+
+    def dataset_input(self, context: str) -> tuple[str, str] | None:
+        """(name, digest) of the run's dataset input used for ``context`` (``training`` or
+        ``evaluation``), if it recorded one."""
+        for found in self.client.get_run(self.run_id).inputs.dataset_inputs:
+            if any(t.key == CONTEXT_TAG and t.value == context for t in found.tags):
+                return found.dataset.name, found.dataset.digest
+        return None
+
+    def logged_model_id(self) -> str | None:
+        """The id of the model this run logged (MLflow 3's LoggedModel), if any."""
+        outputs = self.client.get_run(self.run_id).outputs
+        found = [] if outputs is None else outputs.model_outputs
+        return found[-1].model_id if found else None
 
     def register_model(self, name: str, alias: str | None = None) -> str:
-        """This run's logged model as a new version of registered model ``name`` (created if
-        new), with ``alias`` if given; returns ``models:/NAME/VERSION``."""
+        """This run's logged model as a version of registered model ``name`` (created if new;
+        a run registered before keeps its version: a resumed sweep adds none), with ``alias``
+        if given; returns ``models:/NAME/VERSION``."""
         from mlflow.exceptions import MlflowException
 
         try:
@@ -227,8 +275,18 @@ class TrackedRun:
         except MlflowException as err:
             if err.error_code != "RESOURCE_ALREADY_EXISTS":
                 raise
-        version = self.client.create_model_version(name, f"runs:/{self.run_id}/model",
-                                                   run_id=self.run_id).version
+        known = [v.version for v in self.client.search_model_versions(
+            f"name = '{name}'") if v.run_id == self.run_id]
+        if known:
+            version = max(known, key=int)
+        else:
+            model_id = self.logged_model_id()
+            # A models:/ source links the version to its LoggedModel (signature, metrics); a
+            # SQLite registry looks that up through the process's tracking URI.
+            mlflow.set_tracking_uri(self.uri)
+            source = f"models:/{model_id}" if model_id else f"runs:/{self.run_id}/model"
+            version = self.client.create_model_version(name, source, run_id=self.run_id,
+                                                       model_id=model_id).version
         if alias:
             self.client.set_registered_model_alias(name, alias, version)
         return f"models:/{name}/{version}"

@@ -134,7 +134,7 @@ def _fit_and_log(cfg: ExperimentConfig, make_trainer, run_dir: str, tracked: Tra
             if cfg.tracking.log_model:
                 model = initial_model(cfg)
                 model.load_state_dict(state["engine"]["model"])
-                tracked.log_model(model.eval())
+                tracked.log_model(model.eval(), cfg.data.eval_size or cfg.crops.size_crops[0])
                 tracked.log_artifact(state_path, "checkpoints")
                 if cfg.tracking.register_model:
                     registered = tracked.register_model(cfg.tracking.register_model)

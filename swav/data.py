@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import importlib.util
 import io
+import json
 import logging
+import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -195,6 +197,7 @@ class ParquetImageDataset(Dataset):
         self.files = _parquet_files(self.filesystem, base, shown)
         self.image_column, self.label_column = image_column, label_column
         self._groups: list[tuple[int, int, int]] = []  # (file index, row group, first global row)
+        self.metadata: dict[str, str] = {}
         total = 0
         for f, file in enumerate(self.files):
             name = file.rpartition("/")[2]
@@ -209,6 +212,9 @@ class ParquetImageDataset(Dataset):
                 raise ValueError(f"image_column: {image_column!r} not in {name} ({names})")
             if label_column is not None and label_column not in names:
                 raise ValueError(f"label_column: {label_column!r} not in {name} ({names})")
+            if f == 0:  # (key/value pairs of the file's schema, e.g. the class names)
+                self.metadata = {k.decode(errors="replace"): v.decode(errors="replace")
+                                 for k, v in (meta.schema_arrow.metadata or {}).items()}
             for g in range(meta.num_row_groups):
                 self._groups.append((f, g, total))
                 total += meta.metadata.row_group(g).num_rows
@@ -348,6 +354,7 @@ class SourceSplits:
     train: Dataset
     heldout: Dataset | None
     n_classes: int | None
+    class_names: list[str] | None = None  # label i's name, where the data names its classes
 
 
 def _holdout_split(n: int, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -371,8 +378,14 @@ def open_source(
     holdout_fraction: float = 0.2,
     seed: int = 0,
     limit: int | None = None,
+    class_names: str | Sequence[str] | None = None,
 ) -> SourceSplits:
-    """Open a source by name and split it into training and held-out sets (no transforms yet)."""
+    """Open a source by name and split it into training and held-out sets (no transforms yet).
+
+    ``class_names``: the names of labels 0, 1, ...; a string is the Parquet schema metadata key
+    that holds them; None: the source's own (torchvision's ``classes``, ImageFolder's folders,
+    Parquet metadata ``classes``), else none.
+    """
     import torchvision.datasets as tvd
 
     if path is None or "://" in path:  # (a URI: only Parquet reads object storage)
@@ -419,7 +432,57 @@ def open_source(
         splits = SourceSplits(subset(full, train_rows), subset(full, held_rows), n_classes)
     if limit is not None and limit < len(splits.train):  # type: ignore[arg-type]
         splits.train = subset(splits.train, np.arange(limit))
+    splits.class_names = _class_names(source, splits, class_names)
     return splits
+
+
+def _class_names(source: str, splits: SourceSplits,
+                 wanted: str | Sequence[str] | None) -> list[str] | None:
+    """Label names: given, read from the data (see :func:`open_source`), checked to cover every
+    label."""
+    names: list[str] | None = None
+    if wanted is not None and not isinstance(wanted, str):
+        names = [str(n) for n in wanted]
+    elif source == "parquet":
+        base = _unwrapped(splits.train)
+        key = wanted or "classes"
+        text = getattr(base, "metadata", {}).get(key)
+        if text is None and wanted is not None:
+            raise ValueError(f"class_names: no key {key!r} in the Parquet schema's metadata "
+                             f"(keys: {sorted(getattr(base, 'metadata', {}))})")
+        if text is not None:
+            names = _parse_names(text, key)
+    elif wanted is not None:
+        raise ValueError(f"class_names: a metadata key ({wanted!r}) names classes of Parquet "
+                         f"data only; give source {source!r} a list of names")
+    elif source != "digits":  # (the digits' labels are their names)
+        names = getattr(_unwrapped(splits.train), "classes", None)
+        if names and all(_WORDNET_ID.match(n) for n in names):  # n02085620-Chihuahua
+            names = [_WORDNET_ID.sub("", n) for n in names]
+    if names is not None and splits.n_classes is not None and len(names) < splits.n_classes:
+        raise ValueError(f"class_names: {len(names)} names for {splits.n_classes} classes "
+                         f"(labels 0..{splits.n_classes - 1})")
+    return None if names is None else [str(n) for n in names]
+
+
+_WORDNET_ID = re.compile(r"^n[0-9]{8}[-_]")  # ImageNet-style folder names (Stanford Dogs)
+
+
+def _parse_names(text: str, key: str) -> list[str]:
+    """A JSON list, or names separated by commas."""
+    if text.lstrip().startswith("["):
+        try:
+            return [str(n) for n in json.loads(text)]
+        except ValueError:
+            raise ValueError(f"class_names: metadata {key!r} is not a JSON list") from None
+    return [n.strip() for n in text.split(",")]
+
+
+def _unwrapped(dataset: Dataset) -> Dataset:
+    """The data set under Subset / label-filtering wrappers."""
+    while isinstance(dataset, (Subset, _NoNegativeLabels)):
+        dataset = dataset.dataset if isinstance(dataset, Subset) else dataset.base
+    return dataset
 
 
 def _parquet_split_layout(root: str | None) -> tuple[str, str] | None:

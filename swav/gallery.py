@@ -29,34 +29,45 @@ from swav.viz import (
     denormalize,
 )
 
-__all__ = ["Cluster", "clusters", "prototype_grid", "prototype_index"]
+__all__ = ["Cluster", "clusters", "label_name", "prototype_grid", "prototype_index"]
 
 
 class Cluster:
     """One prototype's members: ``index``, ``size``, ``members`` (indices, best score first),
-    ``majority`` label and its ``share`` of the members (None without labels)."""
+    ``majority`` label, its ``share`` of the members and its ``name`` (None without labels; the
+    label's index where the data names no classes)."""
 
-    def __init__(self, index: int, size: int, members: torch.Tensor,
-                 majority: int | None, share: float | None) -> None:
+    def __init__(self, index: int, size: int, members: torch.Tensor, majority: int | None,
+                 share: float | None, name: str | None = None) -> None:
         self.index, self.size, self.members = index, size, members
         self.majority, self.share = majority, share
+        self.name = name if name is not None or majority is None else str(majority)
 
     def contents(self) -> str:
-        """``"n=40 · '3' 95%"``: size, and majority label with its share when labelled."""
-        label = "" if self.majority is None else f" · '{self.majority}' {self.share:.0%}"
+        """``"n=40 · 'cat' 95%"``: size, and majority label with its share when labelled."""
+        label = "" if self.name is None else f" · '{_short(self.name)}' {self.share:.0%}"
         return f"n={self.size}{label}"
 
     def caption(self, short: bool = False) -> str:
-        """``"proto 12 · n=40 · '3' 95%"`` (``short``: ``"12 · 40 · '3'"``)."""
+        """``"proto 12 · n=40 · 'cat' 95%"`` (``short``: ``"12 · 40 · '3'"``, a class name on a
+        line of its own: ``"12 · 40\\n'cat'"``)."""
         if short:
-            label = "" if self.majority is None else f" · '{self.majority}'"
-            return f"{self.index} · {self.size}{label}"
+            if self.name is None:
+                return f"{self.index} · {self.size}"
+            sep = " · " if self.name == str(self.majority) else "\n"
+            return f"{self.index} · {self.size}{sep}'{_short(self.name, 12)}'"
         return f"proto {self.index} · {self.contents()}"
 
 
+def _short(name: str, most: int = 18) -> str:
+    return name if len(name) <= most else name[:most - 1] + "…"
+
+
 def clusters(assignments: torch.Tensor, scores: torch.Tensor,
-             labels: torch.Tensor | None = None) -> dict[int, Cluster]:
-    """Every used prototype, most populated first (ties: lower index first)."""
+             labels: torch.Tensor | None = None,
+             class_names: Sequence[str] | None = None) -> dict[int, Cluster]:
+    """Every used prototype, most populated first (ties: lower index first); ``class_names``:
+    the name of each label value."""
     _check_vector("assignments", assignments, assignments.shape[0], integer=True)
     n = assignments.shape[0]
     _check_vector("scores", scores, n, integer=False)
@@ -74,10 +85,20 @@ def clusters(assignments: torch.Tensor, scores: torch.Tensor,
     for k in order:
         members = torch.nonzero(a == k).flatten()
         members = members[s[members].argsort(descending=True, stable=True)]
-        out[k] = Cluster(k, int(sizes[k]), members,
-                         None if majority is None else int(majority[k]),
-                         None if share is None else float(share[k]))
+        label = None if majority is None else int(majority[k])
+        out[k] = Cluster(k, int(sizes[k]), members, label,
+                         None if share is None else float(share[k]),
+                         label_name(label, class_names))
     return out
+
+
+def label_name(label: int | None, class_names: Sequence[str] | None) -> str | None:
+    """``class_names[label]``, or the label's index where there are no names for it."""
+    if label is None:
+        return None
+    if class_names is not None and 0 <= label < len(class_names):
+        return str(class_names[label])
+    return str(label)
 
 
 def _chosen(found: dict[int, Cluster], prototypes: Sequence[int] | None,
@@ -100,27 +121,29 @@ def prototype_grid(
     prototypes: Sequence[int] | None = None,
     mean: Sequence[float] | None = None,
     std: Sequence[float] | None = None,
+    class_names: Sequence[str] | None = None,
 ) -> Figure:
     """Members of the ``n_prototypes_shown`` most populated prototypes, or of ``prototypes``.
 
     One row per prototype, top to bottom by decreasing size (or in the order given); each shows
     its ``per_prototype`` members with the highest ``scores`` (e.g. those of
     :func:`swav.evaluation.assign_with_scores`), best first, de-normalised with ``mean``/``std``,
-    captioned ``proto k · n=size · 'label' share`` (the label part only with ``labels``).  The
-    title says how many of the used prototypes are shown.
+    captioned ``proto k · n=size · 'label' share`` (the label part only with ``labels``, named by
+    ``class_names`` where given).  The title says how many of the used prototypes are shown.
     """
     _check_images("images", images)
     n = images.shape[0]
     _check_vector("assignments", assignments, n, integer=True)
     _check_positive_int("n_prototypes_shown", n_prototypes_shown)
     _check_positive_int("per_prototype", per_prototype)
-    found = clusters(assignments, scores, labels)
+    found = clusters(assignments, scores, labels, class_names)
     rows = _chosen(found, prototypes, n_prototypes_shown)
     pixels = denormalize(images, mean, std)
     height, width = images.shape[2:]
     row_in = 0.62  # inches per row
     strip_in = row_in * per_prototype * (width + 1) / height
-    label_in, title_in, pad_in = 1.55, 0.42, 0.04
+    longest = max(len(line) for c in rows for line in c.caption().split(" · ", 1))
+    label_in, title_in, pad_in = max(1.55, 0.15 + 0.062 * longest), 0.42, 0.04  # 8 pt text
     fig_w, fig_h = label_in + strip_in + 0.1, title_in + len(rows) * (row_in + pad_in)
     fig = Figure(figsize=(fig_w, fig_h), dpi=100)
     for i, cluster in enumerate(rows):
@@ -147,17 +170,20 @@ def prototype_index(
     columns: int = 12,
     mean: Sequence[float] | None = None,
     std: Sequence[float] | None = None,
+    class_names: Sequence[str] | None = None,
 ) -> Figure:
     """Every used prototype as its best-scoring member, most populated first, ``columns`` a
-    row, each captioned ``index · size`` (and ``· 'majority label'`` with ``labels``)."""
+    row, each captioned ``index · size`` (and ``· 'majority label'`` with ``labels``, named by
+    ``class_names`` where given)."""
     _check_images("images", images)
     _check_vector("assignments", assignments, images.shape[0], integer=True)
     _check_positive_int("columns", columns)
-    found = list(clusters(assignments, scores, labels).values())
+    found = list(clusters(assignments, scores, labels, class_names).values())
     pixels = denormalize(images, mean, std)
     cols = min(columns, len(found))
     rows = -(-len(found) // cols)
-    cell_in, caption_in, title_in = 0.9, 0.24, 0.42
+    two_lines = any("\n" in cluster.caption(short=True) for cluster in found)
+    cell_in, caption_in, title_in = 0.9, 0.38 if two_lines else 0.24, 0.42
     fig_w, fig_h = cols * cell_in + 0.1, title_in + rows * (cell_in + caption_in)
     fig = Figure(figsize=(fig_w, fig_h), dpi=100)
     for i, cluster in enumerate(found):

@@ -160,11 +160,14 @@ def _axes_names(ax, names: list[str]) -> None:
 
 
 def _by_label(ax, points: np.ndarray, labels: np.ndarray, colours: dict[int, Any],
-              names: list[str]) -> None:
+              names: list[str], class_names: Sequence[str] | None = None) -> None:
     for value, colour in colours.items():
         mask = labels == value
+        named = str(value)
+        if class_names is not None and 0 <= value < len(class_names):
+            named = str(class_names[value])
         ax.scatter(points[mask, 0], points[mask, 1], color=colour, s=7, linewidths=0,
-                   label=str(value))
+                   label=named)
     ax.legend(title="label", fontsize=7, title_fontsize=7, markerscale=2, loc="center left",
               bbox_to_anchor=(1.0, 0.5), frameon=False, ncols=1 if len(colours) <= 20 else 2)
     ax.set_title("held-out images, coloured by label", fontsize=9)
@@ -201,6 +204,7 @@ def embedding_plot(
     max_points: int = 2000,
     seed: int = 0,
     annotate: int = 12,
+    class_names: Sequence[str] | None = None,
 ) -> Figure:
     """2-D map of ``features``: the images coloured by label (with a legend), and the used
     prototypes as markers at the centre of their images (sized by how many they hold, filled with
@@ -209,7 +213,8 @@ def embedding_plot(
 
     At most ``max_points`` points are drawn, a uniform random subset chosen with ``seed`` (which
     also seeds t-SNE).  ``method``: ``"pca"`` (fast, linear) or ``"tsne"`` (local structure).
-    Without ``labels`` only the prototype panel is drawn.
+    Without ``labels`` only the prototype panel is drawn; the legend names label values by
+    ``class_names`` where given.
     """
     _check_embedding_args(features, assignments, labels, method, max_points)
     n = features.shape[0]
@@ -225,7 +230,7 @@ def embedding_plot(
     fig = Figure(figsize=(6.2, 4.9 * panels), dpi=100)
     axes = fig.subplots(panels, 1, squeeze=False)[:, 0]
     if y is not None:
-        _by_label(axes[0], points, y, colours, names)
+        _by_label(axes[0], points, y, colours, names, class_names)
     _by_cluster(axes[-1], points, assigned, y, colours, names, annotate)
     title = "PCA" if method == "pca" else "t-SNE"
     fig.suptitle(f"{title} of the backbone features of {len(keep)} of {n} held-out images",

@@ -4,6 +4,7 @@ disjoint worker shards, corrupt-image skipping."""
 from __future__ import annotations
 
 import io
+import json
 
 import numpy as np
 import pyarrow as pa
@@ -182,3 +183,36 @@ def test_parquet_labels_must_be_integer_class_ids_with_none_missing(tmp_path, di
         open_source("parquet", str(tmp_path / "nulls.parquet"))
     unlabelled = open_source("parquet", str(tmp_path / "text.parquet"), label_column=None)
     assert unlabelled.n_classes is None and unlabelled.train[0][1] is None
+
+
+def test_class_names_come_from_folders_parquet_metadata_or_the_config(tmp_path, imagefolder,
+                                                                     digits):
+    assert open_source("digits").class_names is None  # (its labels are its names)
+    assert open_source("imagefolder", str(imagefolder)).class_names == \
+        [f"class_{d}" for d in range(10)]
+    dogs = tmp_path / "dogs"
+    for folder in ("n02085620-Chihuahua", "n02085782-Japanese_spaniel"):
+        (dogs / folder).mkdir(parents=True)
+        for i in range(2):
+            Image.fromarray(digits[0][i]).save(dogs / folder / f"{i}.png")
+    assert open_source("imagefolder", str(dogs)).class_names == ["Chihuahua", "Japanese_spaniel"]
+    images, labels = digits
+    table = pa.table({"image": [_jpeg(images[r]) for r in range(30)],
+                      "label": [int(labels[r]) for r in range(30)]})
+    names = [f"digit {d}" for d in range(10)]
+    for key, text in (("classes", ",".join(names)), ("names", json.dumps(names))):
+        folder = tmp_path / key
+        folder.mkdir()
+        pq.write_table(table.replace_schema_metadata({key: text}), folder / "part.parquet")
+    assert open_source("parquet", str(tmp_path / "classes")).class_names == names
+    assert open_source("parquet", str(tmp_path / "names"), class_names="names").class_names == \
+        names
+    assert open_source("parquet", str(tmp_path / "names")).class_names is None  # no "classes"
+    given = open_source("parquet", str(tmp_path / "names"), class_names=list("abcdefghij"))
+    assert given.class_names == list("abcdefghij")
+    with pytest.raises(ValueError, match="^class_names: no key 'labels' in the Parquet schema"):
+        open_source("parquet", str(tmp_path / "names"), class_names="labels")
+    with pytest.raises(ValueError, match="^class_names: 3 names for 10 classes"):
+        open_source("parquet", str(tmp_path / "names"), class_names=["a", "b", "c"])
+    with pytest.raises(ValueError, match="^class_names: a metadata key"):
+        open_source("digits", class_names="classes")

@@ -51,4 +51,13 @@ def test_a_run_has_a_training_and_an_evaluation_input_with_their_rows(tmp_path):
     assert json.loads(inputs[0].dataset.source)["uri"].endswith("/digits")
     embedded = dataset_inputs(_config(), None)
     assert embedded[0].dataset.source_type == "code"  # (opened here: the driver had not)
-    assert json.loads(embedded[0].dataset.profile)["num_rows"] == 1438  # 80% of 1,797
+    assert json.loads(embedded[0].dataset.profile) == {"num_rows": 1438}  # 80% of 1,797
+    named = tmp_path / "named"
+    named.mkdir()
+    classes = [f"digit {d}" for d in range(10)]
+    pq.write_table(_digits_table(40).replace_schema_metadata({"classes": ",".join(classes)}),
+                   named / "part-0.parquet")
+    cfg = _config("data.source=parquet", f"data.path={named}")
+    splits = open_source("parquet", str(named), seed=0)
+    profile = json.loads(dataset_inputs(cfg, splits)[1].dataset.profile)  # kept with the data
+    assert profile == {"num_rows": 8, "classes": classes}

@@ -108,3 +108,25 @@ def test_galleries_reject_bad_input(members):
         prototype_grid(pixels, assignments, scores, per_prototype=0)
     with pytest.raises(ValueError, match="^assignments: must be >= 0"):
         prototype_index(pixels, assignments - 1, scores)
+
+
+def test_class_names_replace_label_indices_in_captions_and_widen_the_label_column(members):
+    pixels, assignments, scores, labels = members
+    names = ["zero", "one", "two", "three", "four", "five", "six", "seven"]
+    found = clusters(assignments, scores, labels, names)
+    assert found[2].caption() == "proto 2 · n=10 · 'five' 80%"
+    assert found[2].caption(short=True) == "2 · 10\n'five'"  # a name: its own line
+    assert clusters(assignments, scores, labels, list("01234567"))[2].caption(short=True) == \
+        "2 · 10 · '5'"
+    index = prototype_index(pixels, assignments, scores, labels, class_names=names)
+    assert [ax.get_xlabel() for ax in index.axes] == ["2 · 10\n'five'", "0 · 7\n'three'",
+                                                      "4 · 3\n'one'"]
+    plain = prototype_grid(pixels, assignments, scores, labels)
+    long = ["a class name far longer than the column"] * 8
+    wide = prototype_grid(pixels, assignments, scores, labels, class_names=long)
+    assert wide.axes[0].get_ylabel() == "proto 2\nn=10 · 'a class name far …' 80%"
+
+    def left_in(fig):
+        return fig.axes[0].get_position().x0 * fig.get_figwidth()
+
+    assert left_in(wide) - left_in(plain) > 0.5  # room for 32 characters instead of 24

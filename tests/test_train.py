@@ -24,6 +24,7 @@ from orchestration.config import ConfigError, from_dict
 from orchestration.datasets import data_digest
 from orchestration.failures import TrainingFailed
 from orchestration.preflight import load_experiment
+from orchestration.recipe import initial_model
 from orchestration.train import run_training
 from orchestration.worker import FAIL_AT_EPOCH, FAILURE_MARKER
 from swav.model import SwAVModel
@@ -107,12 +108,22 @@ def test_two_worker_run_is_tracked_as_one_mlflow_run_with_a_loadable_model(strai
     setup = client.get_metric_history(outcome.run_id, "setup_s")  # once, with the first epoch
     assert [m.step for m in setup] == [0] and 0 < setup[0].value < 120
 
+    # MLflow's model: the trained backbone, exported (no pickle), images -> features, with its
+    # signature and an input example; any batch and image size.
     mlflow.set_tracking_uri(outcome.tracking_uri)
-    model = mlflow.pytorch.load_model(f"runs:/{outcome.run_id}/model")
-    assert isinstance(model, SwAVModel)
-    weights = final_weights(outcome)
-    for name, value in model.state_dict().items():
-        torch.testing.assert_close(value, weights[name], rtol=0, atol=0)
+    exported = mlflow.pytorch.load_model(f"runs:/{outcome.run_id}/model")
+    trained = initial_model(cfg)
+    trained.load_state_dict(final_weights(outcome))
+    images = torch.randn(5, 3, 12, 10)
+    with torch.no_grad():
+        torch.testing.assert_close(exported(images), trained.backbone.eval()(images))
+    info = mlflow.models.get_model_info(f"runs:/{outcome.run_id}/model")
+    (inputs,), (outputs,) = info.signature.inputs.inputs, info.signature.outputs.inputs
+    assert (str(inputs.type), inputs.shape) == ("float32", (-1, 3, -1, -1))
+    assert (str(outputs.type), outputs.shape) == ("float32", (-1, trained.feat_dim))
+    assert run.data.tags["model_format"] == "pt2"
+    served = mlflow.pyfunc.load_model(f"runs:/{outcome.run_id}/model")
+    assert served.predict(images.numpy()).shape == (5, trained.feat_dim)
     artifacts = [a.path for a in client.list_artifacts(outcome.run_id, "checkpoints")]
     assert artifacts == ["checkpoints/state.pt"]
     config_file = client.download_artifacts(outcome.run_id, "config.yaml", str(tmp))
@@ -122,7 +133,8 @@ def test_two_worker_run_is_tracked_as_one_mlflow_run_with_a_loadable_model(strai
     inputs = {i.tags[0].value: i.dataset for i in run.inputs.dataset_inputs}
     assert sorted(inputs) == ["evaluation", "training"]
     assert json.loads(inputs["training"].profile)["num_rows"] == 256
-    assert json.loads(inputs["evaluation"].profile)["num_rows"] == 359  # 20% of 1,797
+    assert json.loads(inputs["evaluation"].profile) == {"num_rows": 359,  # 20% of 1,797
+                                                        "classes": DIGIT_NAMES}
     assert inputs["training"].digest == inputs["evaluation"].digest == data_digest(cfg)
 
 
@@ -553,8 +565,12 @@ def test_ctrl_c_says_how_to_resume_and_marks_the_run_killed(tmp_path):
     assert not (tmp_path / "runs" / "stopped" / "run.lock").exists()  # released
 
 
+DIGIT_NAMES = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
+
+
 def _digits_parquet(directory: Path, corrupt_rows: set[int], rows: int = 160) -> None:
-    """The first ``rows`` digits as RGB PNGs in a Parquet file; ``corrupt_rows`` do not decode."""
+    """The first ``rows`` digits as RGB PNGs in a Parquet file, their class names in its schema
+    metadata (``classes``); ``corrupt_rows`` do not decode."""
     import io
 
     import pyarrow as pa
@@ -570,6 +586,7 @@ def _digits_parquet(directory: Path, corrupt_rows: set[int], rows: int = 160) ->
         Image.fromarray(images[i]).convert("RGB").save(buf, format="PNG")
         blobs.append(b"not an image" if i in corrupt_rows else buf.getvalue())
     table = pa.table({"image": pa.array(blobs, pa.binary()), "label": labels[:len(blobs)].tolist()})
+    table = table.replace_schema_metadata({"classes": ",".join(DIGIT_NAMES)})
     pq.write_table(table, directory / "digits.parquet", row_group_size=40)
 
 
@@ -624,6 +641,14 @@ def test_evaluate_and_explain_log_into_the_run_and_reject_bad_input(straight, tm
         "ari", "purity", "prototypes_used", "code_entropy")}
     assert 0.1 < metrics["eval_linear_top1"] <= 1
     assert metrics["eval_knn_top5"] >= metrics["eval_knn_top1"]
+    # ... linked to the run's logged model and to its evaluation data (the model's page).
+    client = MlflowClient(outcome.tracking_uri)
+    model_id = client.get_run(outcome.run_id).outputs.model_outputs[-1].model_id
+    linked = {m.key: m for m in client.get_logged_model(model_id).metrics}
+    assert linked["eval_linear_top1"].value == pytest.approx(metrics["eval_linear_top1"])
+    assert linked["eval_knn_top1"].dataset_name == f"parquet:{Path(cfg.data.path).name} " \
+        "(evaluation)"
+    assert linked["eval_knn_top1"].dataset_digest == data_digest(cfg)
     # Success is one function: the per-image results, the metric (which the console prints)
     # and the panels all follow swav.counterfactual.success.
     pattern = torch.tensor([True, False, True, True, False, False, True, False, True, True])
@@ -675,6 +700,11 @@ def test_evaluate_and_explain_log_into_the_run_and_reject_bad_input(straight, tm
         source, majority, populated))
     assert [r["target"] for r in rows] == expected.tolist()
     assert (majority[expected] != majority[source]).all()
+    # Clusters named by the classes the Parquet file names, in the table and on the panels.
+    assert [r["source_majority"] for r in rows] == [DIGIT_NAMES[majority[s]] for s in source]
+    assert [r["target_majority"] for r in rows] == [DIGIT_NAMES[majority[t]] for t in expected]
+    caption = panels[0].captions[int(source[0])]
+    assert f"'{DIGIT_NAMES[majority[source[0]]]}'" in caption, caption
     # A gallery of chosen prototypes, on request (one holding no image: test_gallery).
     evaluate_run(outcome.run_id, outcome.tracking_uri, "cpu", prototypes=[int(assigned[0])])
     assert "clusters/prototype_members_chosen.png" in {

@@ -15,7 +15,7 @@ from orchestration.config import ConfigError
 from orchestration.mlflow_server import serving
 from orchestration.preflight import load_experiment
 from orchestration.sweep import load_sweep
-from orchestration.tracking import run_of_model
+from orchestration.tracking import TrackedRun, run_of_model
 from orchestration.tuning import (
     SweepProgress,
     _tune_config,
@@ -116,6 +116,12 @@ def test_a_grid_of_concurrent_trials_is_one_parent_run_with_a_child_per_trial(
     # Its model registered under the name asked for, alias best (the trials register none).
     assert parent.data.tags["best_model"] == "models:/digits-grid@best"
     assert run_of_model("models:/digits-grid@best", mlflow_url) == outcome.best.run_id
+    (version,) = client.search_model_versions("name = 'digits-grid'")
+    best_run = client.get_run(outcome.best.run_id)
+    assert version.source == f"models:/{best_run.outputs.model_outputs[-1].model_id}"  # linked
+    # Registering the same run again (a resumed sweep) keeps its version.
+    assert TrackedRun(mlflow_url, outcome.best.run_id).register_model(
+        "digits-grid", alias="best") == f"models:/digits-grid/{version.version}"
     assert len(client.search_model_versions("name = 'digits-grid'")) == 1
     assert parent.data.metrics["best_knn_top1"] == pytest.approx(last[best_id])
     assert parent.data.params["best.model.n_prototypes"] == kids[best_id].data.params[

@@ -57,6 +57,9 @@ def test_embedding_plot_pca_labels_with_a_legend_and_prototype_markers(embedded,
     legend = by_label.get_legend()
     assert legend.get_title().get_text() == "label"
     assert [t.get_text() for t in legend.get_texts()] == ["0", "1", "2"]
+    named = embedding_plot(features, assignments, labels, class_names=["cat", "dog", "ship"])
+    assert [t.get_text() for t in named.axes[0].get_legend().get_texts()] == ["cat", "dog",
+                                                                              "ship"]
     share = (sv[:2] ** 2 / (sv ** 2).sum()).tolist()
     assert by_label.get_xlabel() == f"PC 1 ({share[0]:.0%} of the variance)"
     assert by_label.get_ylabel() == f"PC 2 ({share[1]:.0%} of the variance)"
