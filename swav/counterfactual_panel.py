@@ -92,6 +92,14 @@ def _row_texts(d: PanelData, i: int) -> tuple[str, str, str]:
     return before, after, verdict
 
 
+def _cluster_title(d: PanelData, k: int) -> str:
+    """``"cluster 3 · n=40\\n'cat' 95%"``: the label on a line of its own (class names are
+    wider than the column)."""
+    size, _, label = d.captions.get(k, "").partition(" · ")
+    head = f"cluster {k} · {size}" if size else f"cluster {k}"
+    return head + (f"\n{label}" if label else "")
+
+
 def counterfactual_panel(data: PanelData, rows: Sequence[int] | None = None, side: int = 2,
                          mean: Sequence[float] | None = None, std: Sequence[float] | None = None,
                          title: str = "") -> Figure:
@@ -118,8 +126,7 @@ def counterfactual_panel(data: PanelData, rows: Sequence[int] | None = None, sid
         before, after, verdict = _row_texts(data, i)
         ok = bool(data.success[i])
         axes = [fig.add_subplot(grid[r, c]) for c in range(5)]
-        _show(axes[0], _mosaic(data.members[s], side, mean, std),
-              f"cluster {s}\n{data.captions.get(s, '')}")
+        _show(axes[0], _mosaic(data.members[s], side, mean, std), _cluster_title(data, s))
         _show(axes[1], _to_hwc(x[r]), f"#{i + 1}  {before}")
         _show(axes[2], _to_hwc(x_cf[r]), after)
         axes[2].set_xlabel(verdict, fontsize=9, color=_OK if ok else _FAIL, labelpad=2)
@@ -127,8 +134,7 @@ def counterfactual_panel(data: PanelData, rows: Sequence[int] | None = None, sid
                                interpolation="nearest")
         axes[3].set_xticks([])
         axes[3].set_yticks([])
-        _show(axes[4], _mosaic(data.members[t], side, mean, std),
-              f"cluster {t}\n{data.captions.get(t, '')}")
+        _show(axes[4], _mosaic(data.members[t], side, mean, std), _cluster_title(data, t))
         for ax in axes[1:3]:
             for spine in ax.spines.values():
                 spine.set_edgecolor(_OK if ok or ax is axes[1] else _FAIL)

@@ -63,8 +63,8 @@ def test_a_row_shows_both_clusters_the_change_and_the_verdict():
     for row in range(5):
         members_s, original, cf, change, members_t = row_axes(fig, row)
         s, t = int(data.source[row]), int(data.target[row])
-        assert members_s.get_title() == f"cluster {s}\nn={10 + s} · '{s}' 90%"
-        assert members_t.get_title() == f"cluster {t}\nn={10 + t} · '{t}' 90%"
+        assert members_s.get_title() == f"cluster {s} · n={10 + s}\n'{s}' 90%"
+        assert members_t.get_title() == f"cluster {t} · n={10 + t}\n'{t}' 90%"
         mosaic = np.asarray(members_t.get_images()[0].get_array())
         assert mosaic.shape == (2 * 8 + 1, 2 * 8 + 1, 3)  # 2 x 2 members, white between
         np.testing.assert_allclose(mosaic[:8, :8], 0.1 * (t + 1), atol=1e-6)  # the best
