@@ -8,6 +8,7 @@ import sys
 
 import pytest
 import torch
+from mlflow.tracking import MlflowClient
 import torchvision
 from torch import nn
 
@@ -140,6 +141,17 @@ def test_an_exported_convnet_loads_into_swav_s_convnet(tmp_path, capsys):
     with torch.no_grad():
         assert torch.equal(net.eval()(images), model.backbone.eval()(images))
     assert not list(tmp_path.glob(".convnet.pt.*"))  # written whole, nothing staged left
+    # The same tensors as safetensors, which starts a run with every key matched.
+    safe = tmp_path / "convnet.safetensors"
+    export_backbone(run_id, safe, f"sqlite:///{tmp_path}/mlflow.db")
+    from safetensors.torch import load_file
+
+    tensors = load_file(safe)
+    assert tensors.keys() == model.backbone.state_dict().keys()
+    assert all(torch.equal(v, model.backbone.state_dict()[k]) for k, v in tensors.items())
+    start = starting_weights(_config(tmp_path, "model.backbone=convnet", "model.width=8",
+                                     f"model.init={safe}"))
+    assert start.report == f"model.init: 18 of 18 backbone tensors from {safe}"
 
 
 def test_a_registered_model_is_evaluated_exported_and_started_from_by_name(tmp_path, capsys):
@@ -155,6 +167,9 @@ def test_a_registered_model_is_evaluated_exported_and_started_from_by_name(tmp_p
     start = starting_weights(_config(tmp_path, "model.backbone=convnet", "model.width=8",
                                      "model.init=models:/digits/1"))
     assert start.report == "model.init: 18 of 18 backbone tensors from models:/digits/1"
+    assert cli.main(["evaluate", "--model", "models:/digits@best", "--tracking-uri", uri]) == 0
+    logged = MlflowClient(uri).get_run(run_id).data.metrics  # into the registered run
+    assert 0.1 < logged["eval_knn_top1"] <= 1 and "eval_linear_top1" in logged
     capsys.readouterr()
     assert cli.main(["evaluate", "--model", "models:/digits@worst", "--tracking-uri", uri]) == 2
     assert capsys.readouterr().err.strip() == (
