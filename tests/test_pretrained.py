@@ -8,8 +8,8 @@ import sys
 
 import pytest
 import torch
-from mlflow.tracking import MlflowClient
 import torchvision
+from mlflow.tracking import MlflowClient
 from torch import nn
 
 from orchestration import cli
