@@ -73,11 +73,13 @@ def run_training(
     tags: dict[str, str] | None = None,
     console: bool = False,
     splits: SourceSplits | None = None,
+    export_model: bool = True,
 ) -> TrainOutcome:
     """Train ``cfg`` on the connected Ray cluster; returns the MLflow run id and final metrics.
 
     A Tune trial passes ``parent_run_id`` (nests the MLflow run), ``callbacks`` (Tune's
-    ``TuneReportCallback``), ``tracking_uri`` (the sweep's server) and ``tags``. ``console``:
+    ``TuneReportCallback``), ``tracking_uri`` (the sweep's server), ``tags`` and
+    ``export_model=False`` (the sweep logs the best trial's model only). ``console``:
     draw a progress bar and a line per epoch (``swav-ray train``). ``splits``: the data as the
     driver's checks opened it (the crops figure is drawn from it).
     """
@@ -101,10 +103,10 @@ def run_training(
                                         [Heartbeat(lock), *(callbacks or [])], board,
                                         start.tensors if start is not None else None)
         if board is None:
-            result = _fit_and_log(cfg, make_trainer, run_dir, tracked, figure)
+            result = _fit_and_log(cfg, make_trainer, run_dir, tracked, figure, export_model)
         else:
             with ConsoleProgress(board, cfg.optim.epochs):
-                result = _fit_and_log(cfg, make_trainer, run_dir, tracked, figure)
+                result = _fit_and_log(cfg, make_trainer, run_dir, tracked, figure, export_model)
     metrics = dict(result.metrics or {})
     if cfg.eval.final_evaluation or cfg.eval.explain_images:
         # A Ray task, so that on a cluster it runs where a worker would (a GPU node).
@@ -116,10 +118,11 @@ def run_training(
 
 
 def _fit_and_log(cfg: ExperimentConfig, make_trainer, run_dir: str, tracked: TrackedRun,
-                 figure: threading.Thread | None = None) -> ray.train.Result:
-    """Fit, log the final model and end the MLflow run: FINISHED, FAILED with the cause, or
-    KILLED (interrupted: Ctrl-C). ``figure``: a thread still logging into the run, waited for
-    before the run ends."""
+                 figure: threading.Thread | None = None,
+                 export_model: bool = True) -> ray.train.Result:
+    """Fit, log the final checkpoint (and, with ``export_model``, MLflow's model) and end the
+    MLflow run: FINISHED, FAILED with the cause, or KILLED (interrupted: Ctrl-C). ``figure``:
+    a thread still logging into the run, waited for before the run ends."""
     try:
         try:
             result = _fit(make_trainer, cfg.scaling.max_failures, run_dir)
@@ -130,15 +133,13 @@ def _fit_and_log(cfg: ExperimentConfig, make_trainer, run_dir: str, tracked: Tra
             raise RuntimeError("training ended without a checkpoint")
         with result.checkpoint.as_directory() as directory:
             state_path = Path(directory) / STATE_FILE
-            state = load_state(state_path)
             if cfg.tracking.log_model:
-                model = initial_model(cfg)
-                model.load_state_dict(state["engine"]["model"])
-                tracked.log_model(model.eval(), cfg.data.eval_size or cfg.crops.size_crops[0])
                 tracked.log_artifact(state_path, "checkpoints")
-                if cfg.tracking.register_model:
-                    registered = tracked.register_model(cfg.tracking.register_model)
-                    tracked.client.set_tag(tracked.run_id, "registered_model", registered)
+                if export_model:
+                    log_trained_model(tracked, cfg, load_state(state_path))
+                    if cfg.tracking.register_model:
+                        registered = tracked.register_model(cfg.tracking.register_model)
+                        tracked.client.set_tag(tracked.run_id, "registered_model", registered)
         tracked.client.set_tag(tracked.run_id, "ray_checkpoint", checkpoint_uri(result, run_dir))
     except BaseException as err:
         if isinstance(err, TrainingFailed):
@@ -147,6 +148,13 @@ def _fit_and_log(cfg: ExperimentConfig, make_trainer, run_dir: str, tracked: Tra
         raise
     tracked.end("FINISHED")
     return result
+
+
+def log_trained_model(tracked: TrackedRun, cfg: ExperimentConfig, state: dict) -> None:
+    """MLflow's model of the run: its config's model with the checkpoint's weights."""
+    model = initial_model(cfg)
+    model.load_state_dict(state["engine"]["model"])
+    tracked.log_model(model.eval(), cfg.data.eval_size or cfg.crops.size_crops[0])
 
 
 def _trainer_factory(cfg: ExperimentConfig, name: str, root: str, run_dir: str,

@@ -151,7 +151,9 @@ def _tune_config(spec: SweepSpec, max_concurrent: int) -> tune.TuneConfig:
     return tune.TuneConfig(metric=spec.metric, mode=spec.mode, scheduler=scheduler,
                            search_alg=search_alg, num_samples=spec.num_samples,
                            max_concurrent_trials=max_concurrent,
-                           reuse_actors=True)  # (a trial's imports, about 10 s, once)
+                           # Not reused: a trial the scheduler stops is inside a Train run that
+                           # only ends with its actor; reusing it hung the next trial.
+                           reuse_actors=False)
 
 
 def _trial(config: dict[str, Any], context: dict[str, Any]) -> None:
@@ -167,7 +169,8 @@ def _trial(config: dict[str, Any], context: dict[str, Any]) -> None:
                            callbacks=[ReportEpochsToTune(cfg.optim.epochs)],
                            run_name=f"{context['sweep']}-{trial_id}", tracking_uri=context["uri"],
                            tags={"trial_id": trial_id, "sweep": context["sweep"],
-                                 **source_tags(context.get("command"))})
+                                 **source_tags(context.get("command"))},
+                           export_model=False)  # (the best trial's, at the sweep's end)
     tune.report({k: v for k, v in outcome.metrics.items() if isinstance(v, (int, float))})
 
 
@@ -405,13 +408,21 @@ def _fit(spec: SweepSpec, name: str, root: str, parent: TrackedRun, uri: str,
 
 
 def _register_best(spec: SweepSpec, best, parent: TrackedRun, uri: str) -> None:
-    """The best trial's model as a new version of ``tracking.register_model`` (default: the
-    sweep file's name), alias ``best``: ``models:/NAME@best`` finds it later by name."""
+    """The best trial's model (exported here: the trials export none) as a version of
+    ``tracking.register_model`` (default: the sweep file's name), alias ``best``:
+    ``models:/NAME@best`` finds it later by name."""
     base = spec.base_config()
     if not base.tracking.log_model:
         return
     name = base.tracking.register_model or Path(spec.source).stem
-    TrackedRun(uri, best.run_id).register_model(name, alias="best")
+    trial = TrackedRun(uri, best.run_id)
+    if trial.logged_model_id() is None:  # (trials export none: one export, the best's)
+        from orchestration.evaluate import open_tracked_model
+        from orchestration.train import log_trained_model
+
+        found = open_tracked_model(best.run_id, uri)
+        log_trained_model(trial, found.cfg, {"engine": {"model": found.model.state_dict()}})
+    trial.register_model(name, alias="best")
     parent.client.set_tag(parent.run_id, "best_model", f"models:/{name}@best")
 
 

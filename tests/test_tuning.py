@@ -119,6 +119,8 @@ def test_a_grid_of_concurrent_trials_is_one_parent_run_with_a_child_per_trial(
     (version,) = client.search_model_versions("name = 'digits-grid'")
     best_run = client.get_run(outcome.best.run_id)
     assert version.source == f"models:/{best_run.outputs.model_outputs[-1].model_id}"  # linked
+    assert all(not client.get_run(r.info.run_id).outputs.model_outputs  # one export: the best's
+               for tid, r in kids.items() if tid != best_id)
     # Registering the same run again (a resumed sweep) keeps its version.
     assert TrackedRun(mlflow_url, outcome.best.run_id).register_model(
         "digits-grid", alias="best") == f"models:/digits-grid/{version.version}"
@@ -152,30 +154,32 @@ def _cpus_come_back(ray, free_before: float, within_s: float = 60.0) -> None:
 
 def test_asha_stops_a_bad_trial_and_a_resumed_sweep_reruns_only_the_unfinished(
         ray_local, mlflow_url, tmp_path, monkeypatch):
-    """Two trials, one at a time; each would die for good at its third epoch (the first time).
-    The loss starts near ln K, so after one epoch K=200 is far worse than K=10: ASHA stops it
-    (KILLED), and its trial gives back every CPU (workers, placement group, driver). The resumed
-    sweep finishes the one that died from its last checkpoint into the same MLflow run and
-    leaves the stopped one alone."""
+    """Three trials, one at a time; each would die for good at its third epoch (the first
+    time). The loss starts near ln K, so after one epoch K=200 and K=300 are far worse than
+    K=10: ASHA stops them (KILLED), and each gives back every CPU (workers, placement group,
+    driver), so the trial waiting behind a stopped one runs (a reused Tune actor hung there).
+    The resumed sweep finishes the one that died from its last checkpoint into the same MLflow
+    run and leaves the stopped ones alone."""
     free_before = ray_local.available_resources().get("CPU", 0.0)
-    spec = load_sweep(sweep(tmp_path, mlflow_url, {"model.n_prototypes": {"grid": [10, 200]}},
+    spec = load_sweep(sweep(tmp_path, mlflow_url, {"model.n_prototypes": {"grid": [10, 200, 300]}},
                             metric="loss", max_concurrent_trials=1,
                             scheduler={"name": "asha", "grace_period": 1, "reduction_factor": 3},
                             overrides={"scaling.max_failures": 0}))
     monkeypatch.setenv(FAIL_AT_EPOCH, "2")
     first = run_sweep(spec, name="asha")
     rows = first.rows  # in trial order
-    assert [r.values["model.n_prototypes"] for r in rows] == [10, 200]
-    assert [r.status for r in rows] == ["error", "stopped"]
+    assert [r.values["model.n_prototypes"] for r in rows] == [10, 200, 300]
+    assert [r.status for r in rows] == ["error", "stopped", "stopped"]
     # Why the first one failed, as the console prints it (the worker the test killed).
     assert rows[0].error.startswith("rank ") and "WorkerHealthCheckFailed" in rows[0].error, \
         rows[0].error
-    assert rows[1].error is None
-    assert rows[1].epochs == 1 and rows[1].metric > math.log(100)  # stopped for being bad
+    for row in rows[1:]:
+        assert row.error is None
+        assert row.epochs == 1 and row.metric > math.log(100)  # stopped for being bad
     _cpus_come_back(ray_local, free_before)  # nothing of the stopped or failed trial lingers
     client = MlflowClient(mlflow_url)
     kids = children(client, first.parent_run_id)
-    assert [kids[r.trial_id].info.status for r in rows] == ["FAILED", "KILLED"]
+    assert [kids[r.trial_id].info.status for r in rows] == ["FAILED", "KILLED", "KILLED"]
     stopped = {r.trial_id: (steps(client, kids[r.trial_id].info.run_id),
                             sorted(p.name for p in (tmp_path / "runs" / f"asha-{r.trial_id}")
                                    .rglob("*")))
@@ -185,13 +189,13 @@ def test_asha_stops_a_bad_trial_and_a_resumed_sweep_reruns_only_the_unfinished(
     assert again.parent_run_id == first.parent_run_id
     assert client.get_run(again.parent_run_id).info.status == "FINISHED"
     kids = children(client, first.parent_run_id)
-    assert len(kids) == 2 and all(r.info.status != "RUNNING" for r in kids.values())
+    assert len(kids) == 3 and all(r.info.status != "RUNNING" for r in kids.values())
     # K=10 resumes from its checkpoint and finishes: every epoch logged exactly once.
     assert again.rows[0].status == "finished"
     assert kids[rows[0].trial_id].info.status == "FINISHED"
     assert steps(client, kids[rows[0].trial_id].info.run_id) == list(range(EPOCHS))
     # The stopped one is not re-run: its run and files are untouched.
-    assert [r.status for r in again.rows[1:]] == ["stopped"]
+    assert [r.status for r in again.rows[1:]] == ["stopped", "stopped"]
     assert {r.trial_id: (steps(client, kids[r.trial_id].info.run_id),
                          sorted(p.name for p in (tmp_path / "runs" / f"asha-{r.trial_id}")
                                 .rglob("*")))
