@@ -147,6 +147,12 @@ def test_a_resume_may_change_only_the_keys_that_do_not_change_the_experiment():
     assert refused == ["model.n_prototypes: 100 -> 30", "optim.lr: 0.004 -> 0.1"]
     stored["data"]["gone"] = 1  # a key of an older version: a difference, not a crash
     assert resume_changes(stored, same)[0] == ["data.gone: 1 -> '(absent)'"]
+    del stored["data"]["gone"]
+    # A key newer than the stored config was its default there: no change unless set.
+    del stored["model"]["init"], stored["data"]["class_names"]
+    assert resume_changes(stored, same)[0] == []
+    init = load_experiment(None, ["optim.epochs=64", "model.init=w.pt"]).to_dict()
+    assert resume_changes(stored, init)[0] == ["model.init: None -> 'w.pt'"]
 
 
 def test_a_config_stored_by_an_earlier_version_with_a_retired_key_still_loads_and_resumes():
