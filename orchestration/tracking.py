@@ -326,3 +326,12 @@ def write_text(path: str, text: str) -> None:
     fs.create_dir(p.rsplit("/", 1)[0], recursive=True)
     with fs.open_output_stream(p) as f:
         f.write(text.encode())
+
+
+def remove_file(path: str) -> None:
+    """Delete a file (local or a URI) if it is there."""
+    fs, p = _filesystem(path)
+    try:
+        fs.delete_file(p)
+    except OSError:  # (FileNotFoundError included: nothing to remove)
+        pass

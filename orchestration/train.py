@@ -25,7 +25,7 @@ import ray.train
 import ray.train.torch
 from ray.train import CheckpointConfig, FailureConfig, RunConfig
 
-from orchestration import run_storage
+from orchestration import run_storage, trial_stop
 from orchestration.capacity import check_fits, connected_cluster
 from orchestration.checkpoints import STATE_FILE, default_run_name, load_state, storage_root
 from orchestration.config import ExperimentConfig, from_dict
@@ -144,7 +144,8 @@ def _fit_and_log(cfg: ExperimentConfig, make_trainer, run_dir: str, tracked: Tra
     except BaseException as err:
         if isinstance(err, TrainingFailed):
             tracked.client.set_tag(tracked.run_id, "failure_cause", err.cause[:5000])
-        tracked.end_if_running("KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED")
+        killed = isinstance(err, (KeyboardInterrupt, trial_stop.TrialStopped))
+        tracked.end_if_running("KILLED" if killed else "FAILED")
         raise
     tracked.end("FINISHED")
     return result
@@ -201,6 +202,10 @@ def _fit(make_trainer, max_failures: int, run_dir: str) -> ray.train.Result:
             return make_trainer().fit()
         except SystemExit as exc:  # Ray's Ctrl-C handler aborts the run, then exits
             raise KeyboardInterrupt from exc
+        except ray.exceptions.RayActorError as err:  # the controller died: killed, if stopped
+            if trial_stop.stopped(run_dir):
+                raise trial_stop.TrialStopped(f"the sweep stopped trial {run_dir}") from err
+            raise
         except ray.train.TrainingFailedError as err:
             cause, fatal = cause_of(err)
             unreachable = storage_unreachable(err)
