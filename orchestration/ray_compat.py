@@ -18,6 +18,9 @@ moved, each function falls back to Ray's stock behaviour rather than failing a r
   module-level ``get_address_and_port``).
 - :func:`checkpoint_destination`: where Ray Train puts a checkpoint of a given folder name (the
   run's ``StorageContext``), for an upload that lands whole.
+- :func:`trial_stop_event`: the event Tune sets when it stops a function trial whose actor it
+  reuses (``ray.train._internal.session``), and :data:`TRIAL_THREAD_TIMEOUT_ENV`, how long
+  ``FunctionTrainable.reset_config`` waits for that trial's function to return.
 """
 
 from __future__ import annotations
@@ -33,9 +36,9 @@ import ray.train.torch
 import ray.train.torch.config as ray_torch_config
 from ray.train.torch import TorchConfig
 
-__all__ = ["NodeAddressTorchConfig", "TorchTrainer", "autoscaler_node_groups",
-           "checkpoint_destination", "listen_on_node_address", "quiet_ray_notes",
-           "refused_for_want_of_token"]
+__all__ = ["TRIAL_THREAD_TIMEOUT_ENV", "NodeAddressTorchConfig", "TorchTrainer",
+           "autoscaler_node_groups", "checkpoint_destination", "listen_on_node_address",
+           "quiet_ray_notes", "refused_for_want_of_token", "trial_stop_event"]
 
 log = logging.getLogger(__name__)
 
@@ -184,3 +187,18 @@ def checkpoint_destination(name: str) -> tuple[Any, str]:
     checkpoint folder called ``name``."""
     storage = ray.train.get_context().get_storage()
     return storage.storage_filesystem, storage.build_checkpoint_path_from_name(name)
+
+
+TRIAL_THREAD_TIMEOUT_ENV = "TUNE_FUNCTION_THREAD_TIMEOUT_S"  # read at each reset, default 2 s
+
+
+def trial_stop_event():
+    """The stop event of the Tune function trial running in this process (set when Tune stops
+    the trial to reuse its actor, or ends the sweep); None outside a trial or where Ray moved
+    it."""
+    try:
+        from ray.train._internal.session import get_session
+    except ImportError:
+        return None
+    session = get_session()
+    return getattr(session, "stop_event", None)

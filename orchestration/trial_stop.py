@@ -13,7 +13,7 @@ report queue that Tune no longer reads).  So both ends of the run take part:
   with it the worker group (the run's checkpoints stay; a stop keeps none of the epoch it cut).
 
 ``fit`` then raises in the trial, which :func:`stopped` recognises: the run ends KILLED and the
-trial function returns, within the time Tune waits (``TUNE_FUNCTION_THREAD_TIMEOUT_S``).
+trial function returns, within the time Tune waits (raised here to ``THREAD_TIMEOUT_S``).
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ import time
 import ray
 from ray.train.v2.api.callback import UserCallback
 
+from orchestration.ray_compat import TRIAL_THREAD_TIMEOUT_ENV, trial_stop_event
 from orchestration.tracking import read_text, remove_file, write_text
 
 __all__ = ["STOP_FILE", "StopWhenTuneStops", "TrialStopWatcher", "TrialStopped", "stopped"]
@@ -50,13 +51,10 @@ class TrialStopWatcher:
     stops the trial (a file left by an earlier stop of the same trial is removed first)."""
 
     def __init__(self, run_dir: str) -> None:
-        from ray.train._internal.session import get_session
-
         self.marker = f"{run_dir}/{STOP_FILE}"
         remove_file(self.marker)
-        os.environ["TUNE_FUNCTION_THREAD_TIMEOUT_S"] = THREAD_TIMEOUT_S  # (read at each reset)
-        session = get_session()
-        self._stop = session.stop_event if session is not None else threading.Event()
+        os.environ[TRIAL_THREAD_TIMEOUT_ENV] = THREAD_TIMEOUT_S  # (read at each reset)
+        self._stop = trial_stop_event() or threading.Event()
         self._done = threading.Event()
         threading.Thread(target=self._watch, daemon=True, name="trial-stop").start()
 

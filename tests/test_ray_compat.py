@@ -76,3 +76,19 @@ def test_the_rendezvous_store_listens_on_the_node_address_only(ray_local):
     bound = {c.laddr.ip for c in psutil.Process().net_connections("tcp")
              if c.status == psutil.CONN_LISTEN and c.laddr.port == port}
     assert bound == {address} and address not in ("0.0.0.0", "::")
+
+
+def test_tune_s_stop_event_and_reset_wait_are_where_trial_stop_reads_them():
+    """The reused-actor stop (orchestration/trial_stop.py) needs the trial session's stop event,
+    set by Tune's reset before it waits TRIAL_THREAD_TIMEOUT_ENV seconds for the function."""
+    import inspect
+
+    from ray.train._internal.session import _TrainSession
+    from ray.tune.trainable.function_trainable import FunctionTrainable
+
+    from orchestration.ray_compat import TRIAL_THREAD_TIMEOUT_ENV, trial_stop_event
+
+    assert trial_stop_event() is None  # (no trial in this process)
+    assert "self.stop_event.set()" in inspect.getsource(_TrainSession.finish)
+    reset = inspect.getsource(FunctionTrainable.reset_config)
+    assert TRIAL_THREAD_TIMEOUT_ENV in reset and "session.finish(timeout=" in reset
