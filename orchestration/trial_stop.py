@@ -61,8 +61,11 @@ class TrialStopWatcher:
     def _watch(self) -> None:
         while not self._done.wait(0.2):
             if self._stop.is_set():
-                write_text(self.marker, "stopped by Tune\n")
-                return
+                try:
+                    write_text(self.marker, "stopped by Tune\n")
+                    return
+                except OSError:  # storage away for a moment: try again
+                    time.sleep(POLL_S)
 
     def done(self) -> None:
         self._done.set()
@@ -86,7 +89,15 @@ class StopWhenTuneStops(UserCallback):
 
     def _watch(self) -> None:
         controller = ray.get_runtime_context().current_actor
-        while not stopped(self.run_dir):
+        while not _stopped_or_unknown(self.run_dir):
             time.sleep(POLL_S)
         ray.kill(controller, no_restart=True)
+
+
+def _stopped_or_unknown(run_dir: str) -> bool:
+    """A storage that does not answer for a moment is not a stop."""
+    try:
+        return stopped(run_dir)
+    except OSError:
+        return False
 
