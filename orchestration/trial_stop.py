@@ -89,12 +89,12 @@ class StopWhenTuneStops(UserCallback):
 
     def _watch(self) -> None:
         controller = ray.get_runtime_context().current_actor
-        while not _stopped_or_unknown(self.run_dir):
+        while not _seen_stopped(self.run_dir):
             time.sleep(POLL_S)
         ray.kill(controller, no_restart=True)
 
 
-def _stopped_or_unknown(run_dir: str) -> bool:
+def _seen_stopped(run_dir: str) -> bool:
     """A storage that does not answer for a moment is not a stop."""
     try:
         return stopped(run_dir)
