@@ -1,10 +1,11 @@
 """The data a run trained and evaluated on, recorded on its MLflow run (``mlflow.log_input``).
 
 Each run gets two dataset inputs, contexts ``training`` and ``evaluation``: the source's URI or
-path, the rows the run used (and the class names, where the data has them), and a digest of the data as it was on disk (every file's path and
-size under ``data.path``, or the embedded digits' pixels) and of how the run cut it (limit,
-held-out share, seed, columns), so the MLflow UI tells runs on different data apart. Listing the
-files is cheap next to a run; nothing is read image by image.
+path, the rows the run used (and the class names, where the data has them), and a digest of the
+data as it was on disk (every file's path and size under ``data.path``, or the embedded digits'
+pixels) and of how the run cut it (limit, held-out share, seed, columns), so the MLflow UI tells
+runs on different data apart. Listing the files is cheap next to a run; nothing is read image by
+image.
 """
 
 from __future__ import annotations

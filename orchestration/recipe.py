@@ -63,6 +63,7 @@ __all__ = [
     "compile_model",
     "crop_transform",
     "crops_on_device",
+    "eval_image_size",
     "eval_loaders",
     "eval_sets",
     "initial_model",
@@ -118,10 +119,14 @@ def batch_crop_transform(cfg: ExperimentConfig, device: torch.device,
                           compile=c.compile and device.type == "cuda")
 
 
+def eval_image_size(cfg: ExperimentConfig) -> int:
+    """The side of the images a run evaluates (and its exported model is shown)."""
+    return cfg.data.eval_size or cfg.crops.size_crops[0]
+
+
 def plain_transform(cfg: ExperimentConfig) -> Callable:
     """The evaluation view of the config's images (no augmentation)."""
-    return eval_transform(cfg.data.eval_size or cfg.crops.size_crops[0], cfg.crops.mean,
-                          cfg.crops.std)
+    return eval_transform(eval_image_size(cfg), cfg.crops.mean, cfg.crops.std)
 
 
 def per_process_batch(cfg: ExperimentConfig, world: int) -> int:

@@ -35,7 +35,7 @@ from orchestration.failures import TrainingFailed, cause_of, storage_unreachable
 from orchestration.pretrained import REPORT_TAG, starting_weights
 from orchestration.progress import ConsoleProgress, ProgressBoard
 from orchestration.ray_compat import NodeAddressTorchConfig, TorchTrainer
-from orchestration.recipe import initial_model
+from orchestration.recipe import eval_image_size, initial_model
 from orchestration.run_lock import Heartbeat, RunLock
 from orchestration.tracking import TrackedRun
 from orchestration.train_callbacks import EpochMetricsLogger
@@ -136,7 +136,9 @@ def _fit_and_log(cfg: ExperimentConfig, make_trainer, run_dir: str, tracked: Tra
             if cfg.tracking.log_model:
                 tracked.log_artifact(state_path, "checkpoints")
                 if export_model:
-                    log_trained_model(tracked, cfg, load_state(state_path))
+                    model = initial_model(cfg)
+                    model.load_state_dict(load_state(state_path)["engine"]["model"])
+                    tracked.log_model(model.eval(), eval_image_size(cfg))
                     if cfg.tracking.register_model:
                         registered = tracked.register_model(cfg.tracking.register_model)
                         tracked.client.set_tag(tracked.run_id, "registered_model", registered)
@@ -149,13 +151,6 @@ def _fit_and_log(cfg: ExperimentConfig, make_trainer, run_dir: str, tracked: Tra
         raise
     tracked.end("FINISHED")
     return result
-
-
-def log_trained_model(tracked: TrackedRun, cfg: ExperimentConfig, state: dict) -> None:
-    """MLflow's model of the run: its config's model with the checkpoint's weights."""
-    model = initial_model(cfg)
-    model.load_state_dict(state["engine"]["model"])
-    tracked.log_model(model.eval(), cfg.data.eval_size or cfg.crops.size_crops[0])
 
 
 def _trainer_factory(cfg: ExperimentConfig, name: str, root: str, run_dir: str,

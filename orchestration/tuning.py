@@ -428,10 +428,10 @@ def _register_best(spec: SweepSpec, best, parent: TrackedRun, uri: str) -> None:
     trial = TrackedRun(uri, best.run_id)
     if trial.logged_model_id() is None:  # (trials export none: one export, the best's)
         from orchestration.evaluate import open_tracked_model
-        from orchestration.train import log_trained_model
+        from orchestration.recipe import eval_image_size
 
-        found = open_tracked_model(best.run_id, uri)
-        log_trained_model(trial, found.cfg, {"engine": {"model": found.model.state_dict()}})
+        found = open_tracked_model(best.run_id, uri)  # (its config and state.pt)
+        trial.log_model(found.model, eval_image_size(found.cfg))
     trial.register_model(name, alias="best")
     parent.client.set_tag(parent.run_id, "best_model", f"models:/{name}@best")
 
